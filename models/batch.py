@@ -1,0 +1,165 @@
+"""Rows of left-padded sequences sharing one KV store: build, step, filter and join.
+
+NOTE: the one invariant everything here keeps: row r's real tokens occupy exactly the KV columns
+`[end - lengths[r], end)`, so every row's last token sits in column `end - 1` (left padding), and
+the live window is `[start, end)` with `start = end - max(lengths)`. The attention mask and the
+position ids are derived from `lengths` alone, so they cannot drift from the cache:
+- mask: column c of row r is real iff `c >= end - lengths[r]`; a pad is never attended to;
+- position of a row's next token: `lengths[r]`, its count of real tokens, whatever its padding.
+Dropping rows never touches the survivors' columns; the left columns that are padding in every
+remaining row fall out of the window by themselves, since `start` follows `max(lengths)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import torch
+from transformers.cache_utils import Cache
+
+from models.kv_cache import CacheShape, KVStore
+
+Key = TypeVar("Key", bound=Hashable)
+
+# Written into padded input positions; any valid index works since pads are masked, but it must be a
+# valid index (a negative id fails the embedding lookup on some devices).
+PAD_ID = 0
+# Columns reserved to the right of the window when storage is reallocated: amortises decode growth so a
+# reallocation (a full copy) happens once per max(MIN_HEADROOM, width / 2) steps, not every step.
+MIN_HEADROOM = 64
+
+
+@dataclass
+class Forward:
+    """Inputs of one model call over some rows of the batch."""
+
+    input_ids: torch.Tensor  # [rows, q]
+    position_ids: torch.Tensor  # [rows, q]
+    attention_mask: torch.Tensor  # [rows, 1, q, past + q] bool, True where a query may attend
+    cache: Cache
+    real_tokens: int  # input tokens that are not padding
+
+
+class Batch(Generic[Key]):
+    """The running rows, each owned by a key (the engine's request), in row order."""
+
+    def __init__(self, shape: CacheShape, max_rows: int) -> None:
+        self.shape = shape
+        self.max_rows = max_rows
+        self.keys: list[Key] = []
+        self.lengths: list[int] = []  # real tokens cached per row
+        self.end = 0  # column where the next decode step writes
+        self._store: KVStore | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def width(self) -> int:
+        """Padded length of the live window: the longest row."""
+        return max(self.lengths, default=0)
+
+    @property
+    def start(self) -> int:
+        return self.end - self.width
+
+    @property
+    def capacity(self) -> tuple[int, int]:
+        """(rows, columns) of the allocated storage."""
+        return (self._store.rows, self._store.cols) if self._store else (0, 0)
+
+    def attention_mask(self) -> torch.Tensor:
+        """[rows, width] bool: True on real tokens of the live window."""
+        return self._mask(self.start, self.end)
+
+    def prefill(self, keys: Sequence[Key], prompts: Sequence[Sequence[int]]) -> Forward:
+        """Append one row per prompt and return the inputs that prefill them as one left-padded group.
+
+        The group is written straight into its rows of the shared store, right-aligned at `end`, so
+        joining the running batch copies nothing: the side with the shorter past is padded on the
+        left by widening the window.
+        """
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("prefill needs at least one prompt, each of at least one token")
+        n, k = len(self), len(prompts)
+        lengths = [len(p) for p in prompts]
+        group = max(lengths)
+        width = max(self.width, group)
+        self._reserve(rows=n + k, width=width, right=0)
+        start = self.end - width
+        # Columns that enter the window unwritten must hold zeros (see KVStore): the old rows' new left
+        # columns, and the new rows' columns left of their group.
+        self._store.clear(slice(0, n), slice(start, self.start))
+        self._store.clear(slice(n, n + k), slice(start, self.end - group))
+
+        device = self.shape.device
+        input_ids = torch.tensor([[PAD_ID] * (group - len(p)) + list(p) for p in prompts], device=device)
+        real = torch.arange(group, device=device)[None, :] >= torch.tensor(
+            [group - length for length in lengths], device=device
+        )[:, None]  # [k, group]
+        # Pads get position 0, a valid index; real tokens count from 0 at their first real token.
+        position_ids = (real.cumsum(-1) - 1).clamp(min=0)
+        causal = torch.ones(group, group, dtype=torch.bool, device=device).tril()
+        # A pad query attends to itself only: a fully masked query row can come out of SDPA as NaN,
+        # which would spread through the pad's keys into real rows. Real queries never see a pad key.
+        diagonal = torch.eye(group, dtype=torch.bool, device=device)
+        mask = (causal[None] & real[:, None, :]) | diagonal[None]  # [k, group, group]
+        cache = self._store.window(slice(n, n + k), start=self.end - group, write_at=self.end - group)
+
+        self.keys.extend(keys)
+        self.lengths.extend(lengths)
+        return Forward(input_ids, position_ids, mask[:, None], cache, real_tokens=sum(lengths))
+
+    def decode(self, tokens: Sequence[int]) -> Forward:
+        """Feed one token per row (its last sampled token) at column `end`; return the step's inputs."""
+        if len(tokens) != len(self):
+            raise ValueError(f"decode needs one token per row: {len(tokens)} tokens for {len(self)} rows")
+        self._reserve(rows=len(self), width=self.width, right=1)
+        device = self.shape.device
+        input_ids = torch.tensor(tokens, device=device)[:, None]  # [rows, 1]
+        position_ids = torch.tensor(self.lengths, device=device)[:, None]  # [rows, 1]
+        mask = self._mask(self.start, self.end + 1)  # [rows, width + 1]
+        cache = self._store.window(slice(0, len(self)), start=self.start, write_at=self.end)
+        self.lengths = [length + 1 for length in self.lengths]
+        self.end += 1
+        return Forward(input_ids, position_ids, mask[:, None, None, :], cache, real_tokens=len(tokens))
+
+    def filter(self, leaving: Collection[Key]) -> None:
+        """Drop the rows owned by `leaving`; survivors keep their cache, possibly in another row."""
+        dropped = {i for i, key in enumerate(self.keys) if key in leaving}
+        if not dropped:
+            return
+        kept = len(self) - len(dropped)
+        if kept == 0:
+            self.keys, self.lengths, self.end, self._store = [], [], 0, None
+            return
+        # NOTE: rows [0, kept) will be the survivors. Dropped rows below `kept` are holes and kept rows at
+        # or above `kept` are movers; there are exactly as many of each, so moving each mover into a hole
+        # copies only those rows, not everything after the first hole.
+        holes = sorted(i for i in dropped if i < kept)
+        movers = [i for i in range(kept, len(self)) if i not in dropped]
+        for hole, mover in zip(holes, movers, strict=True):
+            self.keys[hole], self.lengths[hole] = self.keys[mover], self.lengths[mover]
+        del self.keys[kept:], self.lengths[kept:]
+        if movers:
+            self._store.move_rows(movers, holes, slice(self.start, self.end))
+
+    def _mask(self, start: int, stop: int) -> torch.Tensor:
+        device = self.shape.device
+        columns = torch.arange(start, stop, device=device)
+        first_real = self.end - torch.tensor(self.lengths, device=device)
+        return columns[None, :] >= first_real[:, None]  # [rows, stop - start]
+
+    def _reserve(self, rows: int, width: int, right: int) -> None:
+        """Ensure storage for `rows` rows, a window `width` wide ending at `end`, and `right` more columns."""
+        store = self._store
+        if store is not None and rows <= store.rows and width <= self.end and self.end + right <= store.cols:
+            return
+        row_capacity = rows if store is None else max(rows, min(self.max_rows, 2 * store.rows))
+        end = width
+        new = KVStore(self.shape, row_capacity, end + max(right, MIN_HEADROOM, end // 2))
+        if store is not None and len(self):
+            store.copy_to(new, len(self), slice(self.start, self.end), dst_start=end - self.width)
+        self._store, self.end = new, end

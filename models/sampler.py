@@ -1,0 +1,156 @@
+"""Logits -> next token, one per row, each row by its own parameters.
+
+Vectorised over rows; what cannot be (a row's random draw) uses that row's own generator, so a seeded
+row draws the same numbers whatever else is in the batch. The order is vLLM's: suppressed tokens,
+penalties, then greedy argmax or temperature, top-k, top-p, min-p and an inverse-CDF draw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+
+class SamplingParams(Protocol):
+    temperature: float  # 0 means greedy
+    top_p: float  # 1 disables
+    top_k: int  # 0 disables
+    min_p: float  # 0 disables
+    repetition_penalty: float  # 1 disables; applies to prompt and output tokens
+    presence_penalty: float  # 0 disables; output tokens only
+    frequency_penalty: float  # 0 disables; output tokens only
+    seed: int | None
+
+
+class Row(Protocol):
+    """What the sampler reads of a row; the engine's request satisfies it."""
+
+    prompt_ids: Sequence[int]
+    output_ids: Sequence[int]
+
+    @property
+    def params(self) -> SamplingParams: ...
+
+    def suppressed_token_ids(self) -> Sequence[int]:
+        """Tokens this row may not produce now (its stop tokens, before min_tokens is reached)."""
+        ...
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator for one row: seeded rows repeat, unseeded rows draw a fresh seed."""
+    generator = torch.Generator(device="cpu")
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def sample(logits: torch.Tensor, rows: Sequence[Row], generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """logits [rows, vocab] -> token ids [rows] (int64, on the logits' device)."""
+    logits = logits.float()
+    _suppress(logits, rows)
+    _penalize(logits, rows)
+    tokens = logits.argmax(dim=-1)
+    sampled = [i for i, row in enumerate(rows) if row.params.temperature > 0]
+    if not sampled:
+        return tokens
+    device = logits.device
+    index = torch.tensor(sampled, device=device)
+    params = [rows[i].params for i in sampled]
+    temperature = torch.tensor([p.temperature for p in params], device=device)
+    probs = torch.softmax(logits.index_select(0, index) / temperature[:, None], dim=-1)  # [sampled, vocab]
+    probs = _min_p(probs, torch.tensor([p.min_p for p in params], device=device))
+    # One uniform draw per row, from the row's own generator, always on the CPU so a draw never depends
+    # on the device or on the batch; then one copy to the device.
+    uniform = torch.cat([torch.rand(1, generator=generators[i]) for i in sampled]).to(device)
+    if any(p.top_k > 0 or p.top_p < 1 for p in params):
+        vocab = probs.shape[-1]
+        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
+        top_p = torch.tensor([p.top_p for p in params], device=device)
+        choice = _draw_top_k_top_p(probs, uniform, top_k, top_p)
+    else:
+        choice = _draw(probs, uniform)
+    tokens[index] = choice
+    return tokens
+
+
+def _suppress(logits: torch.Tensor, rows: Sequence[Row]) -> None:
+    for i, row in enumerate(rows):
+        banned = row.suppressed_token_ids()
+        if banned:
+            logits[i, list(banned)] = float("-inf")
+
+
+def _penalize(logits: torch.Tensor, rows: Sequence[Row]) -> None:
+    """Repetition, presence and frequency penalties, as vLLM and OpenAI define them.
+
+    Histories are scattered as flat (row, token) pairs of each row's own tokens, so padding never counts.
+    """
+    penalized = [
+        i
+        for i, row in enumerate(rows)
+        if row.params.repetition_penalty != 1 or row.params.presence_penalty or row.params.frequency_penalty
+    ]
+    if not penalized:
+        return
+    device = logits.device
+    index = torch.tensor(penalized, device=device)
+    sub = logits.index_select(0, index)  # [penalized, vocab]
+
+    out_rows = [n for n, i in enumerate(penalized) for _ in rows[i].output_ids]
+    out_tokens = [t for i in penalized for t in rows[i].output_ids]
+    counts = torch.zeros_like(sub)
+    if out_tokens:
+        counts.index_put_(
+            (torch.tensor(out_rows, device=device), torch.tensor(out_tokens, device=device)),
+            torch.ones(len(out_tokens), device=device),
+            accumulate=True,
+        )
+    params = [rows[i].params for i in penalized]
+    repetition = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+    if (repetition != 1).any():
+        seen = counts > 0
+        prompt_rows = [n for n, i in enumerate(penalized) for _ in rows[i].prompt_ids]
+        prompt_tokens = [t for i in penalized for t in rows[i].prompt_ids]
+        if prompt_tokens:
+            seen[torch.tensor(prompt_rows, device=device), torch.tensor(prompt_tokens, device=device)] = True
+        penalized_logits = torch.where(sub > 0, sub / repetition, sub * repetition)
+        sub = torch.where(seen, penalized_logits, sub)
+    presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+    frequency = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
+    sub = sub - presence * (counts > 0) - frequency * counts
+    logits[index] = sub
+
+
+def _min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the row's most likely token's."""
+    if not (min_p > 0).any():
+        return probs
+    threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+    return probs.masked_fill(probs < threshold, 0.0)
+
+
+def _draw(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw: the first token whose cumulative mass exceeds u times the row's total mass.
+
+    Zero-probability tokens never advance the cumulative sum, so they can never be the first to exceed it.
+    """
+    cdf = probs.cumsum(dim=-1)  # [rows, vocab]
+    target = uniform[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+
+
+def _draw_top_k_top_p(
+    probs: torch.Tensor, uniform: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
+    """Keep the k most likely tokens and the smallest head holding top_p of the mass, then draw among them."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)  # [rows, vocab]
+    ranks = torch.arange(probs.shape[-1], device=probs.device)[None, :]
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    # The most likely token is always kept: its mass_before is 0 and its rank is 0.
+    keep = (ranks < top_k[:, None]) & (mass_before < top_p[:, None] * sorted_probs.sum(dim=-1, keepdim=True))
+    picked = _draw(sorted_probs * keep, uniform)
+    return order.gather(-1, picked[:, None]).squeeze(-1)

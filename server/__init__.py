@@ -1,0 +1,1 @@
+"""The service: request handling, scheduling, the engine thread and the HTTP API. Never imports torch."""

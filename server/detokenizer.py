@@ -1,0 +1,85 @@
+"""Incremental detokenization for one request: UTF-8 safe, with stop strings that are never half-streamed.
+
+Two offsets into the output ids, as in TGI and vLLM: text is decoded only for the span from
+`prefix_offset`, and the part past what `[prefix_offset, read_offset)` decodes to is the new text.
+Decoding a little context before the new tokens keeps tokenizers that merge spaces across tokens right,
+and the whole output is never decoded again. A span that ends in U+FFFD is an incomplete UTF-8
+character: it is held until the next token completes it.
+
+Stop strings: text that could be the start of a stop string is held back until it either completes the
+stop string (then it and everything after it are dropped) or can no longer match (then it is released).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+class Decoder(Protocol):
+    def decode(self, ids: list[int], **kwargs: bool) -> str: ...
+
+
+class Detokenizer:
+    def __init__(self, tokenizer: Decoder, stop: Sequence[str] = ()) -> None:
+        self._tokenizer = tokenizer
+        self._stop = tuple(stop)
+        self._ids: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+        self._held = ""
+        self.stopped = False  # a stop string matched; no more text will be released
+
+    def push(self, token_id: int) -> str:
+        """Add one generated token; return the text that is now safe to emit (often '')."""
+        if self.stopped:
+            return ""
+        self._ids.append(token_id)
+        new = self._new_text()
+        if not new or new.endswith(REPLACEMENT_CHAR):
+            return ""
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        return self._release(new)
+
+    def flush(self) -> str:
+        """At the end of generation: whatever is still held, an incomplete character included."""
+        if self.stopped:
+            return ""
+        text = self._release(self._new_text(), final=True)
+        self._prefix_offset = self._read_offset = len(self._ids)
+        return text
+
+    def _new_text(self) -> str:
+        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        full = self._decode(self._ids[self._prefix_offset :])
+        return full[len(prefix) :] if len(full) > len(prefix) else ""
+
+    def _decode(self, ids: list[int]) -> str:
+        if not ids:
+            return ""
+        return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _release(self, text: str, final: bool = False) -> str:
+        if not self._stop:
+            return text
+        buffer = self._held + text
+        hits = [i for i in (buffer.find(stop) for stop in self._stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            self._held = ""
+            return buffer[: min(hits)]
+        keep = 0 if final else self._partial_stop_length(buffer)
+        self._held = buffer[len(buffer) - keep :]
+        return buffer[: len(buffer) - keep]
+
+    def _partial_stop_length(self, text: str) -> int:
+        """Length of the longest end of `text` that is the beginning of some stop string."""
+        longest = 0
+        for stop in self._stop:
+            for length in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:length]):
+                    longest = length
+                    break
+        return longest

@@ -1,0 +1,342 @@
+"""The generation engine: one thread owns the model; asyncio code submits, streams and cancels.
+
+Public face: `submit` (validate and queue; returns the request's event stream), `cancel`, `shutdown`,
+plus read-only health facts. Every step of the loop thread:
+  1. retire finished and cancelled rows            (scheduler.schedule, runner.drop)
+  2. prefill the newcomers the scheduler chose       (left-padded groups of similar length, written into the batch)
+  3. retire rows that finished on their first token
+  4. one decode step for every row                  (one token per row, KV reused)
+and hands each request its events with one `call_soon_threadsafe` per event loop per step.
+A failure in one request ends that request with an error event; the loop and the others go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Sequence
+
+from models import LoadedModel, ModelRunner
+from server import metrics
+from server.detokenizer import Detokenizer
+from server.errors import ContextLengthExceeded, EngineUnavailable, InvalidRequest
+from server.request import Event, FinishReason, Request, SamplingParams, Status
+from server.scheduler import Budgets, Plan, Scheduler
+
+log = logging.getLogger(__name__)
+
+# The loop wakes at least this often when idle, so the heartbeat shows it alive.
+IDLE_WAKE_S = 1.0
+
+
+class Engine:
+    """Continuous batching over one model, driven by a dedicated thread."""
+
+    def __init__(self, loaded: LoadedModel, budgets: Budgets) -> None:
+        self.info = loaded.info
+        self.budgets = budgets
+        # The event loop thread encodes prompts with `tokenizer`; the loop thread decodes with its own copy,
+        # since a tokenizer's backend must not be used from two threads at once.
+        self.tokenizer = loaded.tokenizer
+        self._tokenizer = copy.deepcopy(loaded.tokenizer)
+        self._runner: ModelRunner[Request] = ModelRunner(loaded.model, budgets.max_batch_size)
+        self._scheduler = Scheduler(budgets)
+        self._lock = threading.Lock()  # guards the scheduler's queue, _requests and _accepting
+        self._wake = threading.Event()
+        self._requests: dict[str, Request] = {}
+        self._accepting = True
+        self._stopping = False
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Request, Event]]] = defaultdict(list)
+        self._thread = threading.Thread(target=self._loop, name="tokenferry-engine", daemon=True)
+        self.heartbeat = time.monotonic()
+        self.steps = 0
+
+    # ---- public face (asyncio side) ----
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(
+        self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[Event]:
+        """Queue a request and return its events; the last one has a finish reason.
+
+        Raises InvalidRequest (a bad prompt), ContextLengthExceeded, QueueFull or EngineUnavailable at
+        once, before anything is queued. Closing or cancelling the iterator cancels the request.
+        """
+        loop = asyncio.get_running_loop()
+        request = self._make_request(list(prompt_ids), params, request_id or uuid.uuid4().hex, loop)
+        with self._lock:
+            if not self._accepting or not self._thread.is_alive():
+                raise EngineUnavailable("the engine is not accepting requests (draining or stopped)")
+            if request.id in self._requests:
+                raise InvalidRequest(f"request id {request.id!r} is already in use", param="request_id")
+            self._scheduler.add(request)
+            self._requests[request.id] = request
+            metrics.WAITING.set(len(self._scheduler.waiting))
+        log.debug("queued", extra={"request_id": request.id, "prompt_tokens": len(request.prompt_ids)})
+        self._wake.set()
+        return self._stream(request)
+
+    def cancel(self, request_id: str) -> None:
+        """Abort a request; its row leaves the batch at the start of the next step."""
+        with self._lock:
+            request = self._requests.get(request_id)
+            if request is None or request.finished:
+                return
+            request.cancelled = True
+        log.debug("cancel", extra={"request_id": request_id})
+        self._wake.set()
+
+    async def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop admitting; with `drain`, finish everything queued and running (up to `timeout` seconds),
+        then abort what is left and stop the loop thread."""
+        with self._lock:
+            self._accepting = False
+            ids = list(self._requests)
+        if not drain:
+            for request_id in ids:
+                self.cancel(request_id)
+        self._stopping = True
+        self._wake.set()
+        if not self._thread.is_alive():
+            return
+        await asyncio.to_thread(self._thread.join, timeout)
+        if self._thread.is_alive():
+            with self._lock:
+                ids = list(self._requests)
+            log.warning("drain timed out; aborting requests", extra={"requests": len(ids)})
+            for request_id in ids:
+                self.cancel(request_id)
+            await asyncio.to_thread(self._thread.join)
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting and self._thread.is_alive()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._scheduler.running)
+
+    @property
+    def num_requests(self) -> int:
+        """Requests the engine still tracks: waiting, running, or finished but not yet retired."""
+        return len(self._requests)
+
+    # ---- submission helpers ----
+
+    def _make_request(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str, loop: asyncio.AbstractEventLoop
+    ) -> Request:
+        info = self.info
+        if not prompt_ids:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < info.vocab_size for t in prompt_ids):
+            raise InvalidRequest(f"prompt token ids must be integers in [0, {info.vocab_size})", param="prompt")
+        if any(not 0 <= t < info.vocab_size for t in params.stop_token_ids):
+            raise InvalidRequest(f"stop_token_ids must be in [0, {info.vocab_size})", param="stop_token_ids")
+        room = info.context_length - len(prompt_ids)
+        max_tokens = params.max_tokens if params.max_tokens is not None else room
+        if room < 1 or max_tokens > room:
+            raise ContextLengthExceeded(
+                f"this model's context is {info.context_length} tokens; the prompt has {len(prompt_ids)} and "
+                f"{max_tokens} more were asked for. Shorten the prompt or lower max_tokens.",
+                param="max_tokens" if room >= 1 else "prompt",
+            )
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids.update(info.eos_token_ids)
+        return Request(
+            id=request_id,
+            prompt_ids=prompt_ids,
+            params=params,
+            max_tokens=max_tokens,
+            stop_token_ids=frozenset(stop_ids),
+            detokenizer=Detokenizer(self._tokenizer, params.stop),
+            loop=loop,
+        )
+
+    async def _stream(self, request: Request) -> AsyncIterator[Event]:
+        try:
+            while True:
+                event = await request.events.get()
+                yield event
+                if event.final:
+                    return
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancel(request.id)
+            raise
+
+    # ---- the loop thread ----
+
+    def _loop(self) -> None:
+        log.info("engine loop started", extra={"model": self.info.name, "device": self.info.device})
+        while True:
+            self.heartbeat = time.monotonic()
+            self._wake.clear()
+            with self._lock:
+                plan = self._scheduler.schedule()
+                busy = self._scheduler.has_work
+                metrics.WAITING.set(len(self._scheduler.waiting))
+            try:
+                self._step(plan)
+            except Exception:  # a bug outside any one request: fail everyone, keep serving
+                log.exception("engine step failed; failing all running requests")
+                self._fail(list(self._runner.rows), "internal error in the engine loop")
+                self._runner.drop(list(self._runner.rows))
+            metrics.RUNNING.set(len(self._runner.rows))
+            self._flush()
+            if busy:
+                continue
+            if self._stopping:
+                break
+            self._wake.wait(IDLE_WAKE_S)
+        log.info("engine loop stopped")
+
+    def _step(self, plan: Plan) -> None:
+        for request in plan.aborted:
+            self._finish(request, FinishReason.ABORT)
+        self._retire(plan.leaving)
+        for group in plan.groups:
+            self._prefill(group)
+        if plan.groups:
+            with self._lock:
+                leaving = self._scheduler.retire()
+            self._retire(leaving)
+        if self._runner.rows:
+            self._decode()
+        self.steps += 1
+
+    def _retire(self, leaving: list[Request]) -> None:
+        """Drop finished and cancelled rows from the batch; a cancelled one ends here."""
+        if not leaving:
+            return
+        self._runner.drop(leaving)
+        for request in leaving:
+            if not request.finished:
+                self._finish(request, FinishReason.ABORT)
+
+    def _prefill(self, joining: list[Request]) -> None:
+        started = time.monotonic()
+        for request in joining:
+            request.scheduled_at = started
+            metrics.QUEUE_TIME.observe(started - request.arrived_at)
+        try:
+            tokens = self._runner.prefill(joining)
+        except Exception:
+            log.exception("prefill failed", extra={"request_ids": [r.id for r in joining]})
+            self._fail(joining, "the model failed while reading the prompt")
+            return
+        metrics.STEP_TIME.labels("prefill").observe(time.monotonic() - started)
+        metrics.PROMPT_TOKENS.inc(sum(len(r.prompt_ids) for r in joining))
+        self._accept(joining, tokens)
+
+    def _decode(self) -> None:
+        started = time.monotonic()
+        rows = list(self._runner.rows)
+        try:
+            tokens = self._runner.decode()
+        except Exception:
+            log.exception("decode step failed", extra={"request_ids": [r.id for r in rows]})
+            self._fail(rows, "the model failed during a decode step")
+            self._runner.drop(rows)
+            return
+        metrics.STEP_TIME.labels("decode").observe(time.monotonic() - started)
+        width = max(r.num_tokens for r in rows)
+        metrics.PADDING_RATIO.set(1 - sum(r.num_tokens for r in rows) / (len(rows) * width))
+        self._accept(rows, tokens)
+
+    def _accept(self, rows: Sequence[Request], tokens: Sequence[int]) -> None:
+        """Give each row its new token: detokenize, check for the end, queue the event."""
+        now = time.monotonic()
+        metrics.GENERATED_TOKENS.inc(len(tokens))
+        for request, token in zip(rows, tokens, strict=True):
+            if request.finished:  # failed or finished earlier in this step
+                continue
+            try:
+                self._advance(request, token, now)
+            except Exception:
+                log.exception("request failed", extra={"request_id": request.id})
+                self._fail([request], "internal error while producing text")
+
+    def _advance(self, request: Request, token: int, now: float) -> None:
+        if request.first_token_at is None:
+            request.first_token_at = now
+            metrics.TIME_TO_FIRST_TOKEN.observe(now - request.arrived_at)
+        else:
+            metrics.INTER_TOKEN_LATENCY.observe(now - request.last_token_at)
+        request.last_token_at = now
+        request.output_ids.append(token)
+        detokenizer = request.detokenizer
+        reason = None
+        if token in request.stop_token_ids:
+            text, reason = "", FinishReason.STOP  # a stop token's own text is never shown
+        else:
+            text = detokenizer.push(token)
+            if detokenizer.stopped:
+                reason = FinishReason.STOP
+        if reason is None and len(request.output_ids) >= request.max_tokens:
+            reason = FinishReason.LENGTH
+        if reason is None:
+            self._emit(request, Event(text=text, token_ids=(token,)))
+        else:
+            self._finish(request, reason, text=text + detokenizer.flush(), token_ids=(token,))
+
+    def _finish(
+        self,
+        request: Request,
+        reason: FinishReason,
+        text: str = "",
+        token_ids: tuple[int, ...] = (),
+        error: str | None = None,
+    ) -> None:
+        """End a request with one final event carrying its last text, the reason and the usage."""
+        with self._lock:
+            request.status = Status.FINISHED
+            request.finish_reason = reason
+            self._requests.pop(request.id, None)
+        if request.first_token_at is not None:
+            metrics.E2E_LATENCY.observe(time.monotonic() - request.arrived_at)
+        event = Event(text=text, token_ids=token_ids, finish_reason=reason, usage=request.usage(), error=error)
+        self._emit(request, event)
+        log.debug(
+            "finished",
+            extra={"request_id": request.id, "reason": str(reason), "completion_tokens": len(request.output_ids)},
+        )
+
+    def _fail(self, requests: Sequence[Request], message: str) -> None:
+        for request in requests:
+            if not request.finished:
+                self._finish(request, FinishReason.ERROR, error=message)
+
+    def _emit(self, request: Request, event: Event) -> None:
+        self._outbox[request.loop].append((request, event))
+
+    def _flush(self) -> None:
+        """Hand this step's events to their event loops: one wake-up per loop, not one per token."""
+        outbox, self._outbox = self._outbox, defaultdict(list)
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                for request, _ in items:
+                    self.cancel(request.id)
+
+
+def _deliver(items: list[tuple[Request, Event]]) -> None:
+    for request, event in items:
+        request.events.put_nowait(event)
+

@@ -1,0 +1,41 @@
+"""Prometheus metrics, all named `tokenferry_*`, defined in this one place.
+
+Latency buckets span a GPU's milliseconds and a CPU's tens of seconds.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
+    1.0, 1.5, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0,
+)  # fmt: skip
+
+REQUESTS = Counter(
+    "tokenferry_requests_total",
+    "Requests by route and outcome (stop, length, cancelled, error, rejected).",
+    ["route", "outcome"],
+)
+WAITING = Gauge("tokenferry_waiting_requests", "Requests queued and not yet running.")
+RUNNING = Gauge("tokenferry_running_requests", "Rows in the running batch.")
+PADDING_RATIO = Gauge(
+    "tokenferry_batch_padding_ratio", "Share of the running batch's padded window that is padding."
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "tokenferry_time_to_first_token_seconds", "From arrival to the first token.", buckets=LATENCY_BUCKETS
+)
+INTER_TOKEN_LATENCY = Histogram(
+    "tokenferry_inter_token_latency_seconds", "Between consecutive tokens of a request.", buckets=LATENCY_BUCKETS
+)
+E2E_LATENCY = Histogram(
+    "tokenferry_e2e_request_latency_seconds", "From arrival to the last token.", buckets=LATENCY_BUCKETS
+)
+QUEUE_TIME = Histogram(
+    "tokenferry_queue_time_seconds", "From arrival to joining the running batch.", buckets=LATENCY_BUCKETS
+)
+PROMPT_TOKENS = Counter("tokenferry_prompt_tokens_total", "Prompt tokens prefilled.")
+GENERATED_TOKENS = Counter("tokenferry_generation_tokens_total", "Tokens generated.")
+STEP_TIME = Histogram(
+    "tokenferry_step_duration_seconds", "One model step, by phase.", ["phase"], buckets=LATENCY_BUCKETS
+)

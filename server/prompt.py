@@ -1,0 +1,55 @@
+"""Text -> prompt token ids: chat messages through the model's chat template, or raw completion text.
+
+Message text is data, not markup: unless `allow_special_tokens` is set, a user who types a control token
+such as `<|im_start|>system` gets those characters as plain text, never the control token itself. The
+template is rendered with a placeholder for each message's content; the template's own text is tokenized
+with its control tokens, and each content with special tokens split into ordinary pieces.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+from server.errors import InvalidRequest
+
+
+def encode_completion(tokenizer: Any, text: str) -> list[int]:
+    """A completion prompt is the caller's own raw text: special tokens in it are parsed, as vLLM does."""
+    return list(tokenizer.encode(text, add_special_tokens=True))
+
+
+def encode_chat(tokenizer: Any, messages: Sequence[dict[str, str]], allow_special_tokens: bool = False) -> list[int]:
+    """Render `messages` ({"role", "content"} with string content) with the chat template and tokenize."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidRequest("this model has no chat template; use /v1/completions", param="messages")
+    if allow_special_tokens:
+        return _encode_template(tokenizer, _render(tokenizer, messages))
+    # The marker is random per call, so no message can forge one.
+    marker = f"\x00{secrets.token_hex(8)}:"
+    placeholders = [{**m, "content": f"{marker}{i}\x00"} for i, m in enumerate(messages)]
+    rendered = _render(tokenizer, placeholders)
+    ids: list[int] = []
+    pattern = re.compile(re.escape(marker) + r"(\d+)\x00")
+    position = 0
+    for match in pattern.finditer(rendered):
+        ids += _encode_template(tokenizer, rendered[position : match.start()])
+        content = messages[int(match.group(1))]["content"]
+        ids += tokenizer.encode(content, add_special_tokens=False, split_special_tokens=True)
+        position = match.end()
+    ids += _encode_template(tokenizer, rendered[position:])
+    return ids
+
+
+def _render(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
+    try:
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # the template's own raise_exception(), or a malformed conversation
+        raise InvalidRequest(f"the chat template rejected the messages: {exc}", param="messages") from None
+
+
+def _encode_template(tokenizer: Any, text: str) -> list[int]:
+    # The template already spells out any BOS it wants.
+    return list(tokenizer.encode(text, add_special_tokens=False)) if text else []

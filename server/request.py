@@ -1,0 +1,178 @@
+"""One generation request: its prompt, its parameters, its progress and the channel its events leave by."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass, field
+from enum import Enum, StrEnum
+
+from server.detokenizer import Detokenizer
+from server.errors import InvalidRequest
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+PENALTY_RANGE = (-2.0, 2.0)  # presence and frequency, as OpenAI defines them
+
+
+class FinishReason(StrEnum):
+    STOP = "stop"  # an end-of-sequence token, a stop token or a stop string
+    LENGTH = "length"  # max_tokens, or the end of the model's context
+    ABORT = "abort"  # cancelled by the client or by a shutdown
+    ERROR = "error"  # failed inside the engine
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+def _require(ok: bool, param: str, message: str) -> None:
+    if not ok:
+        raise InvalidRequest(f"{param}: {message}", param=param)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to generate; validated on construction, each error naming its parameter."""
+
+    max_tokens: int | None = None  # None: up to the end of the context
+    min_tokens: int = 0
+    temperature: float = 1.0  # 0 is greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 (or -1) disables
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.top_k == -1:
+            object.__setattr__(self, "top_k", 0)
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        _require(
+            self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
+            "max_tokens",
+            f"must be a positive integer, got {self.max_tokens!r}",
+        )
+        _require(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "must be a non-negative integer")
+        _require(
+            self.max_tokens is None or self.min_tokens <= self.max_tokens,
+            "min_tokens",
+            f"must not exceed max_tokens ({self.max_tokens})",
+        )
+        _require(
+            _is_number(self.temperature) and self.temperature >= 0,
+            "temperature",
+            f"must be a finite number >= 0, got {self.temperature!r}",
+        )
+        _require(
+            _is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p!r}"
+        )
+        _require(_is_int(self.top_k) and self.top_k >= 0, "top_k", f"must be -1, 0 or positive, got {self.top_k!r}")
+        _require(
+            _is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p!r}"
+        )
+        _require(
+            _is_number(self.repetition_penalty) and self.repetition_penalty > 0,
+            "repetition_penalty",
+            f"must be a finite number > 0, got {self.repetition_penalty!r}",
+        )
+        low, high = PENALTY_RANGE
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _require(_is_number(value) and low <= value <= high, name, f"must be in [{low}, {high}], got {value!r}")
+        _require(
+            self.seed is None or (_is_int(self.seed) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]),
+            "seed",
+            "must be a 64-bit integer",
+        )
+        _require(len(self.stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} stop strings")
+        for text in self.stop:
+            _require(
+                isinstance(text, str) and 0 < len(text) <= MAX_STOP_STRING_CHARS,
+                "stop",
+                f"each stop string must be a non-empty string of at most {MAX_STOP_STRING_CHARS} characters",
+            )
+        for token in self.stop_token_ids:
+            _require(_is_int(token) and token >= 0, "stop_token_ids", "must be non-negative integers")
+        _require(isinstance(self.ignore_eos, bool), "ignore_eos", "must be a boolean")
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Event:
+    """What one step made of one request: new text and tokens; the last event carries the finish reason."""
+
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    error: str | None = None  # set with finish_reason ERROR; safe to show a client
+
+    @property
+    def final(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(eq=False)
+class Request:
+    """A request as the engine tracks it. Identity is the object: it is also the batch row's key."""
+
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int  # resolved: the params' value, or what the context leaves
+    stop_token_ids: frozenset[int]  # end-of-sequence (unless ignore_eos) and the params' stop tokens
+    detokenizer: Detokenizer
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    output_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    finish_reason: FinishReason | None = None
+    cancelled: bool = False
+    arrived_at: float = field(default_factory=time.monotonic)
+    scheduled_at: float | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt and output tokens: the row's length once its last sampled token is fed."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def suppressed_token_ids(self) -> frozenset[int]:
+        """Before min_tokens, no stop token may be sampled (as in vLLM)."""
+        return self.stop_token_ids if len(self.output_ids) < self.params.min_tokens else frozenset()
+
+    def usage(self) -> Usage:
+        return Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.output_ids))

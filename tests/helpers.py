@@ -1,0 +1,71 @@
+"""Helpers for driving a real engine from synchronous tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from models import LoadedModel
+from server.engine import Engine
+from server.request import Event, FinishReason, SamplingParams
+from server.scheduler import Budgets
+
+T = TypeVar("T")
+
+BUDGETS = Budgets(max_batch_size=64, max_batch_tokens=65536, max_prefill_tokens=8192, max_waiting=256)
+
+
+@dataclass
+class Result:
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason | None
+    error: str | None
+    events: list[Event]
+
+
+async def collect(stream: AsyncIterator[Event]) -> Result:
+    events = [event async for event in stream]
+    last = events[-1]
+    return Result(
+        text="".join(e.text for e in events),
+        token_ids=[t for e in events for t in e.token_ids],
+        finish_reason=last.finish_reason,
+        error=last.error,
+        events=events,
+    )
+
+
+def run_with_engine(loaded: LoadedModel, scenario: Callable[[Engine], Awaitable[T]], budgets: Budgets = BUDGETS) -> T:
+    """Start an engine, run `scenario(engine)` on a fresh event loop, always shut the engine down."""
+
+    async def main() -> T:
+        engine = Engine(loaded, budgets)
+        engine.start()
+        try:
+            return await asyncio.wait_for(scenario(engine), timeout=600)
+        finally:
+            await engine.shutdown(drain=False)
+
+    return asyncio.run(main())
+
+
+def generate_alone(loaded: LoadedModel, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> list[Result]:
+    """Each prompt by itself, one after another, through the engine."""
+
+    async def scenario(engine: Engine) -> list[Result]:
+        return [await collect(engine.submit(p, sp)) for p, sp in zip(prompts, params, strict=True)]
+
+    return run_with_engine(loaded, scenario)
+
+
+def generate_together(loaded: LoadedModel, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> list[Result]:
+    """All prompts submitted at once."""
+
+    async def scenario(engine: Engine) -> list[Result]:
+        streams = [engine.submit(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        return list(await asyncio.gather(*(collect(s) for s in streams)))
+
+    return run_with_engine(loaded, scenario)

@@ -1,0 +1,159 @@
+"""Attention masks, position ids and cache contents of a batch, against hand-computed expectations.
+
+No model runs here: each forward is played by writing the input ids themselves as keys and values,
+exactly as a model's attention layers would write theirs, so the cache's contents can be read back.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from models.batch import Batch, Forward
+from models.kv_cache import CacheShape
+
+T, F = True, False
+SHAPE = CacheShape(num_layers=2, kv_heads=1, head_dim=2, dtype=torch.float32, device=torch.device("cpu"))
+
+
+def play(forward: Forward) -> None:
+    """Write each input id as its key and value (negated) in every layer, as a forward pass would."""
+    states = forward.input_ids.float()[:, None, :, None].expand(-1, SHAPE.kv_heads, -1, SHAPE.head_dim)
+    for layer in range(SHAPE.num_layers):
+        keys, values = forward.cache.update(states, -states, layer)
+        assert keys.shape[-2] == forward.attention_mask.shape[-1], "attention covers exactly the cached columns"
+
+
+def cached_ids(batch: Batch, layer: int = 1) -> list[list[int]]:
+    """The token ids cached in the live window, with 0 on padding."""
+    store = batch._store
+    keys = store.keys[layer][: len(batch), 0, batch.start : batch.end, 0]
+    values = store.values[layer][: len(batch), 0, batch.start : batch.end, 0]
+    assert torch.equal(keys, -values)
+    return keys.masked_fill(~batch.attention_mask(), 0).long().tolist()
+
+
+def test_build_left_pads_and_counts_positions_from_the_first_real_token() -> None:
+    batch: Batch[str] = Batch(SHAPE, max_rows=4)
+    forward = batch.prefill(["a", "b"], [[5, 6, 7], [8]])
+    assert forward.input_ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert forward.position_ids.tolist() == [[0, 1, 2], [0, 0, 0]]
+    assert forward.real_tokens == 4
+    assert forward.attention_mask.shape == (2, 1, 3, 3)
+    assert forward.attention_mask[0, 0].tolist() == [[T, F, F], [T, T, F], [T, T, T]]
+    # Row b's pads attend only to themselves; its real token never sees a pad.
+    assert forward.attention_mask[1, 0].tolist() == [[T, F, F], [F, T, F], [F, F, T]]
+    play(forward)
+    assert batch.attention_mask().tolist() == [[T, T, T], [F, F, T]]
+    assert batch.lengths == [3, 1] and batch.width == 3
+    assert cached_ids(batch) == [[5, 6, 7], [0, 0, 8]]
+
+
+def test_decode_steps_feed_one_token_per_row_at_the_next_position() -> None:
+    batch: Batch[str] = Batch(SHAPE, max_rows=4)
+    play(batch.prefill(["a", "b"], [[5, 6, 7], [8]]))
+    forward = batch.decode([10, 11])
+    assert forward.input_ids.tolist() == [[10], [11]]
+    assert forward.position_ids.tolist() == [[3], [1]]
+    assert forward.attention_mask.shape == (2, 1, 1, 4)
+    assert forward.attention_mask[:, 0, 0].tolist() == [[T, T, T, T], [F, F, T, T]]
+    play(forward)
+    forward = batch.decode([12, 13])
+    assert forward.position_ids.tolist() == [[4], [2]]
+    play(forward)
+    assert batch.attention_mask().tolist() == [[T, T, T, T, T], [F, F, T, T, T]]
+    assert cached_ids(batch) == [[5, 6, 7, 10, 12], [0, 0, 8, 11, 13]]
+
+
+def test_filter_drops_rows_and_trims_columns_that_are_padding_everywhere() -> None:
+    batch: Batch[str] = Batch(SHAPE, max_rows=4)
+    play(batch.prefill(["long", "short"], [[1, 2, 3, 4, 5, 6], [7, 8]]))
+    play(batch.decode([9, 10]))
+    assert batch.width == 7
+    batch.filter({"long"})
+    assert batch.keys == ["short"] and batch.lengths == [3]
+    # The four columns only the long row used are gone: the window is the short row's three tokens.
+    assert batch.width == 3 and batch.attention_mask().tolist() == [[T, T, T]]
+    assert cached_ids(batch) == [[7, 8, 10]]
+    forward = batch.decode([11])
+    assert forward.position_ids.tolist() == [[3]]
+    assert forward.attention_mask[:, 0, 0].tolist() == [[T, T, T, T]]
+
+
+def test_filter_moves_tail_rows_into_holes_and_keeps_their_cache() -> None:
+    batch: Batch[str] = Batch(SHAPE, max_rows=8)
+    play(batch.prefill(["a", "b", "c", "d", "e"], [[1], [2, 3], [4, 5, 6], [7], [8, 9]]))
+    play(batch.decode([11, 12, 13, 14, 15]))
+    batch.filter({"a", "c"})
+    assert sorted(batch.keys) == ["b", "d", "e"]
+    # c was the widest row; without it the window narrows to three columns.
+    expected = {"b": [2, 3, 12], "d": [0, 7, 14], "e": [8, 9, 15]}
+    assert cached_ids(batch) == [expected[key] for key in batch.keys]
+    assert batch.lengths == [sum(1 for t in expected[key] if t) for key in batch.keys]
+    forward = batch.decode([20, 21, 22])
+    assert forward.position_ids.tolist() == [[batch.lengths[i] - 1] for i in range(3)]
+
+
+def test_concat_pads_the_shorter_side_on_the_left() -> None:
+    batch: Batch[str] = Batch(SHAPE, max_rows=4)
+    play(batch.prefill(["old"], [[1, 2]]))
+    play(batch.decode([3]))
+    # A newcomer longer than the running rows: the running row gains padding on its left.
+    forward = batch.prefill(["new"], [[4, 5, 6, 7, 8]])
+    assert forward.input_ids.tolist() == [[4, 5, 6, 7, 8]]
+    assert forward.position_ids.tolist() == [[0, 1, 2, 3, 4]]
+    play(forward)
+    assert batch.keys == ["old", "new"] and batch.lengths == [3, 5]
+    assert batch.attention_mask().tolist() == [[F, F, T, T, T], [T, T, T, T, T]]
+    assert cached_ids(batch) == [[0, 0, 1, 2, 3], [4, 5, 6, 7, 8]]
+    # A newcomer shorter than the running rows is padded on its own left instead.
+    forward = batch.prefill(["tiny"], [[9]])
+    assert forward.input_ids.tolist() == [[9]] and forward.position_ids.tolist() == [[0]]
+    play(forward)
+    assert batch.attention_mask().tolist() == [[F, F, T, T, T], [T, T, T, T, T], [F, F, F, F, T]]
+    forward = batch.decode([30, 31, 32])
+    assert forward.position_ids.tolist() == [[3], [5], [1]]
+    assert forward.attention_mask[:, 0, 0].tolist() == [
+        [F, F, T, T, T, T],
+        [T, T, T, T, T, T],
+        [F, F, F, F, T, T],
+    ]
+    play(forward)
+    assert cached_ids(batch) == [[0, 0, 1, 2, 3, 30], [4, 5, 6, 7, 8, 31], [0, 0, 0, 0, 9, 32]]
+
+
+def test_columns_entering_the_window_unwritten_are_zero() -> None:
+    """Stale values left by departed rows must not be read as finite garbage or NaN by the newcomers."""
+    batch: Batch[str] = Batch(SHAPE, max_rows=4)
+    play(batch.prefill(["x", "y"], [[1, 2, 3, 4], [5]]))
+    batch._store.keys[0].fill_(float("nan"))  # poison everything, live columns included
+    batch.filter({"x"})
+    play(batch.prefill(["z"], [[6, 7, 8]]))
+    window = batch._store.keys[0][: len(batch), 0, batch.start : batch.end, 0]
+    padding = ~batch.attention_mask()
+    assert not torch.isnan(window[1]).any(), "the newcomer's row was written or zeroed"
+    assert torch.isnan(window[0][~padding[0]]).all(), "the survivor's own (poisoned) tokens were left alone"
+    assert (window[0][padding[0]] == 0).all(), "the survivor's new left padding was zeroed"
+
+
+def test_storage_grows_and_survives_reallocation() -> None:
+    batch: Batch[str] = Batch(SHAPE, max_rows=4)
+    play(batch.prefill(["a"], [[1, 2]]))
+    rows, cols = batch.capacity
+    tokens = []
+    for step in range(cols + 5):  # more decode steps than the first allocation has columns
+        tokens.append(100 + step)
+        play(batch.decode([tokens[-1]]))
+    assert batch.capacity[1] > cols
+    play(batch.prefill(["b", "c", "d"], [[7], [8], [9]]))
+    assert batch.capacity[0] >= 4
+    assert cached_ids(batch)[0] == [1, 2, *tokens]
+    assert [row[-1] for row in cached_ids(batch)[1:]] == [7, 8, 9]
+
+
+def test_emptying_the_batch_releases_its_storage() -> None:
+    batch: Batch[str] = Batch(SHAPE, max_rows=4)
+    play(batch.prefill(["a", "b"], [[1, 2], [3]]))
+    batch.filter({"a", "b"})
+    assert len(batch) == 0 and batch.capacity == (0, 0) and batch.width == 0
+    play(batch.prefill(["c"], [[4]]))
+    assert cached_ids(batch) == [[4]]
