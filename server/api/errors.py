@@ -1,0 +1,134 @@
+"""Every error becomes OpenAI's shape here, in one place: {"error": {"message", "type", "param", "code"}}.
+
+Errors are raised where they are detected (schemas, prompt rendering, the engine); this module only maps
+them to a status and a body. A 500 is logged with its request id and never carries a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from server import metrics
+from server.errors import (
+    ContextLengthExceeded,
+    EngineUnavailable,
+    GenerationFailed,
+    InvalidRequest,
+    QueueFull,
+    TokenferryError,
+)
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1  # a full queue drains in about a decode step; clients should come back soon
+
+
+class NotFound(TokenferryError):
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class Unauthorized(TokenferryError):
+    code = "invalid_api_key"
+
+
+class PayloadTooLarge(TokenferryError):
+    code = "payload_too_large"
+
+
+_STATUS: list[tuple[type[TokenferryError], int, str]] = [
+    (ContextLengthExceeded, 400, "invalid_request_error"),
+    (InvalidRequest, 400, "invalid_request_error"),
+    (Unauthorized, 401, "invalid_request_error"),
+    (NotFound, 404, "invalid_request_error"),
+    (PayloadTooLarge, 413, "invalid_request_error"),
+    (QueueFull, 429, "rate_limit_error"),
+    (EngineUnavailable, 503, "service_unavailable"),
+    (GenerationFailed, 500, "internal_error"),
+]
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def status_and_body(exc: TokenferryError) -> tuple[int, dict[str, Any]]:
+    for cls, status, type_ in _STATUS:
+        if isinstance(exc, cls):
+            return status, error_body(exc.message, type_, exc.param, exc.code)
+    return 500, error_body("internal server error", "internal_error")
+
+
+def error_response(exc: TokenferryError) -> JSONResponse:
+    status, body = status_and_body(exc)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def route_label(request: Request) -> str:
+    """The metric label for a request: its route's path when one matched, so unknown paths stay one series."""
+    route = request.scope.get("route")
+    return getattr(route, "path", "unmatched")
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(TokenferryError)
+    async def on_tokenferry_error(request: Request, exc: TokenferryError) -> JSONResponse:
+        response = error_response(exc)
+        metrics.REQUESTS.labels(route_label(request), "rejected" if response.status_code < 500 else "error").inc()
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return await on_tokenferry_error(request, _from_validation(exc))
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return await on_tokenferry_error(request, NotFound(f"no route {request.method} {request.url.path}"))
+        metrics.REQUESTS.labels(route_label(request), "rejected").inc()
+        body = error_body(str(exc.detail), "invalid_request_error")
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error", exc_info=exc)
+        metrics.REQUESTS.labels(route_label(request), "error").inc()
+        return JSONResponse(error_body("internal server error", "internal_error"), status_code=500)
+
+
+def _from_validation(exc: RequestValidationError) -> InvalidRequest:
+    """FastAPI's validation errors, reduced to the first problem and the field it concerns."""
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    if first.get("type") == "json_invalid":
+        return InvalidRequest(f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}")
+    path = _field_path(first.get("loc", ()))
+    if not path:
+        return InvalidRequest(f"the body must be a JSON object: {first['msg']}")
+    return InvalidRequest(f"{path}: {first['msg']}", param=path)
+
+
+def _field_path(loc: tuple) -> str:
+    """('body', 'messages', 0, 'role') -> 'messages[0].role'. Union members add their type to the location
+    (e.g. ('body', 'stop', 'list[str]', 0)); those tags are dropped, as no field name has brackets or dashes."""
+    path = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part in _TYPE_TAGS or "[" in part or "-" in part:
+            continue
+        else:
+            path += f".{part}" if path else part
+    return path
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}

@@ -1,0 +1,232 @@
+"""What chat and completions share: submitting choices, merging their event streams, SSE framing,
+waiting with an eye on the client, and counting outcomes.
+
+Cancellation is abort: whatever way a response ends (done, client gone, error), every engine request it
+submitted is cancelled on the way out; cancelling a finished request is a no-op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol, TypeVar
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from server import metrics
+from server.api.errors import status_and_body
+from server.engine import Engine
+from server.errors import EngineUnavailable, GenerationFailed, InvalidRequest, TokenferryError
+from server.request import Event, FinishReason, SamplingParams, Usage
+
+T = TypeVar("T")
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DONE = "data: [DONE]\n\n"
+ABORTED = "the request was aborted because the server is shutting down"
+
+
+def sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def renamed(exc: InvalidRequest, names: dict[str, str]) -> InvalidRequest:
+    """The engine names its own parameters; the client knows them by their API names."""
+    if exc.param in names:
+        exc.message = exc.message.replace(exc.param, names[exc.param], 1)
+        exc.param = names[exc.param]
+    return exc
+
+
+class ClientGone(Exception):
+    """The client disconnected before the answer was ready."""
+
+
+@dataclass
+class ChoiceResult:
+    text: list[str] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    usage: Usage | None = None
+
+
+class Choices:
+    """The engine requests behind one API request: one per prompt and choice, indexed prompt-major."""
+
+    def __init__(self, engine: Engine, request_id: str) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self.ids: list[str] = []
+        self._streams: list[AsyncIterator[Event]] = []
+        self.prompt_tokens = 0
+
+    def submit(self, prompts: Sequence[list[int]], params: SamplingParams, n: int, names: dict[str, str]) -> None:
+        """Queue every choice, or none: if one is refused, those already queued are cancelled."""
+        try:
+            for prompt in prompts:
+                for i in range(n):
+                    # Several choices of one seeded request must differ, and each stays reproducible.
+                    choice = replace(params, seed=params.seed + i) if params.seed is not None and i else params
+                    request_id = f"{self.request_id}-{len(self.ids)}"
+                    self._streams.append(self.engine.submit(prompt, choice, request_id=request_id))
+                    self.ids.append(request_id)
+                self.prompt_tokens += len(prompt)
+        except TokenferryError as exc:
+            self.cancel()
+            raise renamed(exc, names) if isinstance(exc, InvalidRequest) else exc
+
+    def cancel(self) -> None:
+        for request_id in self.ids:
+            self.engine.cancel(request_id)
+
+    async def events(self) -> AsyncIterator[tuple[int, Event]]:
+        """Every choice's events as they come, tagged with the choice's index; ends when all are final."""
+        queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+
+        async def pump(index: int, stream: AsyncIterator[Event]) -> None:
+            async for event in stream:
+                queue.put_nowait((index, event))
+
+        pumps = [asyncio.create_task(pump(i, s)) for i, s in enumerate(self._streams)]
+        remaining = len(pumps)
+        try:
+            while remaining:
+                index, event = await queue.get()
+                yield index, event
+                remaining -= event.final
+        finally:
+            for task in pumps:
+                task.cancel()
+            self.cancel()
+
+    def usage(self, results: Sequence[ChoiceResult]) -> dict[str, int]:
+        completion = sum(r.usage.completion_tokens for r in results if r.usage)
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        }
+
+
+def outcome(results: Sequence[ChoiceResult]) -> str:
+    reasons = {r.finish_reason for r in results}
+    for reason, label in ((FinishReason.ERROR, "error"), (FinishReason.ABORT, "cancelled"), (FinishReason.LENGTH, "length")):
+        if reason in reasons:
+            return label
+    return "stop"
+
+
+def failure(result: ChoiceResult) -> TokenferryError | None:
+    """What to tell the client about a choice that did not end normally."""
+    if result.finish_reason is FinishReason.ERROR:
+        return GenerationFailed(result.error or "generation failed")
+    if result.finish_reason is FinishReason.ABORT:
+        return EngineUnavailable(ABORTED)
+    return None
+
+
+async def collect(choices: Choices, request: Request, route: str) -> list[ChoiceResult]:
+    """Wait for every choice to finish; a client that hangs up cancels them all."""
+    results = [ChoiceResult() for _ in choices.ids]
+
+    async def gather() -> None:
+        async with contextlib.aclosing(choices.events()) as events:
+            async for index, event in events:
+                _record(results[index], event)
+
+    try:
+        await until_disconnect(request, gather())
+    except ClientGone:
+        metrics.REQUESTS.labels(route, "cancelled").inc()
+        raise
+    metrics.REQUESTS.labels(route, outcome(results)).inc()
+    for result in results:
+        if error := failure(result):
+            raise error
+    return results
+
+
+def _record(result: ChoiceResult, event: Event) -> None:
+    result.text.append(event.text)
+    if event.final:
+        result.finish_reason, result.error, result.usage = event.finish_reason, event.error, event.usage
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Run `work`, but cancel it and raise ClientGone if the client disconnects first."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        watcher.cancel()
+        raise
+    watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    raise ClientGone()
+
+
+class ChunkFormat(Protocol):
+    """How one API shapes its stream chunks (chat and completions differ)."""
+
+    def start(self, index: int) -> dict[str, Any] | None: ...
+
+    def delta(self, index: int, text: str) -> dict[str, Any]: ...
+
+    def finish(self, index: int, reason: str) -> dict[str, Any]: ...
+
+    def usage(self, usage: dict[str, int]) -> dict[str, Any]: ...
+
+
+def stream(choices: Choices, chunks: ChunkFormat, include_usage: bool, route: str) -> StreamingResponse:
+    """An SSE response: a start chunk per choice, a chunk per text delta, a finish chunk per choice,
+    a usage chunk when asked, then [DONE]. An error after the 200 goes out as an error chunk."""
+
+    async def body() -> AsyncIterator[str]:
+        results = [ChoiceResult() for _ in choices.ids]
+        for index in range(len(results)):
+            if (chunk := chunks.start(index)) is not None:
+                yield sse(chunk)
+        label = "cancelled"
+        try:
+            async with contextlib.aclosing(choices.events()) as events:
+                async for index, event in events:
+                    if event.text:
+                        yield sse(chunks.delta(index, event.text))
+                    if not event.final:
+                        continue
+                    _record(results[index], event)
+                    if error := failure(results[index]):
+                        label = "error" if event.finish_reason is FinishReason.ERROR else "cancelled"
+                        yield sse(status_and_body(error)[1])
+                        yield DONE
+                        return
+                    yield sse(chunks.finish(index, str(event.finish_reason)))
+            if include_usage:
+                yield sse(chunks.usage(choices.usage(results)))
+            yield DONE
+            label = outcome(results)
+        finally:  # also when the client disconnects: Starlette cancels this generator
+            metrics.REQUESTS.labels(route, label).inc()
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def created() -> int:
+    return int(time.time())
+

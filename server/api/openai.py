@@ -1,0 +1,187 @@
+"""The OpenAI-compatible routes: /v1/chat/completions, /v1/completions and /v1/models."""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+
+from server.api.errors import ModelNotFound, Unauthorized
+from server.api.generation import ChoiceResult, Choices, ClientGone, collect, created, stream
+from server.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from server.api.state import AppState, state_of
+from server.engine import Engine
+from server.errors import InvalidRequest
+from server.logs import REQUEST_ID
+from server.prompt import encode_chat, encode_completion
+
+CHAT_ROUTE = "/v1/chat/completions"
+COMPLETIONS_ROUTE = "/v1/completions"
+
+
+async def require_api_key(request: Request) -> None:
+    """With --api-key set, every /v1 route wants `Authorization: Bearer <key>`, compared in constant time."""
+    key = state_of(request).config.api_key
+    if key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise Unauthorized("missing or invalid API key: send 'Authorization: Bearer <key>'")
+
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+
+def model_card(state: AppState) -> dict[str, Any]:
+    engine = state.require_engine()
+    return {
+        "id": state.model_name,
+        "object": "model",
+        "created": state.started_at,
+        "owned_by": "tokenferry",
+        "max_model_len": engine.info.context_length,
+    }
+
+
+@router.get("/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": [model_card(state_of(request))]}
+
+
+@router.get("/models/{model:path}")
+async def retrieve_model(model: str, request: Request) -> dict[str, Any]:
+    state = state_of(request)
+    _check_model(state, model)
+    return model_card(state)
+
+
+@router.post(CHAT_ROUTE.removeprefix("/v1"))
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    state = state_of(request)
+    engine = _prepare(state, body)
+    prompt = encode_chat(engine.tokenizer, body.template_messages(), state.config.allow_special_tokens)
+    max_tokens, name = body.requested_max_tokens
+    choices = _submit(engine, body, [prompt], max_tokens, {"prompt": "messages", "max_tokens": name})
+    chunks = ChatChunks(f"chatcmpl-{choices.request_id}", created(), state.model_name)
+    if body.stream:
+        return stream(choices, chunks, body.include_usage, CHAT_ROUTE)
+    try:
+        results = await collect(choices, request, CHAT_ROUTE)
+    except ClientGone:
+        return Response(status_code=499)
+    return JSONResponse(
+        {
+            **chunks.envelope("chat.completion"),
+            "choices": [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": "".join(r.text)},
+                    "logprobs": None,
+                    "finish_reason": str(r.finish_reason),
+                }
+                for i, r in enumerate(results)
+            ],
+            "usage": choices.usage(results),
+        }
+    )
+
+
+@router.post(COMPLETIONS_ROUTE.removeprefix("/v1"))
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    state = state_of(request)
+    engine = _prepare(state, body)
+    prompts = [p if isinstance(p, list) else encode_completion(engine.tokenizer, p) for p in body.prompts()]
+    choices = _submit(engine, body, prompts, body.max_tokens, {})
+    chunks = CompletionChunks(f"cmpl-{choices.request_id}", created(), state.model_name)
+    if body.stream:
+        return stream(choices, chunks, body.include_usage, COMPLETIONS_ROUTE)
+    try:
+        results: list[ChoiceResult] = await collect(choices, request, COMPLETIONS_ROUTE)
+    except ClientGone:
+        return Response(status_code=499)
+    return JSONResponse(
+        {
+            **chunks.envelope("text_completion"),
+            "choices": [
+                {"index": i, "text": "".join(r.text), "logprobs": None, "finish_reason": str(r.finish_reason)}
+                for i, r in enumerate(results)
+            ],
+            "usage": choices.usage(results),
+        }
+    )
+
+
+def _check_model(state: AppState, model: str | None) -> None:
+    if model is not None and model != state.model_name:
+        raise ModelNotFound(f"the model {model!r} does not exist; this server serves {state.model_name!r}", param="model")
+
+
+def _prepare(state: AppState, body: SamplingFields) -> Engine:
+    engine = state.require_engine()
+    _check_model(state, body.model)
+    if refused := body.unsupported():
+        raise InvalidRequest(f"unsupported field(s): {', '.join(refused)}", param=refused[0])
+    return engine
+
+
+def _submit(
+    engine: Engine, body: SamplingFields, prompts: list[list[int]], max_tokens: int | None, names: dict[str, str]
+) -> Choices:
+    # A fresh suffix keeps engine ids unique even when a client reuses its X-Request-ID.
+    choices = Choices(engine, f"{REQUEST_ID.get()}.{secrets.token_hex(3)}")
+    choices.submit(prompts, body.sampling_params(max_tokens), body.n, names)
+    return choices
+
+
+@dataclass(frozen=True)
+class Chunks:
+    """The envelope every response and chunk of one request shares."""
+
+    id: str
+    created: int
+    model: str
+    chunk_object: ClassVar[str]
+
+    def envelope(self, kind: str | None = None) -> dict[str, Any]:
+        return {"id": self.id, "object": kind or self.chunk_object, "created": self.created, "model": self.model}
+
+    def usage(self, usage: dict[str, int]) -> dict[str, Any]:
+        return {**self.envelope(), "choices": [], "usage": usage}
+
+
+class ChatChunks(Chunks):
+    chunk_object = "chat.completion.chunk"
+
+    def _chunk(self, index: int, delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {**self.envelope(), "choices": [choice]}
+
+    def start(self, index: int) -> dict[str, Any]:
+        return self._chunk(index, {"role": "assistant", "content": ""})
+
+    def delta(self, index: int, text: str) -> dict[str, Any]:
+        return self._chunk(index, {"content": text})
+
+    def finish(self, index: int, reason: str) -> dict[str, Any]:
+        return self._chunk(index, {}, reason)
+
+
+class CompletionChunks(Chunks):
+    chunk_object = "text_completion"
+
+    def _chunk(self, index: int, text: str, finish_reason: str | None = None) -> dict[str, Any]:
+        choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return {**self.envelope(), "choices": [choice]}
+
+    def start(self, index: int) -> None:
+        return None
+
+    def delta(self, index: int, text: str) -> dict[str, Any]:
+        return self._chunk(index, text)
+
+    def finish(self, index: int, reason: str) -> dict[str, Any]:
+        return self._chunk(index, "", reason)

@@ -1,0 +1,40 @@
+"""What the routes share: the configuration and, once loaded, the engine."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from server.config import Config
+from server.engine import Engine
+from server.errors import EngineUnavailable
+
+
+@dataclass
+class AppState:
+    config: Config
+    engine: Engine | None = None
+    load_error: str | None = None
+    draining: bool = False
+    started_at: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def model_name(self) -> str:
+        """The id clients use for the model."""
+        if self.config.served_model_name:
+            return self.config.served_model_name
+        return self.engine.info.name if self.engine else self.config.model
+
+    def require_engine(self) -> Engine:
+        """The engine, if it takes requests now; else a 503."""
+        if self.draining:
+            raise EngineUnavailable("the server is shutting down; retry on another replica")
+        if self.engine is None:
+            raise EngineUnavailable(self.load_error or "the model is still loading; retry shortly")
+        return self.engine
+
+
+def state_of(request: Request) -> AppState:
+    return request.app.state.tokenferry
