@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 
-from tests.api.server import ServerProcess
+from tests.servers import ServerProcess
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,8 @@ from server.api.state import AppState
 from server.app import create_app
 from server.config import Config
 from server.engine import Engine
-from tests.api.conftest import API_KEY
-from tests.api.server import ServerProcess
+from tests.conftest import API_KEY
+from tests.servers import ServerProcess
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "hi"}]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.api.server import ServerProcess
+from tests.servers import ServerProcess
 
 EXPECTED = {
     "tokenferry_requests": "counter",

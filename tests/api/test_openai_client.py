@@ -7,7 +7,7 @@ import asyncio
 import openai
 import pytest
 
-from tests.api.server import ServerProcess
+from tests.servers import ServerProcess
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello to the ferry."}]
 
