@@ -6,7 +6,8 @@ plus read-only health facts. Every step of the loop thread:
   2. prefill the newcomers the scheduler chose       (left-padded groups of similar length, written into the batch)
   3. retire rows that finished on their first token
   4. one decode step for every row                  (one token per row, KV reused)
-and hands each request its events with one `call_soon_threadsafe` per event loop per step.
+and hands each request its events with one `call_soon_threadsafe` per event loop per phase (first
+tokens leave right after the prefill, so a decode step never delays them).
 A failure in one request ends that request with an error event; the loop and the others go on.
 """
 
@@ -51,6 +52,7 @@ class Engine:
         self._requests: dict[str, Request] = {}
         self._accepting = True
         self._stopping = False
+        self._stopped = False  # the loop has ended, normally or not
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Request, Event]]] = defaultdict(list)
         self._thread = threading.Thread(target=self._loop, name="tokenferry-engine", daemon=True)
         self.heartbeat = time.monotonic()
@@ -72,7 +74,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         request = self._make_request(list(prompt_ids), params, request_id or uuid.uuid4().hex, loop)
         with self._lock:
-            if not self._accepting or not self._thread.is_alive():
+            if not self.accepting:
                 raise EngineUnavailable("the engine is not accepting requests (draining or stopped)")
             if request.id in self._requests:
                 raise InvalidRequest(f"request id {request.id!r} is already in use", param="request_id")
@@ -117,11 +119,11 @@ class Engine:
 
     @property
     def accepting(self) -> bool:
-        return self._accepting and self._thread.is_alive()
+        return self._accepting and self.alive
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and not self._stopped
 
     @property
     def num_waiting(self) -> int:
@@ -184,6 +186,22 @@ class Engine:
 
     def _loop(self) -> None:
         log.info("engine loop started", extra={"model": self.info.name, "device": self.info.device})
+        try:
+            self._run()
+        except BaseException:
+            log.critical("the engine loop died", exc_info=True)
+            raise
+        finally:
+            # Whatever ended the loop, nobody may wait forever: what is still tracked ends with an error.
+            with self._lock:
+                self._accepting = False
+                self._stopped = True
+                abandoned = list(self._requests.values())
+            self._fail(abandoned, "the engine stopped")
+            self._flush()
+            log.info("engine loop stopped")
+
+    def _run(self) -> None:
         while True:
             self.heartbeat = time.monotonic()
             self._wake.clear()
@@ -202,9 +220,8 @@ class Engine:
             if busy:
                 continue
             if self._stopping:
-                break
+                return
             self._wake.wait(IDLE_WAKE_S)
-        log.info("engine loop stopped")
 
     def _step(self, plan: Plan) -> None:
         for request in plan.aborted:
@@ -213,6 +230,7 @@ class Engine:
         for group in plan.groups:
             self._prefill(group)
         if plan.groups:
+            self._flush()  # first tokens leave now, not after the decode step
             with self._lock:
                 leaving = self._scheduler.retire()
             self._retire(leaving)

@@ -144,10 +144,10 @@ async def collect(choices: Choices, request: Request, route: str) -> list[Choice
     except ClientGone:
         metrics.REQUESTS.labels(route, "cancelled").inc()
         raise
-    metrics.REQUESTS.labels(route, outcome(results)).inc()
     for result in results:
         if error := failure(result):
-            raise error
+            raise error  # counted where it becomes an HTTP answer, like every other error
+    metrics.REQUESTS.labels(route, outcome(results)).inc()
     return results
 
 

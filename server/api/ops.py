@@ -28,7 +28,9 @@ async def health(request: Request) -> JSONResponse:
     if silent > state.config.stall_timeout:
         reason = f"the engine loop has not stepped for {silent:.0f} s"
         return JSONResponse({"status": "unhealthy", "reason": reason}, status_code=503)
-    return JSONResponse({"status": "ok"})
+    # What the engine still tracks: after a burst or a disconnect storm, all three return to 0.
+    requests = {"waiting": engine.num_waiting, "running": engine.num_running, "tracked": engine.num_requests}
+    return JSONResponse({"status": "ok", "requests": requests})
 
 
 @router.get("/ready")
