@@ -18,6 +18,7 @@ from server.errors import InvalidRequest
 
 def encode_completion(tokenizer: Any, text: str) -> list[int]:
     """A completion prompt is the caller's own raw text: special tokens in it are parsed, as vLLM does."""
+    _require_unicode(text, "prompt")
     return list(tokenizer.encode(text, add_special_tokens=True))
 
 
@@ -25,6 +26,8 @@ def encode_chat(tokenizer: Any, messages: Sequence[dict[str, str]], allow_specia
     """Render `messages` ({"role", "content"} with string content) with the chat template and tokenize."""
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequest("this model has no chat template; use /v1/completions", param="messages")
+    for index, message in enumerate(messages):
+        _require_unicode(message["content"], f"messages[{index}].content")
     if allow_special_tokens:
         return _encode_template(tokenizer, _render(tokenizer, messages))
     # The marker is random per call, so no message can forge one.
@@ -41,6 +44,14 @@ def encode_chat(tokenizer: Any, messages: Sequence[dict[str, str]], allow_specia
         position = match.end()
     ids += _encode_template(tokenizer, rendered[position:])
     return ids
+
+
+def _require_unicode(text: str, param: str) -> None:
+    """JSON can carry lone surrogates (\\ud800), which are not text and which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(f"{param}: the text contains invalid Unicode (a lone surrogate)", param=param) from None
 
 
 def _render(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
