@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from models import LoadedModel, load
-from tests.servers import ServerProcess
+from bench.process import ServerProcess
 
 API_KEY = "test-key-123"
 

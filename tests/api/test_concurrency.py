@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 
-from tests.servers import ServerProcess
+from bench.process import ServerProcess
 
 pytestmark = pytest.mark.slow
 

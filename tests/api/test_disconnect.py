@@ -8,7 +8,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.servers import ServerProcess
+from bench.process import ServerProcess
 
 # The real model makes a long answer take a minute: ample time to watch the row while it runs.
 pytestmark = pytest.mark.slow

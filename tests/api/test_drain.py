@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.servers import ServerProcess
+from bench.process import ServerProcess
 
 pytestmark = pytest.mark.slow
 

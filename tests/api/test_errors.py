@@ -15,7 +15,7 @@ from server.app import create_app
 from server.config import Config
 from server.engine import Engine
 from tests.conftest import API_KEY
-from tests.servers import ServerProcess
+from bench.process import ServerProcess
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "hi"}]

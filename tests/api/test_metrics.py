@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.servers import ServerProcess
+from bench.process import ServerProcess
 
 EXPECTED = {
     "tokenferry_requests": "counter",

@@ -7,7 +7,7 @@ import asyncio
 import openai
 import pytest
 
-from tests.servers import ServerProcess
+from bench.process import ServerProcess
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello to the ferry."}]
 

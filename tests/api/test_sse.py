@@ -7,7 +7,7 @@ import json
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.servers import ServerProcess
+from bench.process import ServerProcess
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me a story."}], "temperature": 0, "ignore_eos": True}
 

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.servers import free_port
+from bench.process import free_port
 from tests.container.podman import PODMAN, ULIMITS, bootstrap_base, build_image, ensure_tools, remove, run
 
 pytestmark = pytest.mark.container

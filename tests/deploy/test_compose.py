@@ -14,7 +14,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.servers import ServerProcess
+from bench.process import ServerProcess
 
 COMPOSE = Path(__file__).resolve().parents[2] / "deploy" / "compose"
 METRIC = re.compile(r"\btokenferry_[a-z0-9_]+")

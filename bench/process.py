@@ -1,4 +1,4 @@
-"""A real tokenferry server in a subprocess, on a free loopback port."""
+"""A real tokenferry server in a subprocess, on a free loopback port: for the benchmarks and the tests."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -21,14 +22,30 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class ServerProcess:
-    """`python -m server ...` on 127.0.0.1; `url` once ready. Logs go to a file for post-mortems."""
+def tokenferry(port: int) -> list[str]:
+    return [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port)]
 
-    def __init__(self, *flags: str, log_dir: Path, env: dict[str, str] | None = None) -> None:
+
+class ServerProcess:
+    """A server on 127.0.0.1 (tokenferry unless `launcher` says otherwise); `url` once ready.
+
+    Logs go to a file for post-mortems.
+    """
+
+    def __init__(
+        self,
+        *flags: str,
+        log_dir: Path,
+        env: dict[str, str] | None = None,
+        launcher: Callable[[int], list[str]] = tokenferry,
+        ready_path: str = "/ready",
+    ) -> None:
+        log_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.ready_path = ready_path
         self.log_path = log_dir / f"server-{self.port}.log"
-        command = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(self.port), *flags]
+        command = [*launcher(self.port), *flags]
         self._log = self.log_path.open("w")
         self.process = subprocess.Popen(
             command, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
@@ -40,7 +57,7 @@ class ServerProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.logs()}")
             try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}{self.ready_path}", timeout=2).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass
