@@ -215,7 +215,6 @@ class Engine:
                 log.exception("engine step failed; failing all running requests")
                 self._fail(list(self._runner.rows), "internal error in the engine loop")
                 self._runner.drop(list(self._runner.rows))
-            metrics.RUNNING.set(len(self._runner.rows))
             self._flush()
             if busy:
                 continue
@@ -345,6 +344,7 @@ class Engine:
 
     def _flush(self) -> None:
         """Hand this step's events to their event loops: one wake-up per loop, not one per token."""
+        metrics.RUNNING.set(len(self._runner.rows))  # before anyone hears a token, the gauge counts its row
         outbox, self._outbox = self._outbox, defaultdict(list)
         for loop, items in outbox.items():
             try:
