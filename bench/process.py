@@ -8,10 +8,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 STARTUP_TIMEOUT_S = 180
 
@@ -20,6 +22,28 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def metric_total(metrics_text: str, name: str, **labels: str) -> float:
+    """The sum of the samples called `name` whose labels include `labels` (0 when there are none)."""
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(metrics_text)
+        for s in family.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def request_outcomes(metrics_text: str, route: str | None = None) -> Counter:
+    """tokenferry_requests_total by outcome, for one route or, by default, every /v1 route."""
+    counts: Counter = Counter()
+    for family in text_string_to_metric_families(metrics_text):
+        for s in family.samples:
+            if s.name != "tokenferry_requests_total":
+                continue
+            if s.labels["route"] == route or (route is None and s.labels["route"].startswith("/v1/")):
+                counts[s.labels["outcome"]] += int(s.value)
+    return counts
 
 
 def tokenferry(port: int) -> list[str]:
@@ -63,6 +87,12 @@ class ServerProcess:
                 pass
             time.sleep(0.1)
         raise TimeoutError(f"server not ready after {timeout} s:\n{self.logs()}")
+
+    def metrics(self) -> str:
+        return httpx.get(f"{self.url}/metrics", timeout=10).text
+
+    def metric(self, name: str, **labels: str) -> float:
+        return metric_total(self.metrics(), name, **labels)
 
     def logs(self) -> str:
         self._log.flush()

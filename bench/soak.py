@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
-from bench.process import ServerProcess
+from bench.process import ServerProcess, request_outcomes
 from bench.serve import make_workload
 
 SERVER_FLAGS = ("--log-level", "warning", "--max-batch-size", "16", "--max-waiting", "8")
@@ -67,15 +66,6 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-def server_outcomes(url: str) -> Counter:
-    counts: Counter = Counter()
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
-        for s in family.samples:
-            if s.name == "tokenferry_requests_total" and s.labels["route"].startswith("/v1/"):
-                counts[s.labels["outcome"]] += int(s.value)
-    return counts
 
 
 def chat(prompt: str, **fields: object) -> dict:
@@ -204,7 +194,7 @@ def settle(url: str, expected: Counter, timeout: float = 60) -> tuple[dict, Coun
     deadline = time.monotonic() + timeout
     while True:
         tracked = httpx.get(f"{url}/health", timeout=10).json()["requests"]
-        counted = server_outcomes(url)
+        counted = request_outcomes(httpx.get(f"{url}/metrics", timeout=10).text)
         if (not any(tracked.values()) and sum(counted.values()) >= sum(expected.values())) or time.monotonic() > deadline:
             return tracked, counted
         time.sleep(0.2)

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client import REGISTRY
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client import generate_latest
 
 from models import LoadedModel
 from server.app import create_app
 from server.config import Config
 from server.engine import Engine
-from bench.process import ServerProcess
+from bench.process import ServerProcess, request_outcomes
 
 CHAT = "/v1/chat/completions"
 
@@ -35,13 +34,7 @@ def engine_counts(server: ServerProcess) -> dict[str, int]:
 
 
 def outcomes(server: ServerProcess, route: str = CHAT) -> Counter:
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    counts: Counter = Counter()
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == "tokenferry_requests_total" and s.labels["route"] == route:
-                counts[s.labels["outcome"]] += int(s.value)
-    return counts
+    return request_outcomes(httpx.get(f"{server.url}/metrics", timeout=10).text, route)
 
 
 def settle(server: ServerProcess, timeout: float = 60) -> dict[str, int]:
@@ -215,12 +208,7 @@ def test_a_failed_step_fails_its_requests_and_the_server_serves_on(tiny: LoadedM
 
 def counted(route: str) -> Counter:
     """tokenferry_requests_total in this process, by outcome."""
-    counts: Counter = Counter()
-    for family in REGISTRY.collect():
-        for s in family.samples:
-            if s.name == "tokenferry_requests_total" and s.labels["route"] == route:
-                counts[s.labels["outcome"]] += int(s.value)
-    return counts
+    return request_outcomes(generate_latest().decode(), route)
 
 
 class EngineKiller(BaseException):

@@ -6,22 +6,12 @@ import time
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench.process import ServerProcess
 
 # The real model makes a long answer take a minute: ample time to watch the row while it runs.
 pytestmark = pytest.mark.slow
 LONG = 1000
-
-
-def sample(server: ServerProcess, name: str, **labels: str) -> float:
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-    return 0.0
 
 
 def wait_for(predicate, timeout: float = 30) -> bool:
@@ -35,7 +25,7 @@ def wait_for(predicate, timeout: float = 30) -> bool:
 
 def test_disconnect_mid_stream_frees_the_row(smol_server: ServerProcess) -> None:
     route = "/v1/chat/completions"
-    cancelled_before = sample(smol_server, "tokenferry_requests_total", route=route, outcome="cancelled")
+    cancelled_before = smol_server.metric("tokenferry_requests_total", route=route, outcome="cancelled")
     body = {"messages": [{"role": "user", "content": "Tell me everything."}], "max_tokens": LONG, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{smol_server.url}{route}", json=body, timeout=60) as response:
         assert response.status_code == 200
@@ -43,18 +33,18 @@ def test_disconnect_mid_stream_frees_the_row(smol_server: ServerProcess) -> None
         for line in lines:
             if '"content":"' in line and '"content":""' not in line:
                 break
-        assert sample(smol_server, "tokenferry_running_requests") == 1
+        assert smol_server.metric("tokenferry_running_requests") == 1
         lines.close()
     # Closing the line iterator closed the connection mid-stream.
-    assert wait_for(lambda: sample(smol_server, "tokenferry_running_requests") == 0), "the row was not freed"
-    assert wait_for(lambda: sample(smol_server, "tokenferry_requests_total", route=route, outcome="cancelled") == cancelled_before + 1)
+    assert wait_for(lambda: smol_server.metric("tokenferry_running_requests") == 0), "the row was not freed"
+    assert wait_for(lambda: smol_server.metric("tokenferry_requests_total", route=route, outcome="cancelled") == cancelled_before + 1)
 
 
 def test_disconnect_while_waiting_for_a_non_streamed_answer(smol_server: ServerProcess) -> None:
     route = "/v1/completions"
-    cancelled_before = sample(smol_server, "tokenferry_requests_total", route=route, outcome="cancelled")
+    cancelled_before = smol_server.metric("tokenferry_requests_total", route=route, outcome="cancelled")
     body = {"prompt": "Once upon a time", "max_tokens": LONG, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
         httpx.post(f"{smol_server.url}{route}", json=body, timeout=2.0)
-    assert wait_for(lambda: sample(smol_server, "tokenferry_requests_total", route=route, outcome="cancelled") == cancelled_before + 1)
-    assert wait_for(lambda: sample(smol_server, "tokenferry_running_requests") == 0)
+    assert wait_for(lambda: smol_server.metric("tokenferry_requests_total", route=route, outcome="cancelled") == cancelled_before + 1)
+    assert wait_for(lambda: smol_server.metric("tokenferry_running_requests") == 0)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench.process import ServerProcess
 
@@ -22,14 +21,6 @@ def events(lines) -> list[str]:
             assert line == "" and previous is not None and previous.startswith("data: "), f"unexpected line {line!r}"
         previous = line
     return payloads
-
-
-def running_requests(server: ServerProcess) -> float:
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    for family in text_string_to_metric_families(text):
-        if family.name == "tokenferry_running_requests":
-            return family.samples[0].value
-    raise AssertionError("no running gauge")
 
 
 def test_chunk_order_usage_and_done(tiny_server: ServerProcess) -> None:
@@ -64,7 +55,7 @@ def test_the_first_token_arrives_before_the_last_is_made(tiny_server: ServerProc
                 if seen == 2:
                     break
         # Two tokens in hand while the server is still generating this very request.
-        assert running_requests(tiny_server) >= 1
+        assert tiny_server.metric("tokenferry_running_requests") >= 1
         payloads = events(list(lines)[1:])
     assert payloads[-1] == "[DONE]"
 
