@@ -208,7 +208,7 @@ def plot(levels: Sequence[Level], path: Path, title: str) -> Path | None:
 def write(levels: Sequence[Level], out: Path, title: str, extra: str = "") -> Path:
     out.mkdir(parents=True, exist_ok=True)
     picture = plot(levels, out / "serve.png", title)
-    text = report(levels, title) + (f"\n![throughput and latency](serve.png)\n" if picture else "") + extra
+    text = report(levels, title) + ("\n![throughput and latency](serve.png)\n" if picture else "") + extra
     (out / "serve.md").write_text(text)
     return out / "serve.md"
 

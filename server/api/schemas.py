@@ -6,7 +6,7 @@ Types are strict: a string where a number belongs is a 400, not a guess.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
