@@ -14,7 +14,6 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
 from bench.process import ServerProcess
-
 from server.app import create_app
 from server.config import Config
 
@@ -73,6 +72,7 @@ CHAT = "/v1/chat/completions"
         (b'{"model": "tiny", "messages": [{"role": "user"}]}', 200),
         (b'{"model": "tiny", "messages": [{"role": "user", "content": "\xff\xfe"}]}', 400),
         (b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}', 400),
+        (b'{"model": "tiny", "messages": []}', 400),
         (b'{"model": "tiny", "messages": "hello"}', 400),
         (b'{"model": ["tiny"], "messages": []}', 400),
         (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": [1, 2]}', 400),
