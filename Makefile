@@ -32,7 +32,7 @@ test-container: install
 
 # tokenferry beside a server without batching (and llama.cpp when installed), on the default model.
 bench: install
-	$(PIP) install -q '.[bench]'
+	$(PIP) install -q -e '.[bench]'
 	$(PY) -m bench.run
 
 # Ten minutes of mixed streaming load; reports resident memory and accounts for every request.
