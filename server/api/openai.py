@@ -67,27 +67,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     max_tokens, name = body.requested_max_tokens
     choices = _submit(engine, body, [prompt], max_tokens, {"prompt": "messages", "max_tokens": name})
     chunks = ChatChunks(f"chatcmpl-{choices.request_id}", created(), state.model_name)
-    if body.stream:
-        return stream(choices, chunks, body.include_usage, CHAT_ROUTE)
-    try:
-        results = await collect(choices, request, CHAT_ROUTE)
-    except ClientGone:
-        return Response(status_code=499)
-    return JSONResponse(
-        {
-            **chunks.envelope("chat.completion"),
-            "choices": [
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": "".join(r.text)},
-                    "logprobs": None,
-                    "finish_reason": str(r.finish_reason),
-                }
-                for i, r in enumerate(results)
-            ],
-            "usage": choices.usage(results),
-        }
-    )
+    return await _answer(choices, chunks, body, request, CHAT_ROUTE)
 
 
 @router.post(COMPLETIONS_ROUTE.removeprefix("/v1"))
@@ -97,22 +77,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     prompts = [p if isinstance(p, list) else encode_completion(engine.tokenizer, p) for p in body.prompts()]
     choices = _submit(engine, body, prompts, body.max_tokens, {})
     chunks = CompletionChunks(f"cmpl-{choices.request_id}", created(), state.model_name)
-    if body.stream:
-        return stream(choices, chunks, body.include_usage, COMPLETIONS_ROUTE)
-    try:
-        results: list[ChoiceResult] = await collect(choices, request, COMPLETIONS_ROUTE)
-    except ClientGone:
-        return Response(status_code=499)
-    return JSONResponse(
-        {
-            **chunks.envelope("text_completion"),
-            "choices": [
-                {"index": i, "text": "".join(r.text), "logprobs": None, "finish_reason": str(r.finish_reason)}
-                for i, r in enumerate(results)
-            ],
-            "usage": choices.usage(results),
-        }
-    )
+    return await _answer(choices, chunks, body, request, COMPLETIONS_ROUTE)
 
 
 def _check_model(state: AppState, model: str | None) -> None:
@@ -137,6 +102,23 @@ def _submit(
     return choices
 
 
+async def _answer(choices: Choices, chunks: Chunks, body: SamplingFields, request: Request, route: str) -> Response:
+    """The SSE stream, or the whole answer once every choice is done."""
+    if body.stream:
+        return stream(choices, chunks, body.include_usage, route)
+    try:
+        results = await collect(choices, request, route)
+    except ClientGone:
+        return Response(status_code=499)
+    return JSONResponse(
+        {
+            **chunks.envelope(chunks.response_object),
+            "choices": [chunks.choice(i, r) for i, r in enumerate(results)],
+            "usage": choices.usage(results),
+        }
+    )
+
+
 @dataclass(frozen=True)
 class Chunks:
     """The envelope every response and chunk of one request shares."""
@@ -145,6 +127,7 @@ class Chunks:
     created: int
     model: str
     chunk_object: ClassVar[str]
+    response_object: ClassVar[str]
 
     def envelope(self, kind: str | None = None) -> dict[str, Any]:
         return {"id": self.id, "object": kind or self.chunk_object, "created": self.created, "model": self.model}
@@ -155,6 +138,11 @@ class Chunks:
 
 class ChatChunks(Chunks):
     chunk_object = "chat.completion.chunk"
+    response_object = "chat.completion"
+
+    def choice(self, index: int, result: ChoiceResult) -> dict[str, Any]:
+        message = {"role": "assistant", "content": "".join(result.text)}
+        return {"index": index, "message": message, "logprobs": None, "finish_reason": str(result.finish_reason)}
 
     def _chunk(self, index: int, delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
         choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
@@ -171,7 +159,10 @@ class ChatChunks(Chunks):
 
 
 class CompletionChunks(Chunks):
-    chunk_object = "text_completion"
+    chunk_object = response_object = "text_completion"
+
+    def choice(self, index: int, result: ChoiceResult) -> dict[str, Any]:
+        return {"index": index, "text": "".join(result.text), "logprobs": None, "finish_reason": str(result.finish_reason)}
 
     def _chunk(self, index: int, text: str, finish_reason: str | None = None) -> dict[str, Any]:
         choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
