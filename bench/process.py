@@ -11,11 +11,13 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 STARTUP_TIMEOUT_S = 180
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -44,6 +46,16 @@ def request_outcomes(metrics_text: str, route: str | None = None) -> Counter:
             if s.labels["route"] == route or (route is None and s.labels["route"].startswith("/v1/")):
                 counts[s.labels["outcome"]] += int(s.value)
     return counts
+
+
+def _poll(read: Callable[[], T], done: Callable[[T], bool], timeout: float) -> T:
+    """`read()` until `done` says so or time runs out; the last value read."""
+    deadline = time.monotonic() + timeout
+    value = read()
+    while not done(value) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        value = read()
+    return value
 
 
 def tokenferry(port: int) -> list[str]:
@@ -93,6 +105,22 @@ class ServerProcess:
 
     def metric(self, name: str, **labels: str) -> float:
         return metric_total(self.metrics(), name, **labels)
+
+    def outcomes(self, route: str | None = None) -> Counter:
+        return request_outcomes(self.metrics(), route)
+
+    def tracked(self) -> dict[str, int]:
+        """What the engine still holds (waiting, running, tracked), from /health."""
+        return httpx.get(f"{self.url}/health", timeout=10).json()["requests"]
+
+    def settle(self, timeout: float = 60) -> dict[str, int]:
+        """Wait until the engine holds nothing; return what it holds at the end."""
+        return _poll(self.tracked, lambda held: not any(held.values()), timeout)
+
+    def counted_since(self, before: Counter, total: int, route: str | None = None, timeout: float = 30) -> Counter:
+        """Wait until `total` more requests are counted than in `before` (a response's count can trail
+        its last byte); return the difference by outcome."""
+        return _poll(lambda: self.outcomes(route) - before, lambda delta: sum(delta.values()) >= total, timeout)
 
     def logs(self) -> str:
         self._log.flush()

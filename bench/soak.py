@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.process import ServerProcess, request_outcomes
+from bench.process import ServerProcess
 from bench.serve import make_workload
 
 SERVER_FLAGS = ("--log-level", "warning", "--max-batch-size", "16", "--max-waiting", "8")
@@ -189,17 +189,6 @@ async def load(server: ServerProcess, minutes: float, clients: int) -> tuple[Tal
     return tally, samples
 
 
-def settle(url: str, expected: Counter, timeout: float = 60) -> tuple[dict, Counter]:
-    """Wait until the engine tracks nothing and the server has counted as many requests as were made."""
-    deadline = time.monotonic() + timeout
-    while True:
-        tracked = httpx.get(f"{url}/health", timeout=10).json()["requests"]
-        counted = request_outcomes(httpx.get(f"{url}/metrics", timeout=10).text)
-        if (not any(tracked.values()) and sum(counted.values()) >= sum(expected.values())) or time.monotonic() > deadline:
-            return tracked, counted
-        time.sleep(0.2)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10)
@@ -213,7 +202,8 @@ def main() -> None:
         loaded_rss = rss_mib(server.process.pid)
         print(f"soak: {args.minutes} min, {args.clients} clients, server {' '.join(SERVER_FLAGS)}; RSS after load {loaded_rss:.0f} MiB", flush=True)
         tally, samples = asyncio.run(load(server, args.minutes, args.clients))
-        tracked, counted = settle(server.url, tally.outcomes)
+        tracked = server.settle()
+        counted = server.counted_since(Counter(), sum(tally.outcomes.values()))
         end_rss = rss_mib(server.process.pid)
     finally:
         server.terminate()

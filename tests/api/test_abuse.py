@@ -7,7 +7,6 @@ import asyncio
 import json
 import random
 import socket
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,24 +26,6 @@ CHAT = "/v1/chat/completions"
 
 def chat(content: str = "go", **fields: object) -> dict:
     return {"model": "tiny", "messages": [{"role": "user", "content": content}], "ignore_eos": True, **fields}
-
-
-def engine_counts(server: ServerProcess) -> dict[str, int]:
-    return httpx.get(f"{server.url}/health", timeout=10).json()["requests"]
-
-
-def outcomes(server: ServerProcess, route: str = CHAT) -> Counter:
-    return request_outcomes(httpx.get(f"{server.url}/metrics", timeout=10).text, route)
-
-
-def settle(server: ServerProcess, timeout: float = 60) -> dict[str, int]:
-    """Wait until the engine tracks nothing; return what it tracks at the end."""
-    deadline = time.monotonic() + timeout
-    counts = engine_counts(server)
-    while any(counts.values()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-        counts = engine_counts(server)
-    return counts
 
 
 @pytest.fixture(scope="module")
@@ -85,14 +66,14 @@ def test_overload_every_request_completes_or_gets_429(small_server: ServerProces
     assert all(usage["completion_tokens"] == max_tokens for usage in served), "served requests are complete"
     assert all(body["error"]["code"] == "queue_full" and retry and retry.isdigit() for body, retry in refused)
     assert httpx.get(f"{small_server.url}/ready", timeout=10).status_code == 200
-    assert settle(small_server) == {"waiting": 0, "running": 0, "tracked": 0}
+    assert small_server.settle() == {"waiting": 0, "running": 0, "tracked": 0}
 
 
 def test_a_storm_of_dropped_streams_leaks_nothing(tiny_server: ServerProcess) -> None:
     streams = 100
     rng = random.Random(1234)
     drop_after = [rng.randint(0, 40) for _ in range(streams)]
-    before = outcomes(tiny_server)
+    before = tiny_server.outcomes(CHAT)
 
     async def one(client: httpx.AsyncClient, lines_to_read: int) -> None:
         async with client.stream("POST", CHAT, json=chat(max_tokens=400, stream=True)) as response:
@@ -107,11 +88,8 @@ def test_a_storm_of_dropped_streams_leaks_nothing(tiny_server: ServerProcess) ->
             await asyncio.wait_for(asyncio.gather(*(one(client, n) for n in drop_after)), timeout=180)
 
     asyncio.run(main())
-    assert settle(tiny_server) == {"waiting": 0, "running": 0, "tracked": 0}, "a row or queue entry leaked"
-    deadline = time.monotonic() + 30
-    while sum((outcomes(tiny_server) - before).values()) < streams and time.monotonic() < deadline:
-        time.sleep(0.05)
-    delta = outcomes(tiny_server) - before
+    assert tiny_server.settle() == {"waiting": 0, "running": 0, "tracked": 0}, "a row or queue entry leaked"
+    delta = tiny_server.counted_since(before, streams, CHAT)
     assert sum(delta.values()) == streams, f"every request accounted for: {delta}"
     assert delta["cancelled"] >= streams // 2, delta
 
@@ -133,7 +111,7 @@ def test_a_reader_that_stops_reading_holds_nobody_up(tiny_server: ServerProcess)
                 lines = [line for line in response.iter_lines() if line.startswith("data: ")]
             assert lines[-1] == "data: [DONE]"
         # The engine generated all 8 x 900 tokens for the silent client without waiting for it to read.
-        assert settle(tiny_server) == {"waiting": 0, "running": 0, "tracked": 0}
+        assert tiny_server.settle() == {"waiting": 0, "running": 0, "tracked": 0}
     finally:
         slow.close()
 
