@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from bench.serve import percentile
 from models import LoadedModel, load
 from server.engine import Engine
 from server.request import SamplingParams
@@ -115,13 +116,6 @@ def run_engine(loaded: LoadedModel, jobs: list[Job], concurrency: int, budgets: 
         return Measurement(f"tokenferry, concurrency {concurrency}", len(jobs), useful, useful, seconds, ttft, itl)
 
     return asyncio.run(main())
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def report(results: list[Measurement], baseline: Measurement, static: dict[int, Measurement], title: str) -> str:
