@@ -1,12 +1,14 @@
 """The only caller of `model.forward`: prefill newcomers, decode every row, sample one token per row.
 
 The engine thread drives it with its own request objects as row keys; `prefill` and `decode` each run
-one forward under `torch.inference_mode` and return plain token ids after one device-to-host copy.
+one forward under `torch.inference_mode` and return plain Python values after one device-to-host copy:
+each row's token and, for rows that asked, its raw log-probabilities (and, at prefill, its prompt's).
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import torch
@@ -14,9 +16,18 @@ from transformers import PreTrainedModel
 
 from models.batch import Batch, Forward
 from models.kv_cache import CacheShape
-from models.sampler import Row, make_generator, sample
+from models.sampler import Row, TokenLogprobs, make_generator, raw_logprobs, sample, score, unpack_scores
 
 R = TypeVar("R", bound=Row)
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """What one step made of one row."""
+
+    token: int
+    logprobs: TokenLogprobs | None = None  # rows whose params ask for logprobs
+    prompt_logprobs: tuple[TokenLogprobs, ...] | None = None  # prefill rows that ask: prompt tokens 1..P-1
 
 
 class ModelRunner(Generic[R]):
@@ -32,7 +43,7 @@ class ModelRunner(Generic[R]):
         """The running rows in batch order."""
         return self.batch.keys
 
-    def prefill(self, rows: Sequence[R]) -> list[int]:
+    def prefill(self, rows: Sequence[R]) -> list[Sampled]:
         """Add `rows` to the batch, prefill their prompts as one group, return each one's first token.
 
         On failure the new rows are dropped again and the running ones are untouched.
@@ -40,17 +51,20 @@ class ModelRunner(Generic[R]):
         forward = self.batch.prefill(rows, [row.prompt_ids for row in rows])
         for row in rows:
             self._generators[row] = make_generator(row.params.seed)
+        # Prompt scores need every position's logits, which costs a vocabulary-wide projection per prompt
+        # token: only groups with a row that asks pay it (the scheduler gives such rows a group of their own).
+        every_position = any(row.params.prompt_logprobs is not None for row in rows)
         try:
-            return self._sample(self._forward(forward), rows)
+            return self._sample(self._forward(forward, every_position), rows, every_position)
         except BaseException:
             self.drop(rows)
             raise
 
-    def decode(self) -> list[int]:
+    def decode(self) -> list[Sampled]:
         """One step for every row: feed its last sampled token, return its next one."""
         rows = self.rows
         forward = self.batch.decode([row.output_ids[-1] for row in rows])
-        return self._sample(self._forward(forward), rows)
+        return self._sample(self._forward(forward, every_position=False), rows, prompt_scores=False)
 
     def drop(self, rows: Collection[R]) -> None:
         """Remove rows from the batch (finished, cancelled or failed)."""
@@ -59,18 +73,65 @@ class ModelRunner(Generic[R]):
             self._generators.pop(row, None)
 
     @torch.inference_mode()
-    def _forward(self, forward: Forward) -> torch.Tensor:
+    def _forward(self, forward: Forward, every_position: bool) -> torch.Tensor:
         output = self.model(
             input_ids=forward.input_ids,
             position_ids=forward.position_ids,
             attention_mask=forward.attention_mask,
             past_key_values=forward.cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=0 if every_position else 1,
         )
-        return output.logits[:, -1, :]  # [rows, vocab]
+        return output.logits  # [rows, q or 1, vocab]
 
     @torch.inference_mode()
-    def _sample(self, logits: torch.Tensor, rows: Sequence[R]) -> list[int]:
-        tokens = sample(logits, rows, [self._generators[row] for row in rows])
-        return tokens.tolist()  # the step's one device-to-host copy
+    def _sample(self, logits: torch.Tensor, rows: Sequence[R], prompt_scores: bool) -> list[Sampled]:
+        last = logits[:, -1, :]  # [rows, vocab]
+        asked = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+        k = max((rows[i].params.logprobs for i in asked), default=0)
+        # Scores come from the raw logits, so they are taken before sampling modifies them in place.
+        logprobs = raw_logprobs(last[asked]) if asked else None
+        tokens = sample(last, rows, [self._generators[row] for row in rows])
+        parts = [tokens]
+        if logprobs is not None:
+            parts.append(score(logprobs, tokens[asked], k))
+        scored_prompts = [i for i, row in enumerate(rows) if prompt_scores and row.params.prompt_logprobs is not None]
+        for i in scored_prompts:
+            parts.append(self._prompt_scores(logits[i], rows[i]))
+        values = _to_host(parts)  # the step's one device-to-host copy
+
+        results = [Sampled(token=int(t)) for t in values[0]]
+        if asked:
+            width = 2 + 2 * k
+            for n, i in enumerate(asked):
+                row_values = values[1][n * width : (n + 1) * width]
+                results[i] = Sampled(results[i].token, unpack_scores(row_values, k, rows[i].params.logprobs))
+        for part, i in enumerate(scored_prompts, start=len(parts) - len(scored_prompts)):
+            k_prompt = rows[i].params.prompt_logprobs
+            width = 2 + 2 * k_prompt
+            flat = values[part]
+            prompt = tuple(unpack_scores(flat[j : j + width], k_prompt, k_prompt) for j in range(0, len(flat), width))
+            results[i] = Sampled(results[i].token, results[i].logprobs, prompt)
+        return results
+
+    def _prompt_scores(self, logits: torch.Tensor, row: R) -> torch.Tensor:
+        """logits [q, vocab] of one prefill row -> `score` rows for its prompt tokens 1..P-1.
+
+        NOTE: the row is right-aligned in its group of width q, so its P prompt tokens sit at the last P
+        positions, and the logits at position j predict the token at j + 1: positions [q-P, q-1) score
+        prompt[1:]. The first prompt token has no score (nothing predicts it).
+        """
+        prompt = row.prompt_ids
+        q = logits.shape[0]
+        predicted = torch.tensor(prompt[1:], device=logits.device, dtype=torch.long)
+        return score(raw_logprobs(logits[q - len(prompt) : q - 1]), predicted, row.params.prompt_logprobs)
+
+
+def _to_host(parts: Sequence[torch.Tensor]) -> list[list[float]]:
+    """Several tensors in one device-to-host copy: flattened into one float64 tensor, then split again."""
+    flat = torch.cat([p.reshape(-1).double() for p in parts]).tolist()
+    out, at = [], 0
+    for part in parts:
+        out.append(flat[at : at + part.numel()])
+        at += part.numel()
+    return out

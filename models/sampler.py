@@ -8,6 +8,7 @@ penalties, then greedy argmax or temperature, top-k, top-p, min-p and an inverse
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -22,6 +23,20 @@ class SamplingParams(Protocol):
     presence_penalty: float  # 0 disables; output tokens only
     frequency_penalty: float  # 0 disables; output tokens only
     seed: int | None
+    logprobs: int | None  # None: no scores; k: the chosen token's logprob and the k most likely
+    prompt_logprobs: int | None  # the same for every prompt token after the first (prefill only)
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Raw scores at one position: log_softmax of the model's logits, before any sampling parameter.
+
+    `token_id` is the token that was chosen (or, in a prompt, given); `top` the most likely tokens, best first.
+    """
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 class Row(Protocol):
@@ -48,8 +63,31 @@ def make_generator(seed: int | None) -> torch.Generator:
     return generator
 
 
+def raw_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """logits [rows, vocab] -> float32 log-probabilities [rows, vocab], computed before any processing
+    (vLLM's `raw_logprobs`): what the model says, whatever temperature, penalties or top-p do next."""
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def score(logprobs: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """logprobs [rows, vocab], tokens [rows] -> [rows, 2 + 2k] float64: the token, its logprob, the k most
+    likely ids, then their logprobs. float64 holds both ids and float32 values exactly, so a whole step's
+    scores travel to the host with its tokens in one copy."""
+    chosen = logprobs.gather(-1, tokens[:, None])  # [rows, 1]
+    top = logprobs.topk(k, dim=-1) if k else None
+    parts = [tokens[:, None], chosen] + ([top.indices, top.values] if top is not None else [])
+    return torch.cat([p.double() for p in parts], dim=-1)
+
+
+def unpack_scores(values: Sequence[float], k: int, keep: int) -> TokenLogprobs:
+    """One row of `score`'s output -> TokenLogprobs with the first `keep` (<= k) top entries."""
+    top = tuple((int(values[2 + i]), values[2 + k + i]) for i in range(keep))
+    return TokenLogprobs(token_id=int(values[0]), logprob=values[1], top=top)
+
+
 def sample(logits: torch.Tensor, rows: Sequence[Row], generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """logits [rows, vocab] -> token ids [rows] (int64, on the logits' device)."""
+    """logits [rows, vocab] -> token ids [rows] (int64, on the logits' device). Float32 logits are
+    modified in place."""
     logits = logits.float()
     _suppress(logits, rows)
     _penalize(logits, rows)

@@ -23,14 +23,22 @@ class Decoder(Protocol):
 
 
 class Detokenizer:
-    def __init__(self, tokenizer: Decoder, stop: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer: Decoder, stop: Sequence[str] = (), skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
         self._stop = tuple(stop)
+        self._skip_special_tokens = skip_special_tokens
         self._ids: list[int] = []
         self._prefix_offset = 0
         self._read_offset = 0
         self._held = ""
         self.stopped = False  # a stop string matched; no more text will be released
+        self.decoded_chars = 0  # characters decoded so far, released or held: where the next token's text starts
+        self.released_chars = 0  # characters returned by push and flush
+
+    @property
+    def holding(self) -> bool:
+        """Some decoded text, or some bytes of an incomplete character, have not been released yet."""
+        return bool(self._held) or self._read_offset < len(self._ids)
 
     def push(self, token_id: int) -> str:
         """Add one generated token; return the text that is now safe to emit (often '')."""
@@ -41,13 +49,16 @@ class Detokenizer:
         if not new or new.endswith(REPLACEMENT_CHAR):
             return ""
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        self.decoded_chars += len(new)
         return self._release(new)
 
     def flush(self) -> str:
         """At the end of generation: whatever is still held, an incomplete character included."""
         if self.stopped:
             return ""
-        text = self._release(self._new_text(), final=True)
+        new = self._new_text()
+        self.decoded_chars += len(new)
+        text = self._release(new, final=True)
         self._prefix_offset = self._read_offset = len(self._ids)
         return text
 
@@ -59,9 +70,16 @@ class Detokenizer:
     def _decode(self, ids: list[int]) -> str:
         if not ids:
             return ""
-        return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return self._tokenizer.decode(
+            ids, skip_special_tokens=self._skip_special_tokens, clean_up_tokenization_spaces=False
+        )
 
     def _release(self, text: str, final: bool = False) -> str:
+        released = self._hold_back(text, final)
+        self.released_chars += len(released)
+        return released
+
+    def _hold_back(self, text: str, final: bool) -> str:
         if not self._stop:
             return text
         buffer = self._held + text

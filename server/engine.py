@@ -21,12 +21,15 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 
 from models import LoadedModel, ModelRunner
+from models.runner import Sampled
+from models.sampler import TokenLogprobs
 from server import metrics
 from server.detokenizer import Detokenizer
 from server.errors import ContextLengthExceeded, EngineUnavailable, InvalidRequest
-from server.request import Event, FinishReason, Request, SamplingParams, Status
+from server.request import Event, FinishReason, Request, SamplingParams, Scored, Status
 from server.scheduler import Budgets, Plan, Scheduler
 
 log = logging.getLogger(__name__)
@@ -252,20 +255,20 @@ class Engine:
             request.scheduled_at = started
             metrics.QUEUE_TIME.observe(started - request.arrived_at)
         try:
-            tokens = self._runner.prefill(joining)
+            samples = self._runner.prefill(joining)
         except Exception:
             log.exception("prefill failed", extra={"request_ids": [r.id for r in joining]})
             self._fail(joining, "the model failed while reading the prompt")
             return
         metrics.STEP_TIME.labels("prefill").observe(time.monotonic() - started)
         metrics.PROMPT_TOKENS.inc(sum(len(r.prompt_ids) for r in joining))
-        self._accept(joining, tokens)
+        self._accept(joining, samples)
 
     def _decode(self) -> None:
         started = time.monotonic()
         rows = list(self._runner.rows)
         try:
-            tokens = self._runner.decode()
+            samples = self._runner.decode()
         except Exception:
             log.exception("decode step failed", extra={"request_ids": [r.id for r in rows]})
             self._fail(rows, "the model failed during a decode step")
@@ -274,22 +277,27 @@ class Engine:
         metrics.STEP_TIME.labels("decode").observe(time.monotonic() - started)
         width = max(r.num_tokens for r in rows)
         metrics.PADDING_RATIO.set(1 - sum(r.num_tokens for r in rows) / (len(rows) * width))
-        self._accept(rows, tokens)
+        self._accept(rows, samples)
 
-    def _accept(self, rows: Sequence[Request], tokens: Sequence[int]) -> None:
+    def _accept(self, rows: Sequence[Request], samples: Sequence[Sampled]) -> None:
         """Give each row its new token: detokenize, check for the end, queue the event."""
         now = time.monotonic()
-        metrics.GENERATED_TOKENS.inc(len(tokens))
-        for request, token in zip(rows, tokens, strict=True):
+        for request, sampled in zip(rows, samples, strict=True):
             if request.finished:  # failed or finished earlier in this step
                 continue
             try:
-                self._advance(request, token, now)
+                if request.max_tokens == 0:  # only the prompt's scores were asked for: no token is kept
+                    self._finish(request, FinishReason.LENGTH, prompt_logprobs=sampled.prompt_logprobs)
+                else:
+                    self._advance(request, sampled, now)
             except Exception:
                 log.exception("request failed", extra={"request_id": request.id})
                 self._fail([request], "internal error while producing text")
 
-    def _advance(self, request: Request, token: int, now: float) -> None:
+    def _advance(self, request: Request, sampled: Sampled, now: float) -> None:
+        token = sampled.token
+        metrics.GENERATED_TOKENS.inc()
+        prompt_logprobs = sampled.prompt_logprobs  # set on the first token only
         if request.first_token_at is None:
             request.first_token_at = now
             metrics.TIME_TO_FIRST_TOKEN.observe(now - request.arrived_at)
@@ -298,6 +306,8 @@ class Engine:
         request.last_token_at = now
         request.output_ids.append(token)
         detokenizer = request.detokenizer
+        if sampled.logprobs is not None:
+            request.unsent_logprobs.append(Scored(sampled.logprobs, text_offset=detokenizer.decoded_chars))
         reason = None
         if token in request.stop_token_ids:
             text, reason = "", FinishReason.STOP  # a stop token's own text is never shown
@@ -308,9 +318,11 @@ class Engine:
         if reason is None and len(request.output_ids) >= request.max_tokens:
             reason = FinishReason.LENGTH
         if reason is None:
-            self._emit(request, Event(text=text, token_ids=(token,)))
+            logprobs = () if detokenizer.holding else _take_logprobs(request)
+            self._emit(request, Event(text=text, token_ids=(token,), logprobs=logprobs, prompt_logprobs=prompt_logprobs))
         else:
-            self._finish(request, reason, text=text + detokenizer.flush(), token_ids=(token,))
+            text += detokenizer.flush()
+            self._finish(request, reason, text=text, token_ids=(token,), prompt_logprobs=prompt_logprobs)
 
     def _finish(
         self,
@@ -319,15 +331,24 @@ class Engine:
         text: str = "",
         token_ids: tuple[int, ...] = (),
         error: str | None = None,
+        prompt_logprobs: tuple[TokenLogprobs, ...] | None = None,
     ) -> None:
-        """End a request with one final event carrying its last text, the reason and the usage."""
+        """End a request with one final event carrying its last text and scores, the reason and the usage."""
         with self._lock:
             request.status = Status.FINISHED
             request.finish_reason = reason
             self._requests.pop(request.id, None)
         if request.first_token_at is not None:
             metrics.E2E_LATENCY.observe(time.monotonic() - request.arrived_at)
-        event = Event(text=text, token_ids=token_ids, finish_reason=reason, usage=request.usage(), error=error)
+        event = Event(
+            text=text,
+            token_ids=token_ids,
+            logprobs=_take_logprobs(request),
+            prompt_logprobs=prompt_logprobs,
+            finish_reason=reason,
+            usage=request.usage(),
+            error=error,
+        )
         self._emit(request, event)
         log.debug(
             "finished",
@@ -352,6 +373,18 @@ class Engine:
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 for request, _ in items:
                     self.cancel(request.id)
+
+
+def _take_logprobs(request: Request) -> tuple[Scored, ...]:
+    """The scores waiting for their text to go out, now that it has.
+
+    NOTE: a token whose text a stop string cut off starts past the end of the released text: its offset
+    is clamped there, so every offset stays within the text the client receives.
+    """
+    end = request.detokenizer.released_chars
+    scored = tuple(replace(s, text_offset=min(s.text_offset, end)) for s in request.unsent_logprobs)
+    request.unsent_logprobs.clear()
+    return scored
 
 
 def _deliver(items: list[tuple[Request, Event]]) -> None:

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 
+from models.sampler import TokenLogprobs
 from server.detokenizer import Detokenizer
 from server.errors import InvalidRequest
 
@@ -15,6 +16,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 PENALTY_RANGE = (-2.0, 2.0)  # presence and frequency, as OpenAI defines them
+MAX_LOGPROBS = 20  # most top entries per position, as OpenAI's top_logprobs
 
 
 class FinishReason(StrEnum):
@@ -60,14 +62,18 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: no scores; k: each output token's raw logprob and the k most likely
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens; with it, max_tokens may be 0
 
     def __post_init__(self) -> None:
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        # 0 new tokens only makes sense when the prompt itself is what the caller wants scored.
+        least = 0 if self.prompt_logprobs is not None else 1
         _require(
-            self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
+            self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= least),
             "max_tokens",
             f"must be a positive integer, got {self.max_tokens!r}",
         )
@@ -113,6 +119,13 @@ class SamplingParams:
         for token in self.stop_token_ids:
             _require(_is_int(token) and token >= 0, "stop_token_ids", "must be non-negative integers")
         _require(isinstance(self.ignore_eos, bool), "ignore_eos", "must be a boolean")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _require(
+                value is None or (_is_int(value) and 0 <= value <= MAX_LOGPROBS),
+                name,
+                f"must be an integer in [0, {MAX_LOGPROBS}], got {value!r}",
+            )
 
 
 @dataclass(frozen=True)
@@ -126,11 +139,25 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class Scored:
+    """An output token's raw scores, and where its text starts in the request's output text."""
+
+    logprobs: TokenLogprobs
+    text_offset: int
+
+
+@dataclass(frozen=True)
 class Event:
-    """What one step made of one request: new text and tokens; the last event carries the finish reason."""
+    """What one step made of one request: new text and tokens; the last event carries the finish reason.
+
+    `logprobs` are those of exactly the tokens whose text is in `text` (text held back keeps its scores
+    until it goes out; the final event carries whatever is left, stop-string tokens included).
+    """
 
     text: str = ""
     token_ids: tuple[int, ...] = ()
+    logprobs: tuple[Scored, ...] = ()
+    prompt_logprobs: tuple[TokenLogprobs, ...] | None = None  # first event only: prompt tokens 1..P-1
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     error: str | None = None  # set with finish_reason ERROR; safe to show a client
@@ -153,6 +180,7 @@ class Request:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     output_ids: list[int] = field(default_factory=list)
+    unsent_logprobs: list[Scored] = field(default_factory=list)  # scores of tokens whose text is held back
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
     cancelled: bool = False

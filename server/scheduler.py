@@ -101,7 +101,17 @@ class Scheduler:
 
 
 def group_by_length(requests: list[Request]) -> list[list[Request]]:
-    """Split newcomers into prefill groups of similar prompt length, each at most MAX_GROUP_PADDING padding."""
+    """Split newcomers into prefill groups of similar prompt length, each at most MAX_GROUP_PADDING padding.
+
+    Requests that want their prompt scored are grouped apart: scoring needs every position's logits, and
+    the others should neither pay for that projection nor have their logits computed another way.
+    """
+    scored = [r for r in requests if r.params.prompt_logprobs is not None]
+    plain = [r for r in requests if r.params.prompt_logprobs is None]
+    return _by_length(plain) + _by_length(scored)
+
+
+def _by_length(requests: list[Request]) -> list[list[Request]]:
     groups: list[list[Request]] = []
     real = 0
     for request in sorted(requests, key=lambda r: len(r.prompt_ids)):

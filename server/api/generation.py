@@ -18,11 +18,12 @@ from typing import Any, Protocol, TypeVar
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from models.sampler import TokenLogprobs
 from server import metrics
 from server.api.errors import status_and_body
 from server.engine import Engine
 from server.errors import EngineUnavailable, GenerationFailed, InvalidRequest, TokenferryError
-from server.request import Event, FinishReason, SamplingParams, Usage
+from server.request import Event, FinishReason, SamplingParams, Scored, Usage
 
 T = TypeVar("T")
 
@@ -50,13 +51,20 @@ class ClientGone(Exception):
 @dataclass
 class ChoiceResult:
     text: list[str] = field(default_factory=list)
+    logprobs: list[Scored] = field(default_factory=list)
+    prompt_logprobs: tuple[TokenLogprobs, ...] | None = None
     finish_reason: FinishReason | None = None
     error: str | None = None
     usage: Usage | None = None
 
+    @property
+    def cumulative_logprob(self) -> float:
+        """The sum of the raw log-probabilities of every generated token: how best_of ranks candidates."""
+        return sum(s.logprobs.logprob for s in self.logprobs)
+
 
 class Choices:
-    """The engine requests behind one API request: one per prompt and choice, indexed prompt-major."""
+    """The engine requests behind one API request: one per prompt and candidate, indexed prompt-major."""
 
     def __init__(self, engine: Engine, request_id: str) -> None:
         self.engine = engine
@@ -64,12 +72,16 @@ class Choices:
         self.ids: list[str] = []
         self._streams: list[AsyncIterator[Event]] = []
         self.prompt_tokens = 0
+        self.candidates = 1  # engine requests per prompt
 
-    def submit(self, prompts: Sequence[list[int]], params: SamplingParams, n: int, names: dict[str, str]) -> None:
-        """Queue every choice, or none: if one is refused, those already queued are cancelled."""
+    def submit(
+        self, prompts: Sequence[list[int]], params: SamplingParams, candidates: int, names: dict[str, str]
+    ) -> None:
+        """Queue every candidate, or none: if one is refused, those already queued are cancelled."""
+        self.candidates = candidates
         try:
             for prompt in prompts:
-                for i in range(n):
+                for i in range(candidates):
                     # Several choices of one seeded request must differ, and each stays reproducible.
                     choice = replace(params, seed=params.seed + i) if params.seed is not None and i else params
                     request_id = f"{self.request_id}-{len(self.ids)}"
@@ -104,7 +116,18 @@ class Choices:
                 task.cancel()
             self.cancel()
 
+    def best(self, results: Sequence[ChoiceResult], n: int) -> list[ChoiceResult]:
+        """The n candidates of each prompt with the highest cumulative logprob, best first (best_of)."""
+        if n == self.candidates:
+            return list(results)
+        chosen: list[ChoiceResult] = []
+        for start in range(0, len(results), self.candidates):
+            group = results[start : start + self.candidates]
+            chosen += sorted(group, key=lambda r: r.cumulative_logprob, reverse=True)[:n]
+        return chosen
+
     def usage(self, results: Sequence[ChoiceResult]) -> dict[str, int]:
+        """Every candidate's tokens count, the ones best_of did not return included: they were generated."""
         completion = sum(r.usage.completion_tokens for r in results if r.usage)
         return {
             "prompt_tokens": self.prompt_tokens,
@@ -153,6 +176,9 @@ async def collect(choices: Choices, request: Request, route: str) -> list[Choice
 
 def _record(result: ChoiceResult, event: Event) -> None:
     result.text.append(event.text)
+    result.logprobs += event.logprobs
+    if event.prompt_logprobs is not None:
+        result.prompt_logprobs = event.prompt_logprobs
     if event.final:
         result.finish_reason, result.error, result.usage = event.finish_reason, event.error, event.usage
 
@@ -186,7 +212,9 @@ class ChunkFormat(Protocol):
 
     def start(self, index: int) -> dict[str, Any] | None: ...
 
-    def delta(self, index: int, text: str) -> dict[str, Any]: ...
+    def delta(self, index: int, event: Event) -> dict[str, Any] | None:
+        """The chunk for an event's text and scores; None when it has neither."""
+        ...
 
     def finish(self, index: int, reason: str) -> dict[str, Any]: ...
 
@@ -206,8 +234,8 @@ def stream(choices: Choices, chunks: ChunkFormat, include_usage: bool, route: st
         try:
             async with contextlib.aclosing(choices.events()) as events:
                 async for index, event in events:
-                    if event.text:
-                        yield sse(chunks.delta(index, event.text))
+                    if (chunk := chunks.delta(index, event)) is not None:
+                        yield sse(chunk)
                     if not event.final:
                         continue
                     _record(results[index], event)

@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import hmac
 import secrets
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
+from models.sampler import TokenLogprobs
 from server.api.errors import ModelNotFound, Unauthorized
 from server.api.generation import ChoiceResult, Choices, ClientGone, collect, created, stream
+from server.api.logprobs import CompletionLogprobs, EchoedPrompt, TokenText, chat_content
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from server.api.state import AppState, state_of
 from server.engine import Engine
 from server.errors import InvalidRequest
 from server.logs import REQUEST_ID
 from server.prompt import encode_chat, encode_completion
+from server.request import Event, SamplingParams, Scored
 
 CHAT_ROUTE = "/v1/chat/completions"
 COMPLETIONS_ROUTE = "/v1/completions"
@@ -65,8 +69,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     engine = _prepare(state, body)
     prompt = encode_chat(engine.tokenizer, body.template_messages(), state.config.allow_special_tokens)
     max_tokens, name = body.requested_max_tokens
-    choices = _submit(engine, body, [prompt], max_tokens, {"prompt": "messages", "max_tokens": name})
-    chunks = ChatChunks(f"chatcmpl-{choices.request_id}", created(), state.model_name)
+    choices = _submit(engine, body, [prompt], body.sampling_params(max_tokens), {"prompt": "messages", "max_tokens": name})
+    chunks = ChatChunks(f"chatcmpl-{choices.request_id}", created(), state.model_name, state.token_text, body.output_logprobs)
     return await _answer(choices, chunks, body, request, CHAT_ROUTE)
 
 
@@ -75,8 +79,18 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     state = state_of(request)
     engine = _prepare(state, body)
     prompts = [p if isinstance(p, list) else encode_completion(engine.tokenizer, p) for p in body.prompts()]
-    choices = _submit(engine, body, prompts, body.max_tokens, {})
-    chunks = CompletionChunks(f"cmpl-{choices.request_id}", created(), state.model_name)
+    params = body.sampling_params(body.max_tokens, prompt_logprobs=body.prompt_logprobs)
+    choices = _submit(engine, body, prompts, params, {})
+    chunks = CompletionChunks(
+        f"cmpl-{choices.request_id}",
+        created(),
+        state.model_name,
+        state.token_text,
+        body.output_logprobs,
+        echoed=[EchoedPrompt.of(engine.tokenizer, p) for p in prompts] if body.echo else None,
+        prompts=prompts,
+        per_prompt=body.n,
+    )
     return await _answer(choices, chunks, body, request, COMPLETIONS_ROUTE)
 
 
@@ -90,15 +104,16 @@ def _prepare(state: AppState, body: SamplingFields) -> Engine:
     _check_model(state, body.model)
     if refused := body.unsupported():
         raise InvalidRequest(f"unsupported field(s): {', '.join(refused)}", param=refused[0])
+    body.validate_choices()
     return engine
 
 
 def _submit(
-    engine: Engine, body: SamplingFields, prompts: list[list[int]], max_tokens: int | None, names: dict[str, str]
+    engine: Engine, body: SamplingFields, prompts: list[list[int]], params: SamplingParams, names: dict[str, str]
 ) -> Choices:
     # A fresh suffix keeps engine ids unique even when a client reuses its X-Request-ID.
     choices = Choices(engine, f"{REQUEST_ID.get()}.{secrets.token_hex(3)}")
-    choices.submit(prompts, body.sampling_params(max_tokens), body.n, names)
+    choices.submit(prompts, params, body.candidates, names)
     return choices
 
 
@@ -110,22 +125,25 @@ async def _answer(choices: Choices, chunks: Chunks, body: SamplingFields, reques
         results = await collect(choices, request, route)
     except ClientGone:
         return Response(status_code=499)
+    returned = choices.best(results, body.n)
     return JSONResponse(
         {
             **chunks.envelope(chunks.response_object),
-            "choices": [chunks.choice(i, r) for i, r in enumerate(results)],
+            "choices": [chunks.choice(i, r) for i, r in enumerate(returned)],
             "usage": choices.usage(results),
         }
     )
 
 
-@dataclass(frozen=True)
+@dataclass
 class Chunks:
-    """The envelope every response and chunk of one request shares."""
+    """The envelope every response and chunk of one request shares, and how its scores are shown."""
 
     id: str
     created: int
     model: str
+    vocab: TokenText
+    logprobs: int | None  # top entries per token the client asked for; None: no scores in the answer
     chunk_object: ClassVar[str]
     response_object: ClassVar[str]
 
@@ -142,37 +160,83 @@ class ChatChunks(Chunks):
 
     def choice(self, index: int, result: ChoiceResult) -> dict[str, Any]:
         message = {"role": "assistant", "content": "".join(result.text)}
-        return {"index": index, "message": message, "logprobs": None, "finish_reason": str(result.finish_reason)}
+        logprobs = self._logprobs(result.logprobs)
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": str(result.finish_reason)}
 
-    def _chunk(self, index: int, delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    def _chunk(
+        self, index: int, delta: dict[str, str], finish_reason: str | None = None, logprobs: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         return {**self.envelope(), "choices": [choice]}
+
+    def _logprobs(self, scored: list[Scored] | tuple[Scored, ...]) -> dict[str, Any] | None:
+        return None if self.logprobs is None else {"content": chat_content(scored, self.logprobs, self.vocab)}
 
     def start(self, index: int) -> dict[str, Any]:
         return self._chunk(index, {"role": "assistant", "content": ""})
 
-    def delta(self, index: int, text: str) -> dict[str, Any]:
-        return self._chunk(index, {"content": text})
+    def delta(self, index: int, event: Event) -> dict[str, Any] | None:
+        if not event.text and not (event.logprobs and self.logprobs is not None):
+            return None
+        return self._chunk(index, {"content": event.text}, logprobs=self._logprobs(event.logprobs))
 
     def finish(self, index: int, reason: str) -> dict[str, Any]:
         return self._chunk(index, {}, reason)
 
 
+@dataclass
 class CompletionChunks(Chunks):
+    echoed: list[EchoedPrompt] | None = None  # by prompt, when the request echoes its prompts
+    prompts: list[list[int]] = field(default_factory=list)
+    per_prompt: int = 1  # choices per prompt: choice i answers prompt i // per_prompt
+    started: set[int] = field(default_factory=set)  # choices whose echo has been streamed
+
     chunk_object = response_object = "text_completion"
 
     def choice(self, index: int, result: ChoiceResult) -> dict[str, Any]:
-        return {"index": index, "text": "".join(result.text), "logprobs": None, "finish_reason": str(result.finish_reason)}
+        text, logprobs = self._body(index, "".join(result.text), result.logprobs, result.prompt_logprobs, echo=True)
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": str(result.finish_reason)}
 
-    def _chunk(self, index: int, text: str, finish_reason: str | None = None) -> dict[str, Any]:
-        choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    def _body(
+        self,
+        index: int,
+        text: str,
+        scored: Sequence[Scored],
+        prompt_scores: Sequence[TokenLogprobs] | None,
+        echo: bool,
+    ) -> tuple[str, dict[str, Any] | None]:
+        """Text and scores of some output tokens, after the echoed prompt's when `echo` (once per choice).
+
+        Offsets count from the start of the choice's whole text, the echoed prompt included.
+        """
+        prompt_index = index // self.per_prompt
+        echoed = self.echoed[prompt_index] if self.echoed is not None else None
+        prefix = echoed.text if echoed is not None and echo else ""
+        if self.logprobs is None:
+            return prefix + text, None
+        logprobs = CompletionLogprobs.empty()
+        if prefix:
+            logprobs.add_prompt(self.prompts[prompt_index], prompt_scores or (), echoed, self.vocab)
+        logprobs.add_output(scored, len(echoed.text) if echoed is not None else 0, self.vocab)
+        return prefix + text, logprobs.json()
+
+    def _chunk(
+        self, index: int, text: str, finish_reason: str | None = None, logprobs: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         return {**self.envelope(), "choices": [choice]}
 
     def start(self, index: int) -> None:
         return None
 
-    def delta(self, index: int, text: str) -> dict[str, Any]:
-        return self._chunk(index, text)
+    def delta(self, index: int, event: Event) -> dict[str, Any] | None:
+        # The echo goes out with a choice's first event, which carries the prompt's scores.
+        first = index not in self.started
+        self.started.add(index)
+        text, logprobs = self._body(index, event.text, event.logprobs, event.prompt_logprobs, echo=first)
+        if not text and not (logprobs and logprobs["tokens"]):
+            return None
+        return self._chunk(index, text, logprobs=logprobs)
 
     def finish(self, index: int, reason: str) -> dict[str, Any]:
         return self._chunk(index, "", reason)

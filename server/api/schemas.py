@@ -1,5 +1,5 @@
-"""OpenAI-compatible request bodies. Unknown fields are ignored, as OpenAI does; fields the server cannot
-honour are refused by name (see `unsupported`) rather than silently dropped.
+"""OpenAI-compatible request bodies. Unknown fields are ignored, as OpenAI does; fields that OpenAI or vLLM
+define and the server cannot honour are refused by name (see `unsupported`) rather than silently dropped.
 
 Types are strict: a string where a number belongs is a 400, not a guess.
 """
@@ -14,6 +14,34 @@ from server.errors import InvalidRequest
 from server.request import SamplingParams
 
 MAX_CHOICES = 16  # `n`: each choice is its own row in the batch
+MAX_BEST_OF = 20  # as OpenAI: candidates generated per prompt, each its own row
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs
+MAX_COMPLETION_LOGPROBS = 5  # completions' logprobs, as OpenAI
+
+# vLLM extra fields this server does not implement: sent with a value, they are a 400 naming them.
+REFUSED_EXTRA_FIELDS = (
+    "use_beam_search",
+    "length_penalty",
+    "early_stopping",
+    "prompt_logprobs",
+    "allowed_token_ids",
+    "bad_words",
+    "truncate_prompt_tokens",
+    "return_tokens_as_token_ids",
+    "logits_processors",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "guided_decoding_backend",
+)
+
+
+def _is_neutral(value: Any) -> bool:
+    """The values of those fields that mean "off" (None, false, empty, a length_penalty of 1) change nothing."""
+    if value is None or value is False or value == [] or value == {}:
+        return True
+    return type(value) in (int, float) and value == 1
 
 Float = Annotated[float, Field(allow_inf_nan=False)]
 TokenIds = list[StrictInt]
@@ -27,7 +55,8 @@ class StreamOptions(BaseModel):
 class SamplingFields(BaseModel):
     """What chat and completions share: the model, sampling, stopping and streaming."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    # Unknown fields are kept (and ignored) so that the ones vLLM defines can be refused by name.
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: StrictStr | None = None
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
@@ -47,25 +76,36 @@ class SamplingFields(BaseModel):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
-    logprobs: Any = None
-    top_logprobs: Any = None
     logit_bias: dict[str, Any] | None = None
-    best_of: Any = None
+    best_of: Annotated[StrictInt, Field(ge=1, le=MAX_BEST_OF)] | None = None
 
     def unsupported(self) -> list[str]:
         """Fields that were set to something the server cannot do."""
-        refused = []
-        if self.logprobs not in (None, False):
-            refused.append("logprobs")
-        if self.top_logprobs not in (None, 0):
-            refused.append("top_logprobs")
-        if self.logit_bias:
-            refused.append("logit_bias")
-        if self.best_of not in (None, 1):
-            refused.append("best_of")
+        refused = ["logit_bias"] if self.logit_bias else []
+        extra = self.model_extra or {}
+        refused += [name for name in REFUSED_EXTRA_FIELDS if not _is_neutral(extra.get(name))]
         return refused
 
-    def sampling_params(self, max_tokens: int | None) -> SamplingParams:
+    def validate_choices(self) -> None:
+        """`n` and `best_of` as OpenAI limits them: best_of >= n, and no streaming of candidates not yet ranked."""
+        if self.best_of is None:
+            return
+        if self.best_of < self.n:
+            raise InvalidRequest(f"best_of ({self.best_of}) must be at least n ({self.n})", param="best_of")
+        if self.stream and self.best_of > self.n:
+            raise InvalidRequest("best_of > n cannot be streamed: the best candidates are known only at the end", param="best_of")
+
+    @property
+    def candidates(self) -> int:
+        """Rows generated per prompt: best_of when given, else n."""
+        return self.best_of or self.n
+
+    @property
+    def output_logprobs(self) -> int | None:
+        """Top entries per generated token the client asked for (None: no scores); each route spells it its way."""
+        return None
+
+    def sampling_params(self, max_tokens: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         values = {
             "max_tokens": max_tokens,
@@ -81,6 +121,9 @@ class SamplingFields(BaseModel):
             "stop_token_ids": tuple(self.stop_token_ids or ()),
             "ignore_eos": self.ignore_eos,
             "min_tokens": self.min_tokens,
+            # Ranking best_of candidates needs each token's score, asked for or not.
+            "logprobs": 0 if self.output_logprobs is None and self.best_of is not None else self.output_logprobs,
+            "prompt_logprobs": prompt_logprobs,
         }
         return SamplingParams(**{k: v for k, v in values.items() if v is not None})
 
@@ -108,6 +151,8 @@ ROLES = ("system", "developer", "user", "assistant")
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    logprobs: StrictBool = False
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
@@ -125,7 +170,15 @@ class ChatCompletionRequest(SamplingFields):
             refused.append("function_call")
         if self.response_format and self.response_format.get("type", "text") != "text":
             refused.append("response_format")
+        if not _is_neutral((self.model_extra or {}).get("echo")):  # vLLM's chat echo (of the last message)
+            refused.append("echo")
         return refused
+
+    @property
+    def output_logprobs(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest("top_logprobs requires logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def template_messages(self) -> list[dict[str, str]]:
         """Messages as the chat template takes them: known roles, plain string content."""
@@ -168,16 +221,30 @@ def _text_of(content: str | list[TextPart] | None, index: int) -> str:
 
 class CompletionRequest(SamplingFields):
     prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
+    # 0 new tokens, with echo: the prompt alone, with its scores when logprobs is set (what evaluation harnesses ask).
+    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
+    logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
     echo: StrictBool = False
     suffix: StrictStr | None = None
 
     def unsupported(self) -> list[str]:
         refused = super().unsupported()
-        if self.echo:
-            refused.append("echo")
         if self.suffix:
             refused.append("suffix")
         return refused
+
+    @property
+    def output_logprobs(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def prompt_logprobs(self) -> int | None:
+        """Echo with logprobs scores the prompt too; echo of no new tokens still runs the prompt, to check it."""
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidRequest("max_tokens: must be at least 1 (0 only with echo)", param="max_tokens")
+        if self.echo and (self.logprobs is not None or self.max_tokens == 0):
+            return self.logprobs or 0
+        return None
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: text to tokenize, or token ids as given."""

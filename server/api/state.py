@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from fastapi import Request
 
+from server.api.logprobs import TokenText
 from server.config import Config
 from server.engine import Engine
 from server.errors import EngineUnavailable
@@ -26,6 +28,11 @@ class AppState:
         if self.config.served_model_name:
             return self.config.served_model_name
         return self.engine.info.name if self.engine else self.config.model
+
+    @cached_property
+    def token_text(self) -> TokenText:
+        """How tokens are named in scores; built once, after the model has loaded."""
+        return TokenText(self.require_engine().tokenizer)
 
     def require_engine(self) -> Engine:
         """The engine, if it takes requests now; else a 503."""
