@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from models.sampler import TokenLogprobs
 from server.detokenizer import Detokenizer
@@ -35,6 +35,14 @@ def _byte_level_alphabet() -> dict[str, int]:
             chars[chr(256 + extra)] = byte
             extra += 1
     return chars
+
+
+class TokenNames(Protocol):
+    """How scores name a token: its text, and its own UTF-8 bytes."""
+
+    def text(self, token_id: int) -> str: ...
+
+    def bytes(self, token_id: int) -> list[int]: ...
 
 
 class TokenText:
@@ -74,6 +82,19 @@ class TokenText:
         return self.text(token_id).encode("utf-8")
 
 
+class TokenIds:
+    """vLLM's `return_tokens_as_token_ids`: tokens named "token_id:<id>", unambiguous where texts collide."""
+
+    def __init__(self, vocab: TokenNames) -> None:
+        self._vocab = vocab
+
+    def text(self, token_id: int) -> str:
+        return f"token_id:{token_id}"
+
+    def bytes(self, token_id: int) -> list[int]:
+        return self._vocab.bytes(token_id)
+
+
 @dataclass(frozen=True)
 class EchoedPrompt:
     """A prompt as completions' `echo` returns it: its text and where each token's text starts in it."""
@@ -93,7 +114,7 @@ class EchoedPrompt:
         return cls("".join(parts), offsets)
 
 
-def chat_content(scored: Sequence[Scored], top: int, vocab: TokenText) -> list[dict[str, Any]]:
+def chat_content(scored: Sequence[Scored], top: int, vocab: TokenNames) -> list[dict[str, Any]]:
     """Chat's `logprobs.content` entries for these tokens, each with its `top` most likely alternatives."""
 
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
@@ -119,7 +140,7 @@ class CompletionLogprobs:
         return cls([], [], [], [])
 
     def add_prompt(
-        self, prompt_ids: Sequence[int], scores: Sequence[TokenLogprobs], echoed: EchoedPrompt, vocab: TokenText
+        self, prompt_ids: Sequence[int], scores: Sequence[TokenLogprobs], echoed: EchoedPrompt, vocab: TokenNames
     ) -> None:
         """The prompt's tokens: the first has no score (nothing predicts it), the others their `scores`."""
         self.tokens += [vocab.text(t) for t in prompt_ids]
@@ -127,7 +148,7 @@ class CompletionLogprobs:
         self.top_logprobs += [None, *(_top(s, vocab) for s in scores)]
         self.text_offset += echoed.offsets
 
-    def add_output(self, scored: Sequence[Scored], shift: int, vocab: TokenText) -> None:
+    def add_output(self, scored: Sequence[Scored], shift: int, vocab: TokenNames) -> None:
         """Generated tokens; `shift` is the length of the text before the output (the echoed prompt)."""
         self.tokens += [vocab.text(s.logprobs.token_id) for s in scored]
         self.token_logprobs += [finite(s.logprobs.logprob) for s in scored]
@@ -143,7 +164,7 @@ class CompletionLogprobs:
         }
 
 
-def _top(scores: TokenLogprobs, vocab: TokenText) -> dict[str, float]:
+def _top(scores: TokenLogprobs, vocab: TokenNames) -> dict[str, float]:
     """The k most likely tokens and, always, the chosen one (so up to k + 1 entries), as OpenAI answers."""
     top = {vocab.text(t): finite(lp) for t, lp in scores.top}
     top.setdefault(vocab.text(scores.token_id), finite(scores.logprob))

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from models.sampler import TokenLogprobs
 from server.api.errors import ModelNotFound, Unauthorized
 from server.api.generation import ChoiceResult, Choices, ClientGone, collect, created, stream
-from server.api.logprobs import CompletionLogprobs, EchoedPrompt, TokenText, chat_content
+from server.api.logprobs import CompletionLogprobs, EchoedPrompt, TokenIds, TokenNames, chat_content
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from server.api.state import AppState, state_of
 from server.engine import Engine
@@ -70,7 +70,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     prompt = encode_chat(engine.tokenizer, body.template_messages(), state.config.allow_special_tokens)
     max_tokens, name = body.requested_max_tokens
     choices = _submit(engine, body, [prompt], body.sampling_params(max_tokens), {"prompt": "messages", "max_tokens": name})
-    chunks = ChatChunks(f"chatcmpl-{choices.request_id}", created(), state.model_name, state.token_text, body.output_logprobs)
+    chunks = ChatChunks(f"chatcmpl-{choices.request_id}", created(), state.model_name, _vocab(state, body), body.output_logprobs)
     return await _answer(choices, chunks, body, request, CHAT_ROUTE)
 
 
@@ -85,13 +85,17 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         f"cmpl-{choices.request_id}",
         created(),
         state.model_name,
-        state.token_text,
+        _vocab(state, body),
         body.output_logprobs,
         echoed=[EchoedPrompt.of(engine.tokenizer, p) for p in prompts] if body.echo else None,
         prompts=prompts,
         per_prompt=body.n,
     )
     return await _answer(choices, chunks, body, request, COMPLETIONS_ROUTE)
+
+
+def _vocab(state: AppState, body: SamplingFields) -> TokenNames:
+    return TokenIds(state.token_text) if body.return_tokens_as_token_ids else state.token_text
 
 
 def _check_model(state: AppState, model: str | None) -> None:
@@ -142,7 +146,7 @@ class Chunks:
     id: str
     created: int
     model: str
-    vocab: TokenText
+    vocab: TokenNames
     logprobs: int | None  # top entries per token the client asked for; None: no scores in the answer
     chunk_object: ClassVar[str]
     response_object: ClassVar[str]

@@ -27,7 +27,6 @@ REFUSED_EXTRA_FIELDS = (
     "allowed_token_ids",
     "bad_words",
     "truncate_prompt_tokens",
-    "return_tokens_as_token_ids",
     "logits_processors",
     "guided_json",
     "guided_regex",
@@ -78,6 +77,7 @@ class SamplingFields(BaseModel):
     user: StrictStr | None = None
     logit_bias: dict[str, Any] | None = None
     best_of: Annotated[StrictInt, Field(ge=1, le=MAX_BEST_OF)] | None = None
+    return_tokens_as_token_ids: StrictBool = False  # vLLM's: name tokens in scores "token_id:<id>"
 
     def unsupported(self) -> list[str]:
         """Fields that were set to something the server cannot do."""

@@ -67,6 +67,26 @@ def test_invalid_requests_are_400_naming_the_field(tiny_server: ServerProcess, b
     assert error["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "hi", "logprobs": 6}, "logprobs"),
+        ({"prompt": "hi", "logprobs": True}, "logprobs"),
+        ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "hi", "echo": "yes"}, "echo"),
+        ({"prompt": "hi", "n": 4, "best_of": 3}, "best_of"),
+        ({"prompt": "hi", "n": 1, "best_of": 3, "stream": True}, "best_of"),
+        ({"prompt": "hi", "best_of": 0}, "best_of"),
+        ({"prompt": "hi", "use_beam_search": True, "best_of": 2}, "use_beam_search"),
+        ({"prompt": "hi", "length_penalty": 0.5}, "length_penalty"),
+        ({"prompt": "hi", "suffix": "!"}, "suffix"),
+    ],
+)
+def test_invalid_completions_are_400_naming_the_field(tiny_server: ServerProcess, body: dict, param: str) -> None:
+    response = httpx.post(f"{tiny_server.url}/v1/completions", json={"model": "tiny", **body}, timeout=30)
+    assert_error(response, 400, param=param)
+
+
 @pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"\xff\xfe{}", b""])
 def test_bodies_that_are_not_a_json_object_are_400(tiny_server: ServerProcess, content: bytes) -> None:
     headers = {"content-type": "application/json"}
