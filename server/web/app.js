@@ -372,6 +372,15 @@ function renderConversationList() {
 function render() {
   renderMessages();
   renderConversationList();
+  // The header shows the figures of this conversation's last answer, also after a reload.
+  const answered = (currentConversation()?.messages ?? []).filter((m) => m.stats);
+  if (answered.length) showStats(answered[answered.length - 1].stats);
+  else $("stats").textContent = "";
+}
+
+function showMenu(open) {
+  document.body.classList.toggle("menu-open", open);
+  $("menu").setAttribute("aria-expanded", String(open));
 }
 
 function switchTo(id) {
@@ -379,8 +388,7 @@ function switchTo(id) {
   state.current = id;
   saveConversations();
   render();
-  document.body.classList.remove("menu-open");
-  $("menu").setAttribute("aria-expanded", "false");
+  showMenu(false);
 }
 
 function startNewChat() {
@@ -392,7 +400,6 @@ function startNewChat() {
     state.conversations.push(conversation);
     switchTo(conversation.id);
   }
-  $("stats").textContent = "";
   $("input").focus();
 }
 
@@ -456,12 +463,12 @@ async function send(text) {
   conversation.updated = Date.now();
   saveConversations();
   render();
+  $("stats").textContent = "";
   const element = $("messages").lastElementChild;
 
   const controller = new AbortController();
   state.streaming = { controller, answer };
   setStreaming(true);
-  $("stats").textContent = "";
   const started = performance.now();
   let first = null;
   let last = null;
@@ -561,9 +568,14 @@ function bindEvents() {
   });
   $("stop").addEventListener("click", stop);
   $("new-chat").addEventListener("click", startNewChat);
-  $("menu").addEventListener("click", () => {
-    const open = document.body.classList.toggle("menu-open");
-    $("menu").setAttribute("aria-expanded", String(open));
+  // On a phone the sidebar covers the ☰ button: a tap beside it or Escape closes it again.
+  $("menu").addEventListener("click", (event) => {
+    event.stopPropagation();
+    showMenu(!document.body.classList.contains("menu-open"));
+  });
+  document.querySelector("main").addEventListener("click", () => showMenu(false));
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Escape") showMenu(false);
   });
   for (const id of ["system-prompt", "temperature", "top-p", "max-tokens"]) {
     $(id).addEventListener("change", () => writeJson(KEYS.settings, settings()));

@@ -4,6 +4,7 @@ the page sent, from the browser's own network log."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +12,8 @@ if TYPE_CHECKING:  # playwright may be missing: the tests that need it skip them
     from playwright.sync_api import Page, Request
 
 CHAT = "/v1/chat/completions"
+# The header's line about the last answer.
+STATS = re.compile(r"^\d+ tokens · first token \d+\.\d\d s · \d+\.\d tok/s$")
 ANSWER_TIMEOUT_MS = 120_000
 
 
@@ -96,3 +99,13 @@ def sse(*payloads: dict[str, Any] | str) -> str:
 
 def delta(text: str) -> dict[str, Any]:
     return {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
+
+
+def assert_inert(page: Page) -> None:
+    """Nothing hostile became markup: no image, script or svg element, no javascript: link, nothing ran."""
+    for tag in ("img", "script", "svg", "iframe"):
+        assert page.locator(f"#messages {tag}").count() == 0, tag
+    assert page.locator("#messages [onerror], #messages [onload], #messages [onmouseover]").count() == 0
+    hrefs = page.eval_on_selector_all("#messages a", "links => links.map(a => a.getAttribute('href'))")
+    assert all(href.startswith(("https://", "http://")) for href in hrefs), hrefs
+    assert page.evaluate("() => window.pwned") is None

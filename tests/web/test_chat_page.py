@@ -13,7 +13,9 @@ from bench.process import ServerProcess
 from tests.conftest import API_KEY
 from tests.web.chat import (
     CHAT,
+    STATS,
     answers,
+    assert_inert,
     delta,
     last_answer_length,
     last_note,
@@ -27,11 +29,10 @@ from tests.web.chat import (
 )
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Page, Route
+    from playwright.sync_api import Browser, Page, Route
 
 pytestmark = pytest.mark.browser
 
-STATS = re.compile(r"^\d+ tokens · first token \d+\.\d\d s · \d+\.\d tok/s$")
 
 
 def sample_while_streaming(page: Page, every_s: float = 0.05) -> list[int]:
@@ -124,16 +125,6 @@ HOSTILE = (
     '- <svg onload="window.pwned=6"></svg>\n'
     '- [x](https://a.example" onmouseover="window.pwned=7)'
 )
-
-
-def assert_inert(page: Page) -> None:
-    """Nothing hostile became markup: no image, script or svg element, no javascript: link, nothing ran."""
-    for tag in ("img", "script", "svg", "iframe"):
-        assert page.locator(f"#messages {tag}").count() == 0, tag
-    assert page.locator("#messages [onerror], #messages [onload], #messages [onmouseover]").count() == 0
-    hrefs = page.eval_on_selector_all("#messages a", "links => links.map(a => a.getAttribute('href'))")
-    assert all(href.startswith(("https://", "http://")) for href in hrefs), hrefs
-    assert page.evaluate("() => window.pwned") is None
 
 
 def test_hostile_answers_render_as_text(page: Page, tiny_server: ServerProcess) -> None:
@@ -265,3 +256,19 @@ def test_with_an_api_key_the_page_asks_for_it(page: Page, locked_server: ServerP
     sent = network.chats[-1]
     assert sent.headers["authorization"] == f"Bearer {API_KEY}"
     assert not any(key in r.url for r in network.requests for key in (API_KEY, "wrong-key")), "a key leaked into a URL"
+
+
+def test_on_a_phone_the_sidebar_folds_away(browser: Browser, tiny_server: ServerProcess) -> None:
+    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    try:
+        page = context.new_page()
+        open_chat(page, tiny_server.url)
+        sidebar = page.locator("#sidebar")
+        assert sidebar.bounding_box()["x"] < 0  # off screen until asked for
+        page.click("#menu")
+        page.wait_for_function("() => document.getElementById('sidebar').getBoundingClientRect().x === 0")
+        page.mouse.click(370, 400)  # beside the sidebar, on the conversation
+        page.wait_for_function("() => document.getElementById('sidebar').getBoundingClientRect().right <= 0")
+        assert page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth")
+    finally:
+        context.close()
