@@ -35,7 +35,7 @@ def ensure_chromium() -> Path:
         pytest.skip(f"browser tests need {CHROMIUM} (root and apt-get to install the chromium package)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for command, timeout in ((["apt-get", "update", "-qq"], 600), (["apt-get", "install", "-y", "-qq", "chromium"], 900)):
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+        done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout, env=env)
         if done.returncode != 0:
             pytest.skip(f"browser tests need chromium; {' '.join(command)} failed: {done.stderr.strip()[-500:]}")
     if not CHROMIUM.exists():

@@ -16,7 +16,16 @@ import httpx
 import pytest
 
 from bench.process import ServerProcess
-from tests.web.chat import STATS, answers, assert_inert, last_answer_length, open_chat, send, set_setting, wait_answer_done
+from tests.web.chat import (
+    STATS,
+    answers,
+    assert_inert,
+    last_answer_length,
+    open_chat,
+    send,
+    set_setting,
+    wait_answer_done,
+)
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
