@@ -21,7 +21,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from models import ModelLoadError, load
-from server.api import errors, ops, openai
+from server.api import errors, ops, openai, web
 from server.api.middleware import REQUEST_ID_HEADER, BodyLimitMiddleware, RequestIdMiddleware
 from server.api.state import AppState
 from server.config import Config
@@ -50,6 +50,8 @@ def create_app(config: Config, engine: Engine | None = None) -> FastAPI:
     errors.install(app)
     app.include_router(ops.router)
     app.include_router(openai.router)
+    if config.web_ui:
+        app.include_router(web.router)
     # Added innermost first: the request id wraps everything, CORS headers reach error answers too.
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
     if config.cors_origins:

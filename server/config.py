@@ -43,6 +43,7 @@ class Config:
     max_body_bytes: int = field(default=4 * 1024 * 1024, metadata=_help("largest request body accepted (413 past it)"))
     stall_timeout: float = field(default=300.0, metadata=_help("/health fails when a busy engine has not stepped for this many seconds"))
     allow_special_tokens: bool = field(default=False, metadata=_help("let message text spell control tokens such as <|im_start|>"))
+    web_ui: bool = field(default=True, metadata=_help("serve the chat page at / (--no-web-ui turns it off)"))
 
     def __post_init__(self) -> None:
         positive = ("max_batch_size", "max_batch_tokens", "max_prefill_tokens", "max_waiting", "max_body_bytes")
@@ -120,6 +121,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             kwargs.update(type=_parser_for(str(f.type)), metavar=f.name.upper())
         parser.add_argument(_flag(f.name), **kwargs)
+        if f.type == "bool" and f.default is True:
+            # A setting that is on by default is turned off with --no-<name>, the usual spelling.
+            off = "--no-" + _flag(f.name)[2:]
+            parser.add_argument(off, dest=f.name, action="store_const", const=False, help=f"same as {_flag(f.name)} false")
 
 
 def from_namespace(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Config:
