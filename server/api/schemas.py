@@ -14,7 +14,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr, WithJsonSchema
 
 from server.errors import InvalidRequest
 from server.request import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, SEED_RANGE, SamplingParams
@@ -41,8 +41,16 @@ class Limit(StrEnum):
     PROMPT_IDS = "prompt_ids"  # at most context - 1 token ids
 
 
+def _integral(value: Any) -> Any:
+    """JSON does not tell 3 from 3.0, nor does the document's `integer`: an integral number is an integer.
+    Strings, booleans and fractions stay refused."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# Last in an Annotated list, so that the constraints before it still reach the document as JSON Schema.
+INTEGRAL = BeforeValidator(_integral)
 Float = Annotated[float, Field(allow_inf_nan=False)]
-TokenId = Annotated[StrictInt, doc(minimum=0, **{LIMIT: Limit.TOKEN_ID.value})]
+TokenId = Annotated[StrictInt, doc(minimum=0, **{LIMIT: Limit.TOKEN_ID.value}), INTEGRAL]
 TokenIds = list[TokenId]
 StopText = Annotated[StrictStr, doc(minLength=1, maxLength=MAX_STOP_STRING_CHARS)]  # SamplingParams checks
 
@@ -58,20 +66,20 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     model: Annotated[StrictStr, doc(**{LIMIT: Limit.SERVED_MODEL.value})] | None = None
-    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    max_tokens: Annotated[StrictInt, Field(ge=1), INTEGRAL] | None = None
     temperature: Annotated[Float, Field(ge=0)] | None = None
     top_p: Annotated[Float, Field(gt=0, le=1)] | None = None
-    top_k: Annotated[StrictInt, Field(ge=-1)] | None = None
+    top_k: Annotated[StrictInt, Field(ge=-1), INTEGRAL] | None = None
     min_p: Annotated[Float, Field(ge=0, le=1)] | None = None
     presence_penalty: Annotated[Float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[Float, Field(ge=-2, le=2)] | None = None
     repetition_penalty: Annotated[Float, Field(gt=0)] | None = None
-    seed: Annotated[StrictInt, doc(**{EXACT: {"minimum": SEED_RANGE[0], "maximum": SEED_RANGE[1]}})] | None = None
+    seed: Annotated[StrictInt, doc(**{EXACT: {"minimum": SEED_RANGE[0], "maximum": SEED_RANGE[1]}}), INTEGRAL] | None = None
     stop: StopText | Annotated[list[StopText], doc(maxItems=MAX_STOP_STRINGS)] | None = None
     stop_token_ids: TokenIds | None = None
     ignore_eos: StrictBool = False
-    min_tokens: Annotated[StrictInt, Field(ge=0, description="at most max_tokens")] = 0
-    n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] = 1
+    min_tokens: Annotated[StrictInt, Field(ge=0, description="at most max_tokens"), INTEGRAL] = 0
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES), INTEGRAL] = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
@@ -137,7 +145,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1), INTEGRAL] | None = None
     tools: Annotated[list[Any] | None, doc(maxItems=0)] = None
     tool_choice: Annotated[Any, doc(enum=[None, "none"])] = None
     functions: Annotated[list[Any] | None, doc(maxItems=0)] = None
