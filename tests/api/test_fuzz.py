@@ -23,6 +23,7 @@ import pytest
 from bench.process import ServerProcess
 from server.app import create_app
 from server.config import Config
+from tests.api.documented import assert_documented
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED = 1
@@ -85,6 +86,7 @@ def assert_openai_error(response) -> None:
     assert set(body) == {"error"}, body
     assert set(body["error"]) == {"message", "type", "param", "code"}, body
     assert isinstance(body["error"]["message"], str) and "Traceback" not in body["error"]["message"]
+    assert_documented(response)
 
 
 CHAT = "/v1/chat/completions"
