@@ -10,6 +10,7 @@ from typing import Annotated, Any, ClassVar
 from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.responses import JSONResponse
 
+from server.api.bodies import ChatCompletion, Completion, ModelCard, ModelList
 from server.api.errors import ModelNotFound, Unauthorized, documented
 from server.api.generation import ChoiceResult, Choices, ClientGone, collect, created, stream
 from server.api.schemas import LIMIT, ChatCompletionRequest, CompletionRequest, Limit, SamplingFields
@@ -64,12 +65,12 @@ def model_card(state: AppState) -> dict[str, Any]:
     }
 
 
-@router.get("/models", responses=documented(EngineUnavailable))
+@router.get("/models", response_model=ModelList, responses=documented(EngineUnavailable))
 async def list_models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": [model_card(state_of(request))]}
 
 
-@router.get("/models/{model:path}", responses=documented(ModelNotFound, EngineUnavailable))
+@router.get("/models/{model:path}", response_model=ModelCard, responses=documented(ModelNotFound, EngineUnavailable))
 async def retrieve_model(
     model: Annotated[str, Path(json_schema_extra={LIMIT: Limit.SERVED_MODEL.value})], request: Request
 ) -> dict[str, Any]:
@@ -78,7 +79,8 @@ async def retrieve_model(
     return model_card(state)
 
 
-@router.post(CHAT_ROUTE.removeprefix("/v1"), responses=GENERATION_RESPONSES)
+# `response_model` documents the JSON answer; the routes return their own Response, which FastAPI passes as is.
+@router.post(CHAT_ROUTE.removeprefix("/v1"), response_model=ChatCompletion, responses=GENERATION_RESPONSES)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     state = state_of(request)
     engine = _prepare(state, body)
@@ -89,7 +91,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     return await _answer(choices, chunks, body, request, CHAT_ROUTE)
 
 
-@router.post(COMPLETIONS_ROUTE.removeprefix("/v1"), responses=GENERATION_RESPONSES)
+@router.post(COMPLETIONS_ROUTE.removeprefix("/v1"), response_model=Completion, responses=GENERATION_RESPONSES)
 async def completions(body: CompletionRequest, request: Request) -> Response:
     state = state_of(request)
     engine = _prepare(state, body)

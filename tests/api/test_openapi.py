@@ -75,8 +75,10 @@ def test_errors_have_openai_body_and_never_422() -> None:
 def test_media_types() -> None:
     paths = DOCUMENT["paths"]
     assert set(paths["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
-    for path in (CHAT, COMPLETIONS):
-        assert set(paths[path]["post"]["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
+    for path, body in ((CHAT, "ChatCompletion"), (COMPLETIONS, "Completion")):
+        content = paths[path]["post"]["responses"]["200"]["content"]
+        assert set(content) == {"application/json", "text/event-stream"}
+        assert content["application/json"]["schema"] == {"$ref": f"#/components/schemas/{body}"}
 
 
 def request_schema(path: str) -> dict[str, Any]:
