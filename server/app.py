@@ -21,7 +21,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from models import ModelLoadError, load
-from server.api import errors, ops, openai, web
+from server.api import document, errors, ops, openai, web
 from server.api.middleware import REQUEST_ID_HEADER, BodyLimitMiddleware, RequestIdMiddleware
 from server.api.state import AppState
 from server.config import Config
@@ -45,9 +45,19 @@ def create_app(config: Config, engine: Engine | None = None) -> FastAPI:
         if engine is None and state.engine is not None:
             await state.engine.shutdown(drain=True, timeout=config.drain_timeout)
 
-    app = FastAPI(title="tokenferry", version=VERSION, lifespan=lifespan)
+    # /docs and /redoc are off: their pages load scripts from a CDN, which a server without network cannot
+    # reach. /openapi.json stays, for any viewer or client generator. The body limit applies to every route.
+    app = FastAPI(
+        title="tokenferry",
+        version=VERSION,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        responses=errors.documented(errors.PayloadTooLarge),
+    )
     app.state.tokenferry = state
     errors.install(app)
+    document.install(app)
     app.include_router(ops.router)
     app.include_router(openai.router)
     if config.web_ui:

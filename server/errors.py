@@ -19,6 +19,8 @@ class InvalidRequest(TokenferryError):
 
 
 class ContextLengthExceeded(InvalidRequest):
+    """The prompt and max_tokens do not fit in the model's context."""
+
     code = "context_length_exceeded"
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
 
 from server import metrics
@@ -27,21 +28,30 @@ from server.errors import (
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1  # a full queue drains in about a decode step; clients should come back soon
+RETRY_AFTER_STATUSES = (429, 503)
 
 
 class NotFound(TokenferryError):
+    """No such route."""
+
     code = "not_found"
 
 
 class ModelNotFound(NotFound):
+    """The model asked for is not the one this server serves."""
+
     code = "model_not_found"
 
 
 class Unauthorized(TokenferryError):
+    """The server runs with --api-key and the request lacks 'Authorization: Bearer <key>'."""
+
     code = "invalid_api_key"
 
 
 class PayloadTooLarge(TokenferryError):
+    """The request body is larger than --max-body-bytes."""
+
     code = "payload_too_large"
 
 
@@ -57,6 +67,48 @@ _STATUS: list[tuple[type[TokenferryError], int, str]] = [
 ]
 
 
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # in the document: exactly these four keys, as OpenAI sends
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error body, which every error answer carries."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error: ErrorDetail
+
+
+RETRY_AFTER_HEADER = {
+    "Retry-After": {"description": "seconds to wait before retrying", "required": True, "schema": {"type": "integer", "minimum": 0}}
+}
+
+
+def documented(*errors: type[TokenferryError]) -> dict[int | str, dict[str, Any]]:
+    """The `responses=` of a route that can fail with `errors`, for the OpenAPI document: each status once,
+    described by the errors that lead to it, with OpenAI's body and the headers `error_response` adds.
+    Derived from the same table as the answers themselves, so the two cannot disagree."""
+    reasons: dict[int, list[str]] = {}
+    for error in errors:
+        status = next(status for cls, status, _ in _STATUS if issubclass(error, cls))
+        reasons.setdefault(status, []).append(_describe(error))
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status, texts in sorted(reasons.items()):
+        responses[status] = {"model": ErrorBody, "description": " ".join(texts)}
+        if status in RETRY_AFTER_STATUSES:
+            responses[status]["headers"] = RETRY_AFTER_HEADER
+    return responses
+
+
+def _describe(error: type[TokenferryError]) -> str:
+    text = " ".join((error.__doc__ or error.__name__).split()).rstrip(".")
+    return f"{text} (code `{error.code}`)." if error.code else f"{text}."
+
+
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
@@ -70,7 +122,7 @@ def status_and_body(exc: TokenferryError) -> tuple[int, dict[str, Any]]:
 
 def error_response(exc: TokenferryError) -> JSONResponse:
     status, body = status_and_body(exc)
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in RETRY_AFTER_STATUSES else None
     return JSONResponse(body, status_code=status, headers=headers)
 
 

@@ -6,19 +6,20 @@ import hmac
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.responses import JSONResponse
 
 from models.sampler import TokenLogprobs
-from server.api.errors import ModelNotFound, Unauthorized
+from server.api.bodies import ChatCompletion, Completion, ModelCard, ModelList
+from server.api.errors import ModelNotFound, Unauthorized, documented
 from server.api.generation import ChoiceResult, Choices, ClientGone, collect, created, stream
 from server.api.logprobs import CompletionLogprobs, EchoedPrompt, TokenIds, TokenNames, chat_content
-from server.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from server.api.schemas import LIMIT, ChatCompletionRequest, CompletionRequest, Limit, SamplingFields
 from server.api.state import AppState, state_of
 from server.engine import Engine
-from server.errors import InvalidRequest
+from server.errors import ContextLengthExceeded, EngineUnavailable, GenerationFailed, InvalidRequest, QueueFull
 from server.logs import REQUEST_ID
 from server.prompt import encode_chat, encode_completion
 from server.request import Event, SamplingParams, Scored
@@ -37,7 +38,24 @@ async def require_api_key(request: Request) -> None:
         raise Unauthorized("missing or invalid API key: send 'Authorization: Bearer <key>'")
 
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=documented(Unauthorized))
+
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string", "description": "a JSON chunk, or [DONE] at the end"}},
+}
+
+# Both generation routes answer one JSON body, or with `stream: true` a stream of Server-Sent Events.
+GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The whole answer as JSON; with `stream: true`, Server-Sent Events: `data: {chunk}` "
+        "lines, an error after the start as `data: {\"error\": ...}`, and a final `data: [DONE]`.",
+        # Open API 3.1 reads an event stream's schema as that of each event.
+        "content": {"text/event-stream": {"schema": SSE_EVENT}},
+    },
+    **documented(InvalidRequest, ContextLengthExceeded, ModelNotFound, QueueFull, EngineUnavailable, GenerationFailed),
+}
 
 
 def model_card(state: AppState) -> dict[str, Any]:
@@ -51,19 +69,22 @@ def model_card(state: AppState) -> dict[str, Any]:
     }
 
 
-@router.get("/models")
+@router.get("/models", response_model=ModelList, responses=documented(EngineUnavailable))
 async def list_models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": [model_card(state_of(request))]}
 
 
-@router.get("/models/{model:path}")
-async def retrieve_model(model: str, request: Request) -> dict[str, Any]:
+@router.get("/models/{model:path}", response_model=ModelCard, responses=documented(ModelNotFound, EngineUnavailable))
+async def retrieve_model(
+    model: Annotated[str, Path(json_schema_extra={LIMIT: Limit.SERVED_MODEL.value})], request: Request
+) -> dict[str, Any]:
     state = state_of(request)
     _check_model(state, model)
     return model_card(state)
 
 
-@router.post(CHAT_ROUTE.removeprefix("/v1"))
+# `response_model` documents the JSON answer; the routes return their own Response, which FastAPI passes as is.
+@router.post(CHAT_ROUTE.removeprefix("/v1"), response_model=ChatCompletion, responses=GENERATION_RESPONSES)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     state = state_of(request)
     engine = _prepare(state, body)
@@ -74,7 +95,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     return await _answer(choices, chunks, body, request, CHAT_ROUTE)
 
 
-@router.post(COMPLETIONS_ROUTE.removeprefix("/v1"))
+@router.post(COMPLETIONS_ROUTE.removeprefix("/v1"), response_model=Completion, responses=GENERATION_RESPONSES)
 async def completions(body: CompletionRequest, request: Request) -> Response:
     state = state_of(request)
     engine = _prepare(state, body)

@@ -3,17 +3,43 @@
 from __future__ import annotations
 
 import time
+from typing import Literal
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
 from server.api.state import state_of
 
 router = APIRouter()
 
 
-@router.get("/health")
+# The bodies, for the OpenAPI document (the routes build them by hand, as probes want them cheap).
+class EngineRequests(BaseModel):
+    waiting: int
+    running: int
+    tracked: int
+
+
+class Alive(BaseModel):
+    status: Literal["ok", "loading"]
+    requests: EngineRequests | None = None  # absent while loading
+
+
+class Unhealthy(BaseModel):
+    status: Literal["unhealthy"]
+    reason: str
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "loading", "draining", "stopped"]
+
+
+@router.get(
+    "/health",
+    responses={200: {"model": Alive}, 503: {"model": Unhealthy, "description": "The model failed to load, or the engine loop died or stalled."}},
+)
 async def health(request: Request) -> JSONResponse:
     """Liveness: 200 while loading and while the engine loop is alive and stepping."""
     state = state_of(request)
@@ -33,7 +59,10 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok", "requests": requests})
 
 
-@router.get("/ready")
+@router.get(
+    "/ready",
+    responses={200: {"model": Readiness}, 503: {"model": Readiness, "description": "Loading, draining or stopped."}},
+)
 async def ready(request: Request) -> JSONResponse:
     """Readiness: 200 once the model is loaded, until the server starts draining."""
     state = state_of(request)
@@ -44,6 +73,10 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ready"})
 
 
-@router.get("/metrics")
+# `response_class=Response` has no media type of its own, so the 200 is only what is declared here.
+METRICS_TEXT = {200: {"description": "Prometheus text exposition format.", "content": {"text/plain": {"schema": {"type": "string"}}}}}
+
+
+@router.get("/metrics", response_class=Response, responses=METRICS_TEXT)
 async def prometheus_metrics() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

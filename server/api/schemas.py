@@ -2,16 +2,22 @@
 define and the server cannot honour are refused by name (see `unsupported`) rather than silently dropped.
 
 Types are strict: a string where a number belongs is a 400, not a guess.
+
+The OpenAPI document is generated from these classes and must admit exactly what the server accepts. Some
+checks live elsewhere (SamplingParams, the engine, `prompts`, `template_messages`), because their errors
+name the field better than pydantic's do inside a union; `doc(...)` states them in the document only, and
+the fuzz test (tests/api/test_fuzz.py) holds the two to agreeing.
 """
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr, WithJsonSchema
 
 from server.errors import InvalidRequest
-from server.request import SamplingParams
+from server.request import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, SEED_RANGE, SamplingParams
 
 MAX_CHOICES = 16  # `n`: each choice is its own row in the batch
 MAX_BEST_OF = 20  # as OpenAI: candidates generated per prompt, each its own row
@@ -42,8 +48,38 @@ def _is_neutral(value: Any) -> bool:
         return True
     return type(value) in (int, float) and value == 1
 
+
+def doc(**keywords: Any) -> Any:
+    """JSON Schema keywords for the OpenAPI document alone: the check itself is done elsewhere."""
+    return Field(json_schema_extra=keywords)
+
+
+LIMIT = "x-tokenferry-limit"
+# FastAPI's document model turns numeric bounds into floats, which cannot hold 2**64 - 1: such bounds travel
+# under this key, and server/api/document.py puts them in place as exact integers.
+EXACT = "x-tokenferry-exact"
+
+
+class Limit(StrEnum):
+    """Limits that depend on the loaded model; server/api/document.py fills them in where `LIMIT` marks them."""
+
+    SERVED_MODEL = "served_model"  # the one model id (else 404)
+    TOKEN_ID = "token_id"  # below the vocabulary size (the engine checks)
+    PROMPT_IDS = "prompt_ids"  # at most context - 1 token ids
+
+
+def _integral(value: Any) -> Any:
+    """JSON does not tell 3 from 3.0, nor does the document's `integer`: an integral number is an integer.
+    Strings, booleans and fractions stay refused."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# Last in an Annotated list, so that the constraints before it still reach the document as JSON Schema.
+INTEGRAL = BeforeValidator(_integral)
 Float = Annotated[float, Field(allow_inf_nan=False)]
-TokenIds = list[StrictInt]
+TokenId = Annotated[StrictInt, doc(minimum=0, **{LIMIT: Limit.TOKEN_ID.value}), INTEGRAL]
+TokenIds = list[TokenId]
+StopText = Annotated[StrictStr, doc(minLength=1, maxLength=MAX_STOP_STRING_CHARS)]  # SamplingParams checks
 
 
 class StreamOptions(BaseModel):
@@ -54,30 +90,38 @@ class StreamOptions(BaseModel):
 class SamplingFields(BaseModel):
     """What chat and completions share: the model, sampling, stopping and streaming."""
 
-    # Unknown fields are kept (and ignored) so that the ones vLLM defines can be refused by name.
-    model_config = ConfigDict(extra="allow", strict=True)
+    # Unknown fields are kept (and ignored) so that the ones vLLM defines can be refused by name; the document
+    # names those too, with the only values that pass.
+    model_config = ConfigDict(
+        extra="allow",
+        strict=True,
+        json_schema_extra=lambda schema: schema["properties"].update(
+            {name: {"enum": [None, False], "description": "not implemented: other values are a 400"} for name in REFUSED_EXTRA_FIELDS}
+        ),
+    )
 
-    model: StrictStr | None = None
-    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    model: Annotated[StrictStr, doc(**{LIMIT: Limit.SERVED_MODEL.value})] | None = None
+    max_tokens: Annotated[StrictInt, Field(ge=1), INTEGRAL] | None = None
     temperature: Annotated[Float, Field(ge=0)] | None = None
     top_p: Annotated[Float, Field(gt=0, le=1)] | None = None
-    top_k: Annotated[StrictInt, Field(ge=-1)] | None = None
+    top_k: Annotated[StrictInt, Field(ge=-1), INTEGRAL] | None = None
     min_p: Annotated[Float, Field(ge=0, le=1)] | None = None
     presence_penalty: Annotated[Float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[Float, Field(ge=-2, le=2)] | None = None
     repetition_penalty: Annotated[Float, Field(gt=0)] | None = None
-    seed: StrictInt | None = None
-    stop: StrictStr | list[StrictStr] | None = None
+    seed: Annotated[StrictInt, doc(**{EXACT: {"minimum": SEED_RANGE[0], "maximum": SEED_RANGE[1]}}), INTEGRAL] | None = None
+    stop: StopText | Annotated[list[StopText], doc(maxItems=MAX_STOP_STRINGS)] | None = None
     stop_token_ids: TokenIds | None = None
     ignore_eos: StrictBool = False
-    min_tokens: Annotated[StrictInt, Field(ge=0)] = 0
-    n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] = 1
+    min_tokens: Annotated[StrictInt, Field(ge=0, description="at most max_tokens"), INTEGRAL] = 0
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES), INTEGRAL] = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
-    logit_bias: dict[str, Any] | None = None
-    best_of: Annotated[StrictInt, Field(ge=1, le=MAX_BEST_OF)] | None = None
+    best_of: Annotated[StrictInt, Field(ge=1, le=MAX_BEST_OF, description="at least n"), INTEGRAL] | None = None
     return_tokens_as_token_ids: StrictBool = False  # vLLM's: name tokens in scores "token_id:<id>"
+    # Fields the server cannot honour: the document admits only the values `unsupported` lets through.
+    logit_bias: Annotated[dict[str, Any] | None, doc(maxProperties=0)] = None
 
     def unsupported(self) -> list[str]:
         """Fields that were set to something the server cannot do."""
@@ -133,31 +177,32 @@ class SamplingFields(BaseModel):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-    type: StrictStr
-    text: StrictStr | None = None
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-    role: StrictStr
-    content: StrictStr | list[TextPart] | None = None
-    name: StrictStr | None = None
+    # Only text parts are served: `_text_of` refuses the others, naming their message.
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra={"required": ["type", "text"]})
+    type: Annotated[StrictStr, doc(enum=["text"])]
+    text: Annotated[StrictStr | None, WithJsonSchema({"type": "string"})] = None
 
 
 ROLES = ("system", "developer", "user", "assistant")
 
 
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    role: Annotated[StrictStr, doc(enum=list(ROLES))]  # `template_messages` checks, naming the message
+    content: StrictStr | list[TextPart] | None = None
+    name: StrictStr | None = None
+
+
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage]
-    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1), INTEGRAL] | None = None
     logprobs: StrictBool = False
-    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    functions: list[Any] | None = None
-    function_call: Any = None
-    response_format: dict[str, Any] | None = None
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS, description="only with logprobs: true"), INTEGRAL] | None = None
+    tools: Annotated[list[Any] | None, doc(maxItems=0)] = None
+    tool_choice: Annotated[Any, doc(enum=[None, "none"])] = None
+    functions: Annotated[list[Any] | None, doc(maxItems=0)] = None
+    function_call: Annotated[Any, doc(enum=[None, "none"])] = None
+    response_format: Annotated[dict[str, Any] | None, doc(properties={"type": {"const": "text"}})] = None
 
     def unsupported(self) -> list[str]:
         refused = super().unsupported()
@@ -182,8 +227,6 @@ class ChatCompletionRequest(SamplingFields):
 
     def template_messages(self) -> list[dict[str, str]]:
         """Messages as the chat template takes them: known roles, plain string content."""
-        if not self.messages:
-            raise InvalidRequest("messages must not be empty", param="messages")
         result = []
         for index, message in enumerate(self.messages):
             if message.role not in ROLES:
@@ -219,13 +262,18 @@ def _text_of(content: str | list[TextPart] | None, index: int) -> str:
     return "".join(texts)
 
 
+# A prompt in each of its forms; `prompts` refuses the empty ones (and the engine, token ids out of range).
+Text = Annotated[StrictStr, doc(minLength=1)]
+PromptIds = Annotated[TokenIds, doc(minItems=1, **{LIMIT: Limit.PROMPT_IDS.value})]
+
+
 class CompletionRequest(SamplingFields):
-    prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
+    prompt: Text | Annotated[list[Text], doc(minItems=1)] | PromptIds | Annotated[list[PromptIds], doc(minItems=1)]
     # 0 new tokens, with echo: the prompt alone, with its scores when logprobs is set (what evaluation harnesses ask).
-    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
-    logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
+    max_tokens: Annotated[StrictInt, Field(ge=0, description="0 only with echo"), INTEGRAL] | None = None
+    logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_COMPLETION_LOGPROBS), INTEGRAL] | None = None
     echo: StrictBool = False
-    suffix: StrictStr | None = None
+    suffix: Annotated[StrictStr | None, doc(maxLength=0)] = None
 
     def unsupported(self) -> list[str]:
         refused = super().unsupported()
@@ -249,10 +297,12 @@ class CompletionRequest(SamplingFields):
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: text to tokenize, or token ids as given."""
         prompt = self.prompt
-        if isinstance(prompt, str):
-            return [prompt]
         if not prompt:
             raise InvalidRequest("prompt must not be empty", param="prompt")
+        if isinstance(prompt, str):
+            return [prompt]
         if all(isinstance(p, int) for p in prompt):
             return [list(prompt)]  # type: ignore[arg-type]
+        if not all(prompt):
+            raise InvalidRequest("prompt: no prompt in the list may be empty", param="prompt")
         return list(prompt)  # type: ignore[arg-type]

@@ -20,6 +20,7 @@ from server.app import create_app
 from server.config import Config
 from server.engine import Engine
 from bench.process import ServerProcess, request_outcomes
+from tests.api.documented import assert_documented
 
 CHAT = "/v1/chat/completions"
 
@@ -47,6 +48,7 @@ def test_overload_every_request_completes_or_gets_429(small_server: ServerProces
             body.pop("stream_options")
         response = await client.post(CHAT, json=body)
         if response.status_code != 200:
+            assert_documented(response)
             return response.status_code, response.json(), response.headers.get("retry-after")
         if not streaming:
             return 200, response.json()["usage"], None
@@ -214,3 +216,5 @@ def test_if_the_engine_thread_dies_health_fails_and_nobody_hangs(tiny: LoadedMod
     assert health.status_code == 503 and health.json()["status"] == "unhealthy"
     assert ready == 503
     assert refused.status_code == 503 and refused.json()["error"]["type"] == "service_unavailable"
+    assert_documented(health)
+    assert_documented(refused)

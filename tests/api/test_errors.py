@@ -14,6 +14,7 @@ from server.api.state import AppState
 from server.app import create_app
 from server.config import Config
 from server.engine import Engine
+from tests.api.documented import assert_documented
 from tests.conftest import API_KEY
 from bench.process import ServerProcess
 
@@ -31,6 +32,7 @@ def assert_error(response: httpx.Response, status: int, param: str | None = None
         assert error["param"] == param, error
     if code is not None:
         assert error["code"] == code, error
+    assert_documented(response)  # the status, its body and its headers, as /openapi.json says for the route
     return error
 
 
