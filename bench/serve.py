@@ -97,7 +97,9 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def one_request(client: httpx.AsyncClient, model: str | None, prompt: str, max_tokens: int) -> Sample:
+async def one_request(
+    client: httpx.AsyncClient, model: str | None, prompt: str, max_tokens: int, fields: dict | None = None
+) -> Sample:
     body = {
         "prompt": prompt,
         "max_tokens": max_tokens,
@@ -105,6 +107,7 @@ async def one_request(client: httpx.AsyncClient, model: str | None, prompt: str,
         "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **(fields or {}),
     }
     if model:
         body["model"] = model
@@ -134,14 +137,17 @@ async def one_request(client: httpx.AsyncClient, model: str | None, prompt: str,
     return Sample(ok=True, ttft=arrivals[0] - sent, itl=gaps, e2e=done - sent, output_tokens=usage_tokens or len(arrivals))
 
 
-async def run_level(url: str, model: str | None, workload: Workload, concurrency: int, requests: int, label: str) -> Level:
+async def run_level(
+    url: str, model: str | None, workload: Workload, concurrency: int, requests: int, label: str, fields: dict | None = None
+) -> Level:
+    """`fields` are added to every request's body (logprobs, say)."""
     queue = list(reversed(workload.prompts[:requests]))
     samples: list[Sample] = []
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
 
     async def client_loop(client: httpx.AsyncClient) -> None:
         while queue:
-            samples.append(await one_request(client, model, queue.pop(), workload.max_tokens))
+            samples.append(await one_request(client, model, queue.pop(), workload.max_tokens, fields))
 
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0), limits=limits) as client:
         started = time.perf_counter()

@@ -46,16 +46,18 @@ SSE_EVENT = {
     "properties": {"data": {"type": "string", "description": "a JSON chunk, or [DONE] at the end"}},
 }
 
-# Both generation routes answer one JSON body, or with `stream: true` a stream of Server-Sent Events.
-GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": "The whole answer as JSON; with `stream: true`, Server-Sent Events: `data: {chunk}` "
-        "lines, an error after the start as `data: {\"error\": ...}`, and a final `data: [DONE]`.",
-        # Open API 3.1 reads an event stream's schema as that of each event.
-        "content": {"text/event-stream": {"schema": SSE_EVENT}},
-    },
-    **documented(InvalidRequest, ContextLengthExceeded, ModelNotFound, QueueFull, EngineUnavailable, GenerationFailed),
-}
+def _generation_responses(body: type) -> dict[int | str, dict[str, Any]]:
+    """Both generation routes answer one JSON `body`, or with `stream: true` a stream of Server-Sent Events."""
+    return {
+        200: {
+            "model": body,
+            "description": "The whole answer as JSON; with `stream: true`, Server-Sent Events: `data: {chunk}` "
+            "lines, an error after the start as `data: {\"error\": ...}`, and a final `data: [DONE]`.",
+            # Open API 3.1 reads an event stream's schema as that of each event.
+            "content": {"text/event-stream": {"schema": SSE_EVENT}},
+        },
+        **documented(InvalidRequest, ContextLengthExceeded, ModelNotFound, QueueFull, EngineUnavailable, GenerationFailed),
+    }
 
 
 def model_card(state: AppState) -> dict[str, Any]:
@@ -83,8 +85,9 @@ async def retrieve_model(
     return model_card(state)
 
 
-# `response_model` documents the JSON answer; the routes return their own Response, which FastAPI passes as is.
-@router.post(CHAT_ROUTE.removeprefix("/v1"), response_model=ChatCompletion, responses=GENERATION_RESPONSES)
+# The 200 bodies are documented through `responses`, not `response_model`: with a response_model, concurrent
+# generation requests ran ten times slower here (tests/api/test_abuse.py's overload test timed out).
+@router.post(CHAT_ROUTE.removeprefix("/v1"), responses=_generation_responses(ChatCompletion))
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     state = state_of(request)
     engine = _prepare(state, body)
@@ -95,7 +98,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     return await _answer(choices, chunks, body, request, CHAT_ROUTE)
 
 
-@router.post(COMPLETIONS_ROUTE.removeprefix("/v1"), response_model=Completion, responses=GENERATION_RESPONSES)
+@router.post(COMPLETIONS_ROUTE.removeprefix("/v1"), responses=_generation_responses(Completion))
 async def completions(body: CompletionRequest, request: Request) -> Response:
     state = state_of(request)
     engine = _prepare(state, body)
