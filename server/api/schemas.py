@@ -12,7 +12,7 @@ the fuzz test (tests/api/test_fuzz.py) holds the two to agreeing.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr, WithJsonSchema
 
@@ -43,10 +43,8 @@ REFUSED_EXTRA_FIELDS = (
 
 
 def _is_neutral(value: Any) -> bool:
-    """The values of those fields that mean "off" (None, false, empty, a length_penalty of 1) change nothing."""
-    if value is None or value is False or value == [] or value == {}:
-        return True
-    return type(value) in (int, float) and value == 1
+    """Those fields pass only as null or false, which ask for nothing (the document says the same)."""
+    return value is None or value is False
 
 
 def doc(**keywords: Any) -> Any:
@@ -95,10 +93,18 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(
         extra="allow",
         strict=True,
-        json_schema_extra=lambda schema: schema["properties"].update(
-            {name: {"enum": [None, False], "description": "not implemented: other values are a 400"} for name in REFUSED_EXTRA_FIELDS}
-        ),
+        json_schema_extra=lambda schema, cls: cls.document(schema),
     )
+    # A JSON Schema `if`/`then` per rule that ties one field to another (the checks themselves are in the code).
+    rules: ClassVar[list[dict[str, Any]]] = []
+
+    @classmethod
+    def document(cls, schema: dict[str, Any]) -> None:
+        schema["properties"].update(
+            {name: {"enum": [None, False], "description": "not implemented: other values are a 400"} for name in REFUSED_EXTRA_FIELDS}
+        )
+        if cls.rules:
+            schema["allOf"] = cls.rules
 
     model: Annotated[StrictStr, doc(**{LIMIT: Limit.SERVED_MODEL.value})] | None = None
     max_tokens: Annotated[StrictInt, Field(ge=1), INTEGRAL] | None = None
@@ -193,7 +199,16 @@ class ChatMessage(BaseModel):
     name: StrictStr | None = None
 
 
+def _requires(field: str, condition: dict[str, Any], other: str, value: Any) -> dict[str, Any]:
+    """JSON Schema for "when `field` meets `condition`, `other` must be `value`"."""
+    return {
+        "if": {"properties": {field: condition}, "required": [field]},
+        "then": {"properties": {other: {"const": value}}, "required": [other]},
+    }
+
+
 class ChatCompletionRequest(SamplingFields):
+    rules = [_requires("top_logprobs", {"type": "integer", "minimum": 1}, "logprobs", True)]
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[StrictInt, Field(ge=1), INTEGRAL] | None = None
     logprobs: StrictBool = False
@@ -221,7 +236,7 @@ class ChatCompletionRequest(SamplingFields):
 
     @property
     def output_logprobs(self) -> int | None:
-        if self.top_logprobs is not None and not self.logprobs:
+        if self.top_logprobs and not self.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs: true", param="top_logprobs")
         return (self.top_logprobs or 0) if self.logprobs else None
 
@@ -268,6 +283,7 @@ PromptIds = Annotated[TokenIds, doc(minItems=1, **{LIMIT: Limit.PROMPT_IDS.value
 
 
 class CompletionRequest(SamplingFields):
+    rules = [_requires("max_tokens", {"const": 0}, "echo", True)]
     prompt: Text | Annotated[list[Text], doc(minItems=1)] | PromptIds | Annotated[list[PromptIds], doc(minItems=1)]
     # 0 new tokens, with echo: the prompt alone, with its scores when logprobs is set (what evaluation harnesses ask).
     max_tokens: Annotated[StrictInt, Field(ge=0, description="0 only with echo"), INTEGRAL] | None = None

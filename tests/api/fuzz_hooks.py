@@ -8,7 +8,7 @@ Two, each as narrow as it can be:
   valid one invalid;
 - the limits JSON Schema cannot state, as they compare two values (documented on the 400 response and on the
   fields): a prompt and `max_tokens` over the model's context (code `context_length_exceeded`), and
-  `min_tokens` over `max_tokens`. A schema-valid body refused with a 400 for exactly those reasons is not a
+  `min_tokens` over `max_tokens`, and `best_of` under `n` (or over it while streaming). A schema-valid body refused with a 400 for exactly those reasons is not a
   failure of `positive_data_acceptance`; any other refusal of a schema-valid body still is.
 """
 
@@ -48,7 +48,7 @@ def beyond_json_schema(response: Any) -> bool:
         error = response.json()["error"]
     except (ValueError, KeyError, TypeError):
         return False
-    return error.get("code") == "context_length_exceeded" or error.get("param") == "min_tokens"
+    return error.get("code") == "context_length_exceeded" or error.get("param") in ("min_tokens", "best_of")
 
 
 @schemathesis.hook

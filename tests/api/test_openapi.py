@@ -103,7 +103,9 @@ MESSAGES = [{"role": "user", "content": "hi"}]
         (CHAT, {"messages": MESSAGES, "stop": ""}, "stop"),
         (CHAT, {"messages": MESSAGES, "stop": ["x"] * 17}, "stop"),
         (CHAT, {"messages": MESSAGES, "seed": 2**64}, "seed"),
-        (CHAT, {"messages": MESSAGES, "logprobs": True}, "logprobs"),
+        (CHAT, {"messages": MESSAGES, "logprobs": 1}, "logprobs"),
+        (CHAT, {"messages": MESSAGES, "top_logprobs": 2}, "top_logprobs"),
+        (CHAT, {"messages": MESSAGES, "use_beam_search": True}, "use_beam_search"),
         (CHAT, {"messages": MESSAGES, "tools": [{"type": "function"}]}, "tools"),
         (CHAT, {"messages": MESSAGES, "response_format": {"type": "json_object"}}, "response_format"),
         (COMPLETIONS, {"prompt": ""}, "prompt"),
@@ -111,7 +113,9 @@ MESSAGES = [{"role": "user", "content": "hi"}]
         (COMPLETIONS, {"prompt": [""]}, "prompt"),
         (COMPLETIONS, {"prompt": [[]]}, "prompt"),
         (COMPLETIONS, {"prompt": [-1]}, "prompt"),
-        (COMPLETIONS, {"prompt": "hi", "echo": True}, "echo"),
+        (COMPLETIONS, {"prompt": "hi", "echo": "yes"}, "echo"),
+        (COMPLETIONS, {"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+        (COMPLETIONS, {"prompt": "hi", "logprobs": 6}, "logprobs"),
         (COMPLETIONS, {"prompt": "hi", "stop_token_ids": [-1]}, "stop_token_ids"),
     ],
 )
@@ -129,6 +133,8 @@ def test_what_the_document_rejects_the_server_refuses(tiny_server: ServerProcess
         (CHAT, {"messages": MESSAGES, "max_tokens": 1.0, "n": 2.0, "logprobs": False, "response_format": {"type": "text"}}),
         (COMPLETIONS, {"prompt": [[1, 2], [3]], "max_tokens": 1, "stop_token_ids": [0], "seed": -(2**63)}),
         (COMPLETIONS, {"prompt": ["a", "b"], "max_tokens": 1, "echo": False, "suffix": "", "best_of": 1}),
+        (COMPLETIONS, {"prompt": [1, 2], "max_tokens": 0, "echo": True, "logprobs": 2}),
+        (CHAT, {"messages": MESSAGES, "max_tokens": 2, "logprobs": True, "top_logprobs": 3, "n": 2, "best_of": 3}),
     ],
 )
 def test_what_the_document_admits_the_server_serves(tiny_server: ServerProcess, path: str, body: dict) -> None:
