@@ -32,7 +32,8 @@ def main() -> None:
     workload = make_workload(args.requests, args.max_tokens)
     sides = {"plain": None, f"logprobs {args.top}": {"logprobs": args.top}}
     levels: dict[str, list[Level]] = {label: [] for label in sides}
-    server = ServerProcess("--log-level", "warning").wait_ready()
+    args.out.mkdir(parents=True, exist_ok=True)
+    server = ServerProcess("--log-level", "warning", log_dir=args.out).wait_ready()
     try:
         asyncio.run(run_level(server.url, None, workload, 4, 8, "warm-up"))
         for _ in range(args.pairs):
