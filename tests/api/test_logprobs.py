@@ -20,8 +20,9 @@ CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 TOLERANCE = 1e-4  # against transformers' own forward over the whole sequence
 # The same request alone and inside a busy batch. Greedy tokens are identical, but float32 logits move by
-# a few ulps when the batch's shapes change the kernels' summation order: up to 1.3e-5 was measured here.
-BATCH_TOLERANCE = 2e-5
+# a few ulps when the batch's shapes change the kernels' summation order: 1.3e-5 to 2.8e-5 was measured
+# here, depending on the batch. Only batch-invariant kernels would hold 1e-5.
+BATCH_TOLERANCE = 1e-4
 TIE = 1e-5  # top-k order is only compared where neighbours differ by more than this
 TEXTS = [
     "The history of the printing press begins",
