@@ -52,7 +52,7 @@ class ModelRunner(Generic[R]):
         for row in rows:
             self._generators[row] = make_generator(row.params.seed)
         # Prompt scores need every position's logits, which costs a vocabulary-wide projection per prompt
-        # token: only groups with a row that asks pay it (the scheduler gives such rows a group of their own).
+        # token: only groups with a row that asks pay it (the scheduler groups such rows apart from the others).
         every_position = any(row.params.prompt_logprobs is not None for row in rows)
         try:
             return self._sample(self._forward(forward, every_position), rows, every_position)

@@ -85,8 +85,8 @@ async def retrieve_model(
     return model_card(state)
 
 
-# The 200 bodies are documented through `responses`, not `response_model`: with a response_model, concurrent
-# generation requests ran ten times slower here (tests/api/test_abuse.py's overload test timed out).
+# The 200 bodies are documented through `responses`: the routes return their own Response (JSON or SSE), so
+# FastAPI has nothing to validate against a response_model.
 @router.post(CHAT_ROUTE.removeprefix("/v1"), responses=_generation_responses(ChatCompletion))
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     state = state_of(request)
