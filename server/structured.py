@@ -35,9 +35,10 @@ import numpy as np
 from server import metrics
 from server.errors import InvalidRequest
 
-# One optional newline and some indentation between JSON tokens: room for pretty-printed output, but a
-# bound on every gap, so whitespace alone can never run to max_tokens.
-JSON_WHITESPACE = r"\n?[ \t]{0,16}"
+# Between two JSON tokens: nothing, one space, or a newline and an indentation of spaces or of tabs (as
+# llama.cpp's JSON grammar allows). Room for compact and pretty-printed output, but a bound on every gap,
+# so whitespace alone can never run to max_tokens, and no odd runs of blanks for a small model to wander into.
+JSON_WHITESPACE = r"(?: |\n(?: {0,20}|\t{0,5}))?"
 JSON_OPTIONS = {"whitespace_pattern": JSON_WHITESPACE}
 MAX_SPEC_CHARS = 64 * 1024  # a schema, regex, grammar or choice list larger than this is refused
 MAX_CHOICES = 1024
@@ -382,9 +383,13 @@ class LLGuidanceBackend:
                 grammar = self._llg.grammar_from("grammar", spec.text)  # Lark, or GBNF converted to Lark
             else:
                 raise GrammarError(f"unknown grammar kind {spec.kind!r}")
-        except ValueError as exc:
+            matcher = LLMatcher(self.tokenizer, grammar, log_level=0)
+        except Exception as exc:  # the GBNF converter and the schema reader raise several types
             raise GrammarError(_one_line(str(exc))) from None
-        matcher = LLMatcher(self.tokenizer, grammar, log_level=0)
+        except BaseException as exc:  # a panic inside the library (pyo3's PanicException) refuses the grammar
+            if type(exc).__name__ != "PanicException":
+                raise
+            raise GrammarError(f"the grammar could not be compiled: {_one_line(str(exc))}") from None
         if matcher.is_error():
             raise GrammarError(_one_line(matcher.get_error()))
         return LLGuidanceGrammar(matcher, self.words, self.end_tokens)
