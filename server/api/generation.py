@@ -186,7 +186,7 @@ class ChunkFormat(Protocol):
 
     def start(self, index: int) -> dict[str, Any] | None: ...
 
-    def delta(self, index: int, text: str) -> dict[str, Any]: ...
+    def delta(self, index: int, text: str) -> dict[str, Any] | None: ...  # None: nothing to send yet
 
     def finish(self, index: int, reason: str) -> dict[str, Any]: ...
 
@@ -206,8 +206,8 @@ def stream(choices: Choices, chunks: ChunkFormat, include_usage: bool, route: st
         try:
             async with contextlib.aclosing(choices.events()) as events:
                 async for index, event in events:
-                    if event.text:
-                        yield sse(chunks.delta(index, event.text))
+                    if event.text and (delta := chunks.delta(index, event.text)) is not None:
+                        yield sse(delta)
                     if not event.final:
                         continue
                     _record(results[index], event)

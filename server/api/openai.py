@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -17,7 +17,8 @@ from server.api.state import AppState, state_of
 from server.engine import Engine
 from server.errors import InvalidRequest
 from server.logs import REQUEST_ID
-from server.prompt import encode_chat, encode_completion
+from server.prompt import encode_chat, encode_completion, supports_tools, with_system_text
+from server.structured import Constraint, Grammar, ToolCalls, tool_prompt
 
 CHAT_ROUTE = "/v1/chat/completions"
 COMPLETIONS_ROUTE = "/v1/completions"
@@ -63,10 +64,22 @@ async def retrieve_model(model: str, request: Request) -> dict[str, Any]:
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     state = state_of(request)
     engine = _prepare(state, body)
-    prompt = encode_chat(engine.tokenizer, body.template_messages(), state.config.allow_special_tokens)
+    constraint = body.constraint()
+    messages, tools = body.template_messages(), None
+    if constraint is not None and constraint.tool_calls is not None:
+        if supports_tools(engine.tokenizer):
+            tools = constraint.tools
+        else:
+            messages = with_system_text(messages, tool_prompt(constraint))
+    prompt = encode_chat(engine.tokenizer, messages, state.config.allow_special_tokens, tools)
+    grammar = await _compile(engine, constraint)
     max_tokens, name = body.requested_max_tokens
-    choices = _submit(engine, body, [prompt], max_tokens, {"prompt": "messages", "max_tokens": name})
-    chunks = ChatChunks(f"chatcmpl-{choices.request_id}", created(), state.model_name)
+    choices = _submit(engine, body, [prompt], max_tokens, {"prompt": "messages", "max_tokens": name}, grammar)
+    chunk_id = f"chatcmpl-{choices.request_id}"
+    if constraint is not None and constraint.tool_calls is not None:
+        chunks: Chunks = ToolCallChunks(chunk_id, created(), state.model_name, constraint.tool_calls)
+    else:
+        chunks = ChatChunks(chunk_id, created(), state.model_name)
     return await _answer(choices, chunks, body, request, CHAT_ROUTE)
 
 
@@ -74,8 +87,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 async def completions(body: CompletionRequest, request: Request) -> Response:
     state = state_of(request)
     engine = _prepare(state, body)
+    constraint = body.constraint()
     prompts = [p if isinstance(p, list) else encode_completion(engine.tokenizer, p) for p in body.prompts()]
-    choices = _submit(engine, body, prompts, body.max_tokens, {})
+    grammar = await _compile(engine, constraint)
+    choices = _submit(engine, body, prompts, body.max_tokens, {}, grammar)
     chunks = CompletionChunks(f"cmpl-{choices.request_id}", created(), state.model_name)
     return await _answer(choices, chunks, body, request, COMPLETIONS_ROUTE)
 
@@ -93,12 +108,23 @@ def _prepare(state: AppState, body: SamplingFields) -> Engine:
     return engine
 
 
+async def _compile(engine: Engine, constraint: Constraint | None) -> Grammar | None:
+    """The constraint's grammar, compiled off the engine thread (or from the cache); a 400 if it is refused."""
+    return None if constraint is None else await engine.grammars.compile(constraint.spec)
+
+
 def _submit(
-    engine: Engine, body: SamplingFields, prompts: list[list[int]], max_tokens: int | None, names: dict[str, str]
+    engine: Engine,
+    body: SamplingFields,
+    prompts: list[list[int]],
+    max_tokens: int | None,
+    names: dict[str, str],
+    grammar: Grammar | None = None,
 ) -> Choices:
     # A fresh suffix keeps engine ids unique even when a client reuses its X-Request-ID.
     choices = Choices(engine, f"{REQUEST_ID.get()}.{secrets.token_hex(3)}")
-    choices.submit(prompts, body.sampling_params(max_tokens), body.n, names)
+    params = body.sampling_params(max_tokens)
+    choices.submit(prompts, params if grammar is None else replace(params, grammar=grammar), body.n, names)
     return choices
 
 
@@ -156,6 +182,43 @@ class ChatChunks(Chunks):
 
     def finish(self, index: int, reason: str) -> dict[str, Any]:
         return self._chunk(index, {}, reason)
+
+
+@dataclass(frozen=True)
+class ToolCallChunks(ChatChunks):
+    """A chat answer constrained to a tool call: a complete call becomes `tool_calls` with finish_reason
+    "tool_calls". When streaming, the call's text is held until the call is complete, then sent in one chunk
+    with the finish reason; an answer that is not a complete call (cut by max_tokens or a stop string) is
+    sent as plain content with its own finish reason."""
+
+    tool_calls: ToolCalls = ToolCalls(None)
+    held: dict[int, list[str]] = field(default_factory=dict)
+
+    def _calls(self, text: str, reason: str) -> list[dict[str, Any]] | None:
+        calls = self.tool_calls.parse(text) if reason == "stop" else None
+        if calls is None:
+            return None
+        return [
+            {"id": f"call_{secrets.token_hex(12)}", "type": "function", "function": {"name": name, "arguments": arguments}}
+            for name, arguments in calls
+        ]
+
+    def choice(self, index: int, result: ChoiceResult) -> dict[str, Any]:
+        answer = super().choice(index, result)
+        if (calls := self._calls(answer["message"]["content"], answer["finish_reason"])) is not None:
+            answer["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
+            answer["finish_reason"] = "tool_calls"
+        return answer
+
+    def delta(self, index: int, text: str) -> None:
+        self.held.setdefault(index, []).append(text)
+        return None
+
+    def finish(self, index: int, reason: str) -> dict[str, Any]:
+        text = "".join(self.held.pop(index, []))
+        if (calls := self._calls(text, reason)) is not None:
+            return self._chunk(index, {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}, "tool_calls")
+        return self._chunk(index, {"content": text} if text else {}, reason)
 
 
 class CompletionChunks(Chunks):

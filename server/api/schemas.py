@@ -10,10 +10,12 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
+from server import structured
 from server.errors import InvalidRequest
 from server.request import SamplingParams
 
 MAX_CHOICES = 16  # `n`: each choice is its own row in the batch
+GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 Float = Annotated[float, Field(allow_inf_nan=False)]
 TokenIds = list[StrictInt]
@@ -51,10 +53,18 @@ class SamplingFields(BaseModel):
     top_logprobs: Any = None
     logit_bias: dict[str, Any] | None = None
     best_of: Any = None
+    # Structured output (server/structured.py): OpenAI's response_format, or vLLM's structured_outputs.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    # vLLM's older spellings of structured_outputs: refused by name rather than silently ignored.
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
 
     def unsupported(self) -> list[str]:
         """Fields that were set to something the server cannot do."""
-        refused = []
+        refused = [name for name in GUIDED if getattr(self, name) is not None]
         if self.logprobs not in (None, False):
             refused.append("logprobs")
         if self.top_logprobs not in (None, 0):
@@ -84,6 +94,10 @@ class SamplingFields(BaseModel):
         }
         return SamplingParams(**{k: v for k, v in values.items() if v is not None})
 
+    def constraint(self) -> structured.Constraint | None:
+        """The structured-output constraint asked for, validated; None for free text."""
+        return structured.parse(response_format=self.response_format, structured_outputs=self.structured_outputs)
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -110,22 +124,26 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
 
     def unsupported(self) -> list[str]:
         refused = super().unsupported()
-        for name in ("tools", "functions"):
-            if getattr(self, name):
-                refused.append(name)
-        if self.tool_choice not in (None, "none"):
-            refused.append("tool_choice")
+        if self.functions:
+            refused.append("functions")
         if self.function_call not in (None, "none"):
             refused.append("function_call")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            refused.append("response_format")
         return refused
+
+    def constraint(self) -> structured.Constraint | None:
+        return structured.parse(
+            response_format=self.response_format,
+            structured_outputs=self.structured_outputs,
+            tools=self.tools,
+            tool_choice=self.tool_choice,
+            parallel_tool_calls=self.parallel_tool_calls,
+        )
 
     def template_messages(self) -> list[dict[str, str]]:
         """Messages as the chat template takes them: known roles, plain string content."""
