@@ -446,7 +446,9 @@ class GrammarCompiler:
         timeout_s: float = COMPILE_TIMEOUT_S,
     ) -> None:
         # Serialized here, on the constructing thread: a tokenizer's backend must not be used by two threads.
-        self._tokenizer_json = tokenizer.backend_tokenizer.to_str()
+        # A slow (Python) tokenizer has none; structured output is then refused request by request.
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._tokenizer_json = backend.to_str() if backend is not None else None
         self._vocab_size = vocab_size
         self._eos_token_ids = tuple(eos_token_ids)
         self.cache_size = cache_size
@@ -495,7 +497,12 @@ class GrammarCompiler:
         started = time.perf_counter()
         with self._backend_lock:
             if self._backend is None:
-                self._backend = LLGuidanceBackend(self._tokenizer_json, self._vocab_size, self._eos_token_ids)
+                if self._tokenizer_json is None:
+                    raise GrammarError("structured output needs a fast (Rust) tokenizer, which this model has not got")
+                try:
+                    self._backend = LLGuidanceBackend(self._tokenizer_json, self._vocab_size, self._eos_token_ids)
+                except Exception as exc:  # not cached as a refusal: see _failed_unexpectedly
+                    raise RuntimeError(f"structured output is unavailable for this tokenizer: {exc}") from exc
             backend = self._backend
         grammar = backend.compile(spec)
         metrics.GRAMMAR_COMPILE_TIME.observe(time.perf_counter() - started)

@@ -359,3 +359,14 @@ def test_the_engine_keeps_serving_after_a_grammar_fails_a_request(tiny: LoadedMo
     assert broken.finish_reason is FinishReason.ERROR and broken.error
     assert free.finish_reason is FinishReason.LENGTH and len(free.token_ids) == 12
     assert after.finish_reason is FinishReason.STOP and re.fullmatch("[a-z]{3,6}", after.text)
+
+
+def test_a_tokenizer_without_a_fast_backend_refuses_structured_output_only() -> None:
+    class SlowTokenizer:  # no backend_tokenizer: the engine still starts; each constrained request is a 400
+        pass
+
+    compiler = GrammarCompiler(SlowTokenizer(), 100, (2,))
+    with pytest.raises(InvalidRequest) as info:
+        compiler.compile_now(parse(response_format={"type": "json_object"}).spec)
+    assert info.value.param == "response_format" and "fast" in info.value.message
+    compiler.close()
