@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -97,7 +98,9 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def one_request(client: httpx.AsyncClient, model: str | None, prompt: str, max_tokens: int) -> Sample:
+async def one_request(
+    client: httpx.AsyncClient, model: str | None, prompt: str, max_tokens: int, extra: dict[str, Any] | None = None
+) -> Sample:
     body = {
         "prompt": prompt,
         "max_tokens": max_tokens,
@@ -108,6 +111,7 @@ async def one_request(client: httpx.AsyncClient, model: str | None, prompt: str,
     }
     if model:
         body["model"] = model
+    body.update(extra or {})  # e.g. a response_format (bench.structured)
     sent = time.perf_counter()
     arrivals: list[float] = []
     usage_tokens = None
@@ -134,14 +138,17 @@ async def one_request(client: httpx.AsyncClient, model: str | None, prompt: str,
     return Sample(ok=True, ttft=arrivals[0] - sent, itl=gaps, e2e=done - sent, output_tokens=usage_tokens or len(arrivals))
 
 
-async def run_level(url: str, model: str | None, workload: Workload, concurrency: int, requests: int, label: str) -> Level:
+async def run_level(
+    url: str, model: str | None, workload: Workload, concurrency: int, requests: int, label: str,
+    extra: dict[str, Any] | None = None,
+) -> Level:
     queue = list(reversed(workload.prompts[:requests]))
     samples: list[Sample] = []
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
 
     async def client_loop(client: httpx.AsyncClient) -> None:
         while queue:
-            samples.append(await one_request(client, model, queue.pop(), workload.max_tokens))
+            samples.append(await one_request(client, model, queue.pop(), workload.max_tokens, extra))
 
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0), limits=limits) as client:
         started = time.perf_counter()

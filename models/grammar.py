@@ -42,4 +42,7 @@ def apply_masks(logits: torch.Tensor, rows: Sequence[Constrained]) -> None:
     index = torch.tensor([i for i, _ in masks], device=device)
     words = torch.from_numpy(np.stack([mask for _, mask in masks])).to(device)
     allowed = unpack(words, logits.shape[-1])
-    logits[index] = logits.index_select(0, index).masked_fill(~allowed, float("-inf"))
+    if len(masks) == logits.shape[0]:  # every row constrained: no gather and scatter
+        logits.masked_fill_(~allowed, float("-inf"))
+    else:
+        logits[index] = logits.index_select(0, index).masked_fill(~allowed, float("-inf"))

@@ -70,3 +70,10 @@ def test_no_step_after_the_mask_brings_a_masked_token_back() -> None:
         tokens = sample(logits.clone(), rows, generators).tolist()
         assert all(t in (1, 2) for t in tokens), tokens
         assert tokens[3] == 2
+
+
+def test_a_batch_of_constrained_rows_only_is_masked_in_place() -> None:
+    logits = torch.zeros(2, 40)
+    apply_masks(logits, [Row(bitmask([0, 39], 40)), Row(bitmask([33], 40))])
+    assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == [0, 39]
+    assert torch.isfinite(logits[1]).nonzero().flatten().tolist() == [33]
