@@ -2,16 +2,19 @@
 
 Vectorised over rows; what cannot be (a row's random draw) uses that row's own generator, so a seeded
 row draws the same numbers whatever else is in the batch. The order is vLLM's: suppressed tokens,
-penalties, then greedy argmax or temperature, top-k, top-p, min-p and an inverse-CDF draw.
+penalties, then greedy argmax or temperature, top-k, top-p, min-p and an inverse-CDF draw. A constrained
+row's grammar mask comes before all of them (models/grammar.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
+
+from models.grammar import apply_masks
 
 
 class SamplingParams(Protocol):
@@ -52,6 +55,10 @@ class Row(Protocol):
         """Tokens this row may not produce now (its stop tokens, before min_tokens is reached)."""
         ...
 
+    def allowed_tokens(self) -> Any:
+        """A constrained row's int32 bitmask of the tokens its grammar allows now; None for a free row."""
+        ...
+
 
 def make_generator(seed: int | None) -> torch.Generator:
     """A CPU generator for one row: seeded rows repeat, unseeded rows draw a fresh seed."""
@@ -89,6 +96,8 @@ def sample(logits: torch.Tensor, rows: Sequence[Row], generators: Sequence[torch
     """logits [rows, vocab] -> token ids [rows] (int64, on the logits' device). Float32 logits are
     modified in place."""
     logits = logits.float()
+    # Grammar masks first, on the raw logits: nothing after this step can bring a masked token back.
+    apply_masks(logits, rows)
     _suppress(logits, rows)
     _penalize(logits, rows)
     tokens = logits.argmax(dim=-1)

@@ -31,6 +31,7 @@ from server.detokenizer import Detokenizer
 from server.errors import ContextLengthExceeded, EngineUnavailable, InvalidRequest
 from server.request import Event, FinishReason, Request, SamplingParams, Scored, Status
 from server.scheduler import Budgets, Plan, Scheduler
+from server.structured import GrammarCompiler
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ class Engine:
         # since a tokenizer's backend must not be used from two threads at once.
         self.tokenizer = loaded.tokenizer
         self._tokenizer = copy.deepcopy(loaded.tokenizer)
+        # Structured output: grammars compile on their own worker threads, before their requests are queued.
+        self.grammars = GrammarCompiler(loaded.tokenizer, self.info.vocab_size, self.info.eos_token_ids)
         self._runner: ModelRunner[Request] = ModelRunner(loaded.model, budgets.max_batch_size)
         self._scheduler = Scheduler(budgets)
         self._lock = threading.Lock()  # guards the scheduler's queue, _requests and _accepting
@@ -109,6 +112,7 @@ class Engine:
                 self.cancel(request_id)
         self._stopping = True
         self._wake.set()
+        self.grammars.close()
         if not self._thread.is_alive():
             return
         await asyncio.to_thread(self._thread.join, timeout)
@@ -172,6 +176,7 @@ class Engine:
             stop_token_ids=frozenset(stop_ids),
             detokenizer=Detokenizer(self._tokenizer, params.stop),
             loop=loop,
+            grammar=params.grammar.start() if params.grammar is not None else None,
         )
 
     async def _stream(self, request: Request) -> AsyncIterator[Event]:
@@ -309,11 +314,12 @@ class Engine:
         if sampled.logprobs is not None:
             request.unsent_logprobs.append(Scored(sampled.logprobs, text_offset=detokenizer.decoded_chars))
         reason = None
-        if token in request.stop_token_ids:
+        complete = self._advance_grammar(request, token)
+        if token in request.stop_token_ids or (complete and token in request.grammar.end_tokens):
             text, reason = "", FinishReason.STOP  # a stop token's own text is never shown
         else:
             text = detokenizer.push(token)
-            if detokenizer.stopped:
+            if detokenizer.stopped or complete:
                 reason = FinishReason.STOP
         if reason is None and len(request.output_ids) >= request.max_tokens:
             reason = FinishReason.LENGTH
@@ -323,6 +329,11 @@ class Engine:
         else:
             text += detokenizer.flush()
             self._finish(request, reason, text=text, token_ids=(token,), prompt_logprobs=prompt_logprobs)
+
+    def _advance_grammar(self, request: Request, token: int) -> bool:
+        """Walk a constrained request's grammar by its new token; True once the grammar is complete, which
+        ends the request ("stop"). A token the grammar refuses raises, failing this request alone."""
+        return request.grammar is not None and request.grammar.accept(token)
 
     def _finish(
         self,

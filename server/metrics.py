@@ -5,7 +5,7 @@ Latency buckets span a GPU's milliseconds and a CPU's tens of seconds.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, Summary
 
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
@@ -38,4 +38,13 @@ PROMPT_TOKENS = Counter("tokenferry_prompt_tokens_total", "Prompt tokens prefill
 GENERATED_TOKENS = Counter("tokenferry_generation_tokens_total", "Tokens generated.")
 STEP_TIME = Histogram(
     "tokenferry_step_duration_seconds", "One model step, by phase.", ["phase"], buckets=LATENCY_BUCKETS
+)
+GRAMMAR_CACHE = Counter(
+    "tokenferry_grammar_cache_total", "Compiled-grammar cache lookups for structured output, by result (hit, miss).", ["result"]
+)
+GRAMMAR_COMPILE_TIME = Histogram(
+    "tokenferry_grammar_compile_seconds", "Compiling one grammar (a cache miss), off the engine thread.", buckets=LATENCY_BUCKETS
+)
+GRAMMAR_MASK_TIME = Summary(
+    "tokenferry_grammar_mask_seconds", "Computing one constrained row's allowed-token mask for one step."
 )

@@ -8,6 +8,7 @@ with its control tokens, and each content with special tokens split into ordinar
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 from collections.abc import Sequence
@@ -22,18 +23,32 @@ def encode_completion(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=True))
 
 
-def encode_chat(tokenizer: Any, messages: Sequence[dict[str, str]], allow_special_tokens: bool = False) -> list[int]:
-    """Render `messages` ({"role", "content"} with string content) with the chat template and tokenize."""
+def encode_chat(
+    tokenizer: Any,
+    messages: Sequence[dict[str, str]],
+    allow_special_tokens: bool = False,
+    tools: Sequence[dict[str, Any]] | None = None,
+) -> list[int]:
+    """Render `messages` ({"role", "content"} with string content) with the chat template and tokenize.
+
+    `tools` go to a template that supports them (see `supports_tools`); the template spells them out as its
+    own text, so unless `allow_special_tokens` is set they may not contain a control token."""
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequest("this model has no chat template; use /v1/completions", param="messages")
     for index, message in enumerate(messages):
         _require_unicode(message["content"], f"messages[{index}].content")
+    if tools and not allow_special_tokens:
+        text = json.dumps(list(tools), ensure_ascii=False)
+        _require_unicode(text, "tools")
+        for token in getattr(tokenizer, "all_special_tokens", ()):
+            if token and token in text:
+                raise InvalidRequest(f"tools: the text contains the control token {token!r}", param="tools")
     if allow_special_tokens:
-        return _encode_template(tokenizer, _render(tokenizer, messages))
+        return _encode_template(tokenizer, _render(tokenizer, messages, tools))
     # The marker is random per call, so no message can forge one.
     marker = f"\x00{secrets.token_hex(8)}:"
     placeholders = [{**m, "content": f"{marker}{i}\x00"} for i, m in enumerate(messages)]
-    rendered = _render(tokenizer, placeholders)
+    rendered = _render(tokenizer, placeholders, tools)
     ids: list[int] = []
     pattern = re.compile(re.escape(marker) + r"(\d+)\x00")
     position = 0
@@ -54,9 +69,24 @@ def _require_unicode(text: str, param: str) -> None:
         raise InvalidRequest(f"{param}: the text contains invalid Unicode (a lone surrogate)", param=param) from None
 
 
-def _render(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
+def supports_tools(tokenizer: Any) -> bool:
+    """Whether the chat template renders a `tools` list itself (else tools go into a system message)."""
+    template = getattr(tokenizer, "chat_template", None)
+    return isinstance(template, str) and re.search(r"\btools\b", template) is not None
+
+
+def with_system_text(messages: Sequence[dict[str, str]], text: str) -> list[dict[str, str]]:
+    """`text` added to the system message, or as a system message of its own before the first one."""
+    if messages and messages[0]["role"] == "system":
+        first = messages[0]["content"]
+        return [{**messages[0], "content": f"{first}\n\n{text}" if first else text}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
+def _render(tokenizer: Any, messages: Sequence[dict[str, str]], tools: Sequence[dict[str, Any]] | None = None) -> str:
+    extra = {"tools": list(tools)} if tools else {}
     try:
-        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True, **extra)
     except Exception as exc:  # the template's own raise_exception(), or a malformed conversation
         raise InvalidRequest(f"the chat template rejected the messages: {exc}", param="messages") from None
 

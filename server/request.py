@@ -7,10 +7,14 @@ import math
 import time
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
+from typing import TYPE_CHECKING, Any
 
 from models.sampler import TokenLogprobs
 from server.detokenizer import Detokenizer
 from server.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from server.structured import Grammar, GrammarState
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
@@ -64,6 +68,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no scores; k: each output token's raw logprob and the k most likely
     prompt_logprobs: int | None = None  # the same for the prompt's tokens; with it, max_tokens may be 0
+    grammar: Grammar | None = None  # structured output: compiled (server/structured.py), shared by its requests
 
     def __post_init__(self) -> None:
         if self.top_k == -1:
@@ -188,6 +193,7 @@ class Request:
     scheduled_at: float | None = None
     first_token_at: float | None = None
     last_token_at: float | None = None
+    grammar: GrammarState | None = None  # this request's own walk through params.grammar
 
     @property
     def num_tokens(self) -> int:
@@ -199,8 +205,17 @@ class Request:
         return self.status is Status.FINISHED
 
     def suppressed_token_ids(self) -> frozenset[int]:
-        """Before min_tokens, no stop token may be sampled (as in vLLM)."""
-        return self.stop_token_ids if len(self.output_ids) < self.params.min_tokens else frozenset()
+        """Before min_tokens, no stop token may be sampled (as in vLLM), unless the grammar allows nothing else:
+        then it must end, and suppressing would leave no token at all."""
+        if len(self.output_ids) >= self.params.min_tokens:
+            return frozenset()
+        if self.grammar is not None and self.grammar.allows_only(self.stop_token_ids):
+            return frozenset()
+        return self.stop_token_ids
+
+    def allowed_tokens(self) -> Any:
+        """The grammar's bitmask of the tokens allowed now; None for free text."""
+        return None if self.grammar is None else self.grammar.allowed_tokens()
 
     def usage(self) -> Usage:
         return Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.output_ids))

@@ -21,8 +21,9 @@ from server.api.state import AppState, state_of
 from server.engine import Engine
 from server.errors import ContextLengthExceeded, EngineUnavailable, GenerationFailed, InvalidRequest, QueueFull
 from server.logs import REQUEST_ID
-from server.prompt import encode_chat, encode_completion
+from server.prompt import encode_chat, encode_completion, supports_tools, with_system_text
 from server.request import Event, SamplingParams, Scored
+from server.structured import Constraint, Grammar, ToolCalls, tool_prompt
 
 CHAT_ROUTE = "/v1/chat/completions"
 COMPLETIONS_ROUTE = "/v1/completions"
@@ -91,10 +92,23 @@ async def retrieve_model(
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     state = state_of(request)
     engine = _prepare(state, body)
-    prompt = encode_chat(engine.tokenizer, body.template_messages(), state.config.allow_special_tokens)
+    constraint = body.constraint()
+    messages, tools = body.template_messages(), None
+    if constraint is not None and constraint.tool_calls is not None:
+        if supports_tools(engine.tokenizer):
+            tools = constraint.tools
+        else:
+            messages = with_system_text(messages, tool_prompt(constraint))
+    prompt = encode_chat(engine.tokenizer, messages, state.config.allow_special_tokens, tools)
+    grammar = await _compile(engine, constraint)
     max_tokens, name = body.requested_max_tokens
-    choices = _submit(engine, body, [prompt], body.sampling_params(max_tokens), {"prompt": "messages", "max_tokens": name})
-    chunks = ChatChunks(f"chatcmpl-{choices.request_id}", created(), state.model_name, _vocab(state, body), body.output_logprobs)
+    params = body.sampling_params(max_tokens, grammar=grammar)
+    choices = _submit(engine, body, [prompt], params, {"prompt": "messages", "max_tokens": name})
+    chunk_id, vocab = f"chatcmpl-{choices.request_id}", _vocab(state, body)
+    if constraint is not None and constraint.tool_calls is not None:
+        chunks: Chunks = ToolCallChunks(chunk_id, created(), state.model_name, vocab, body.output_logprobs, constraint.tool_calls)
+    else:
+        chunks = ChatChunks(chunk_id, created(), state.model_name, vocab, body.output_logprobs)
     return await _answer(choices, chunks, body, request, CHAT_ROUTE)
 
 
@@ -102,8 +116,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 async def completions(body: CompletionRequest, request: Request) -> Response:
     state = state_of(request)
     engine = _prepare(state, body)
+    constraint = body.constraint()
     prompts = [p if isinstance(p, list) else encode_completion(engine.tokenizer, p) for p in body.prompts()]
-    params = body.sampling_params(body.max_tokens, prompt_logprobs=body.prompt_logprobs)
+    grammar = await _compile(engine, constraint)
+    params = body.sampling_params(body.max_tokens, prompt_logprobs=body.prompt_logprobs, grammar=grammar)
     choices = _submit(engine, body, prompts, params, {})
     chunks = CompletionChunks(
         f"cmpl-{choices.request_id}",
@@ -134,6 +150,11 @@ def _prepare(state: AppState, body: SamplingFields) -> Engine:
         raise InvalidRequest(f"unsupported field(s): {', '.join(refused)}", param=refused[0])
     body.validate_choices()
     return engine
+
+
+async def _compile(engine: Engine, constraint: Constraint | None) -> Grammar | None:
+    """The constraint's grammar, compiled off the engine thread (or from the cache); a 400 if it is refused."""
+    return None if constraint is None else await engine.grammars.compile(constraint.spec)
 
 
 def _submit(
@@ -210,6 +231,46 @@ class ChatChunks(Chunks):
 
     def finish(self, index: int, reason: str) -> dict[str, Any]:
         return self._chunk(index, {}, reason)
+
+
+@dataclass
+class ToolCallChunks(ChatChunks):
+    """A chat answer constrained to a tool call: a complete call becomes `tool_calls` with finish_reason
+    "tool_calls". When streaming, the call's text is held until the call is complete, then sent in one chunk
+    with the finish reason; an answer that is not a complete call (cut by max_tokens or a stop string) is
+    sent as plain content with its own finish reason."""
+
+    tool_calls: ToolCalls = ToolCalls(None)
+    held: dict[int, list[Event]] = field(default_factory=dict)
+
+    def _calls(self, text: str, reason: str) -> list[dict[str, Any]] | None:
+        calls = self.tool_calls.parse(text) if reason == "stop" else None
+        if calls is None:
+            return None
+        return [
+            {"id": f"call_{secrets.token_hex(12)}", "type": "function", "function": {"name": name, "arguments": arguments}}
+            for name, arguments in calls
+        ]
+
+    def choice(self, index: int, result: ChoiceResult) -> dict[str, Any]:
+        answer = super().choice(index, result)
+        if (calls := self._calls(answer["message"]["content"], answer["finish_reason"])) is not None:
+            answer["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
+            answer["finish_reason"] = "tool_calls"
+        return answer
+
+    def delta(self, index: int, event: Event) -> None:
+        self.held.setdefault(index, []).append(event)
+        return None
+
+    def finish(self, index: int, reason: str) -> dict[str, Any]:
+        held = self.held.pop(index, [])
+        text = "".join(event.text for event in held)
+        logprobs = self._logprobs([scored for event in held for scored in event.logprobs])
+        if (calls := self._calls(text, reason)) is not None:
+            tool_calls = [{"index": i, **call} for i, call in enumerate(calls)]
+            return self._chunk(index, {"tool_calls": tool_calls}, "tool_calls", logprobs)
+        return self._chunk(index, {"content": text} if text else {}, reason, logprobs)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr, WithJsonSchema
 
+from server import structured
 from server.errors import InvalidRequest
 from server.request import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, SEED_RANGE, SamplingParams
 
@@ -79,6 +80,56 @@ TokenId = Annotated[StrictInt, doc(minimum=0, **{LIMIT: Limit.TOKEN_ID.value}), 
 TokenIds = list[TokenId]
 StopText = Annotated[StrictStr, doc(minLength=1, maxLength=MAX_STOP_STRING_CHARS)]  # SamplingParams checks
 
+# The shapes server/structured.py reads. What they hold (a JSON schema llguidance can enforce, a regex or a
+# grammar that compiles, a tool_choice naming one of the tools) cannot be stated here: those are 400s naming the field.
+_NAME = {"type": "string", "pattern": structured.FUNCTION_NAME.pattern}
+_SPEC_TEXT = {"type": "string", "minLength": 1, "maxLength": structured.MAX_SPEC_CHARS}
+RESPONSE_FORMAT = {
+    "properties": {
+        "type": {"enum": ["text", "json_object", "json_schema"]},
+        "json_schema": {
+            "type": "object",
+            "properties": {"name": _NAME, "schema": {"type": "object"}, "strict": {"type": ["boolean", "null"]}},
+            "required": ["name", "schema"],
+        },
+    },
+    "required": ["type"],
+}
+STRUCTURED_OUTPUTS = {
+    "properties": {
+        "json": {"type": ["object", "string", "null"]},
+        "regex": {"anyOf": [_SPEC_TEXT, {"type": "null"}]},
+        "choice": {
+            "anyOf": [
+                {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": structured.MAX_CHOICES},
+                {"type": "null"},
+            ]
+        },
+        "grammar": {"anyOf": [_SPEC_TEXT, {"type": "null"}]},
+    },
+    "additionalProperties": False,
+}
+TOOL = {
+    "type": "object",
+    "properties": {
+        "type": {"const": "function"},
+        "function": {
+            "type": "object",
+            "properties": {"name": _NAME, "description": {"type": "string"}, "parameters": {"type": "object"}},
+            "required": ["name"],
+        },
+    },
+    "required": ["function"],
+}
+TOOL_CHOICE = [
+    {"enum": ["none", "auto", "required", None]},
+    {
+        "type": "object",
+        "properties": {"type": {"const": "function"}, "function": {"type": "object", "properties": {"name": _NAME}, "required": ["name"]}},
+        "required": ["function"],
+    },
+]
+
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
@@ -128,6 +179,9 @@ class SamplingFields(BaseModel):
     return_tokens_as_token_ids: StrictBool = False  # vLLM's: name tokens in scores "token_id:<id>"
     # Fields the server cannot honour: the document admits only the values `unsupported` lets through.
     logit_bias: Annotated[dict[str, Any] | None, doc(maxProperties=0)] = None
+    # Structured output (server/structured.py): OpenAI's response_format, or vLLM's structured_outputs.
+    response_format: Annotated[dict[str, Any] | None, doc(**RESPONSE_FORMAT)] = None
+    structured_outputs: Annotated[dict[str, Any] | None, doc(**STRUCTURED_OUTPUTS)] = None
 
     def unsupported(self) -> list[str]:
         """Fields that were set to something the server cannot do."""
@@ -155,7 +209,9 @@ class SamplingFields(BaseModel):
         """Top entries per generated token the client asked for (None: no scores); each route spells it its way."""
         return None
 
-    def sampling_params(self, max_tokens: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
+    def sampling_params(
+        self, max_tokens: int | None, prompt_logprobs: int | None = None, grammar: structured.Grammar | None = None
+    ) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         values = {
             "max_tokens": max_tokens,
@@ -174,8 +230,13 @@ class SamplingFields(BaseModel):
             # Ranking best_of candidates needs each token's score, asked for or not.
             "logprobs": 0 if self.output_logprobs is None and self.best_of is not None else self.output_logprobs,
             "prompt_logprobs": prompt_logprobs,
+            "grammar": grammar,
         }
         return SamplingParams(**{k: v for k, v in values.items() if v is not None})
+
+    def constraint(self) -> structured.Constraint | None:
+        """The structured-output constraint asked for, validated; None for free text."""
+        return structured.parse(response_format=self.response_format, structured_outputs=self.structured_outputs)
 
     @property
     def include_usage(self) -> bool:
@@ -213,23 +274,18 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Annotated[StrictInt, Field(ge=1), INTEGRAL] | None = None
     logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS, description="only with logprobs: true"), INTEGRAL] | None = None
-    tools: Annotated[list[Any] | None, doc(maxItems=0)] = None
-    tool_choice: Annotated[Any, doc(enum=[None, "none"])] = None
+    tools: Annotated[list[dict[str, Any]] | None, doc(maxItems=structured.MAX_TOOLS, items=TOOL)] = None
+    tool_choice: Annotated[Any, doc(anyOf=TOOL_CHOICE)] = None
+    parallel_tool_calls: StrictBool | None = None
     functions: Annotated[list[Any] | None, doc(maxItems=0)] = None
     function_call: Annotated[Any, doc(enum=[None, "none"])] = None
-    response_format: Annotated[dict[str, Any] | None, doc(properties={"type": {"const": "text"}})] = None
 
     def unsupported(self) -> list[str]:
         refused = super().unsupported()
-        for name in ("tools", "functions"):
-            if getattr(self, name):
-                refused.append(name)
-        if self.tool_choice not in (None, "none"):
-            refused.append("tool_choice")
+        if self.functions:
+            refused.append("functions")
         if self.function_call not in (None, "none"):
             refused.append("function_call")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            refused.append("response_format")
         if not _is_neutral((self.model_extra or {}).get("echo")):  # vLLM's chat echo (of the last message)
             refused.append("echo")
         return refused
@@ -239,6 +295,16 @@ class ChatCompletionRequest(SamplingFields):
         if self.top_logprobs and not self.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs: true", param="top_logprobs")
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def constraint(self) -> structured.Constraint | None:
+        """The structured-output constraint asked for, validated; None for free text."""
+        return structured.parse(
+            response_format=self.response_format,
+            structured_outputs=self.structured_outputs,
+            tools=self.tools,
+            tool_choice=self.tool_choice,
+            parallel_tool_calls=self.parallel_tool_calls,
+        )
 
     def template_messages(self) -> list[dict[str, str]]:
         """Messages as the chat template takes them: known roles, plain string content."""

@@ -8,8 +8,11 @@ Two, each as narrow as it can be:
   valid one invalid;
 - the limits JSON Schema cannot state, as they compare two values (documented on the 400 response and on the
   fields): a prompt and `max_tokens` over the model's context (code `context_length_exceeded`), and
-  `min_tokens` over `max_tokens`, and `best_of` under `n` (or over it while streaming). A schema-valid body refused with a 400 for exactly those reasons is not a
-  failure of `positive_data_acceptance`; any other refusal of a schema-valid body still is.
+  `min_tokens` over `max_tokens`, and `best_of` under `n` (or over it while streaming); and what a
+  structured-output field holds, which the document gives only the shape of: a JSON schema the grammar
+  backend cannot enforce, a regex or grammar that does not compile, a tool_choice naming no tool, two
+  constraints at once. A schema-valid body refused with a 400 for exactly those reasons is not a failure of
+  `positive_data_acceptance`; any other refusal of a schema-valid body still is.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from schemathesis.openapi.checks import RejectedPositiveData
 
 MAX_NEW_TOKENS = 8
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
+STRUCTURED_FIELDS = ("response_format", "structured_outputs", "tools", "tool_choice")
 
 
 @schemathesis.hook
@@ -48,7 +52,12 @@ def beyond_json_schema(response: Any) -> bool:
         error = response.json()["error"]
     except (ValueError, KeyError, TypeError):
         return False
-    return error.get("code") == "context_length_exceeded" or error.get("param") in ("min_tokens", "best_of")
+    param = error.get("param") or ""
+    return (
+        error.get("code") == "context_length_exceeded"
+        or param in ("min_tokens", "best_of")
+        or param.split(".")[0].split("[")[0] in STRUCTURED_FIELDS
+    )
 
 
 @schemathesis.hook

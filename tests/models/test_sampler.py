@@ -34,6 +34,9 @@ class Row:
     def suppressed_token_ids(self) -> tuple[int, ...]:
         return self.suppressed
 
+    def allowed_tokens(self) -> None:
+        return None
+
 
 def logits_of(*probabilities: list[float]) -> torch.Tensor:
     return torch.tensor([[math.log(p) for p in row] for row in probabilities])

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from models import LoadedModel
 from server.errors import InvalidRequest
-from server.prompt import encode_chat, encode_completion
+from server.prompt import encode_chat, encode_completion, supports_tools, with_system_text
 
 CONVERSATION = [
     {"role": "system", "content": "You are a helpful ferry captain."},
@@ -51,3 +53,30 @@ def test_a_template_error_is_a_400(tokenizer) -> None:
 
     with pytest.raises(InvalidRequest, match="chat template"):
         encode_chat(NoTemplate(), CONVERSATION)
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+TOOLS_TEMPLATE = (
+    "{% if tools %}{{ '<|im_start|>system\nTools: ' + (tools | tojson) + '<|im_end|>\n' }}{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_tools_go_to_a_template_that_renders_them_and_never_forge_control_tokens(tiny: LoadedModel) -> None:
+    assert not supports_tools(tiny.tokenizer)
+    tokenizer = copy.deepcopy(tiny.tokenizer)
+    tokenizer.chat_template = TOOLS_TEMPLATE
+    assert supports_tools(tokenizer)
+    messages = [{"role": "user", "content": "Weather?"}]
+    assert "get_weather" in tokenizer.decode(encode_chat(tokenizer, messages, tools=TOOLS))
+    forged = [{"type": "function", "function": {"name": "f", "description": FORGERY}}]
+    with pytest.raises(InvalidRequest) as info:
+        encode_chat(tokenizer, messages, tools=forged)
+    assert info.value.param == "tools"
+    # Without template support the tools become system text, joined to an existing system message.
+    assert with_system_text(messages, "T")[0] == {"role": "system", "content": "T"}
+    assert with_system_text(CONVERSATION, "T")[0]["content"] == CONVERSATION[0]["content"] + "\n\nT"
+    assert with_system_text(CONVERSATION, "T")[1:] == CONVERSATION[1:]

@@ -1,0 +1,515 @@
+"""Structured output: `response_format`, vLLM's `structured_outputs` and `tools` -> a grammar, compiled off
+the engine thread, cached, and walked one token at a time by each constrained request.
+
+Three parts:
+- `parse(...)` reads the request's fields (plain JSON values) into one `Constraint`, or None for free text.
+  Every bad input is an InvalidRequest naming its field; two constraints at once is one too.
+- `GrammarCompiler.compile(spec)` turns a spec into a `Grammar` on a small worker pool, with a time limit,
+  behind a bounded LRU cache keyed by a hash of the spec's canonical text. A request is queued only once
+  its grammar is ready, so a slow compile never stalls the rows already running.
+- `Grammar.start()` gives each request its own `GrammarState`: the engine thread asks it for the tokens
+  allowed next (an int32 bitmask that models/grammar.py applies to the logits) and advances it with every
+  accepted token.
+
+The backend is llguidance, behind the small `Backend` interface, so another one can be added. It refuses
+the schema keywords it cannot enforce; that refusal is a 400, never a silent fall back to free text.
+JSON whitespace is bounded (`JSON_WHITESPACE`), so a model cannot loop on spaces until max_tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from server import metrics
+from server.errors import InvalidRequest
+
+# Between two JSON tokens: nothing, one space, or a newline and an indentation of spaces or of tabs (as
+# llama.cpp's JSON grammar allows). Room for compact and pretty-printed output, but a bound on every gap,
+# so whitespace alone can never run to max_tokens, and no odd runs of blanks for a small model to wander into.
+JSON_WHITESPACE = r"(?: |\n(?: {0,20}|\t{0,5}))?"
+JSON_OPTIONS = {"whitespace_pattern": JSON_WHITESPACE}
+MAX_SPEC_CHARS = 64 * 1024  # a schema, regex, grammar or choice list larger than this is refused
+MAX_CHOICES = 1024
+MAX_TOOLS = 128
+COMPILE_WORKERS = 2
+COMPILE_TIMEOUT_S = 10.0
+CACHE_SIZE = 256
+MAX_ERROR_CHARS = 400
+TOOL_CHOICES = "must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}"
+FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class GrammarError(Exception):
+    """The backend refused a grammar; the message says why and is safe to show a client."""
+
+
+class GrammarViolation(Exception):
+    """A token the grammar does not allow reached the matcher: a bug, which fails that one request."""
+
+
+# ---- what a request asks for ----
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """One grammar in canonical form. `param` names the field it came from, for error messages."""
+
+    kind: str  # "json_schema", "regex", "lark" or "choice"
+    text: str  # canonical: schemas as sorted compact JSON; choices as a JSON list
+    param: str
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(f"{self.kind}\0{self.text}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ToolCalls:
+    """How a constrained answer becomes OpenAI `tool_calls`: one named function (the answer is its
+    arguments), or any of the tools (the answer is a JSON list of {"name", "parameters"})."""
+
+    function: str | None  # the named function; None for tool_choice "required"
+
+    def parse(self, text: str) -> list[tuple[str, str]] | None:
+        """[(name, arguments as JSON text)], or None when the text is not a complete call."""
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return None
+        if self.function is not None:
+            return [(self.function, json.dumps(value, ensure_ascii=False))] if isinstance(value, dict) else None
+        if not isinstance(value, list) or not value:
+            return None
+        calls = []
+        for call in value:
+            if not isinstance(call, dict) or not isinstance(call.get("name"), str) or "parameters" not in call:
+                return None
+            calls.append((call["name"], json.dumps(call["parameters"], ensure_ascii=False)))
+        return calls
+
+
+@dataclass(frozen=True)
+class Constraint:
+    spec: GrammarSpec
+    tool_calls: ToolCalls | None = None
+    tools: tuple[dict[str, Any], ...] = ()  # the functions offered, for the prompt
+
+
+def parse(
+    response_format: Any = None,
+    structured_outputs: Any = None,
+    tools: Any = None,
+    tool_choice: Any = None,
+    parallel_tool_calls: Any = None,
+) -> Constraint | None:
+    """The request's one constraint, or None. Raises InvalidRequest naming the field at fault."""
+    found: list[tuple[str, Constraint]] = []
+    if (c := _response_format(response_format)) is not None:
+        found.append(("response_format", c))
+    if (c := _structured_outputs(structured_outputs)) is not None:
+        found.append(("structured_outputs", c))
+    if (c := _tools(tools, tool_choice, parallel_tool_calls)) is not None:
+        found.append(("tools", c))
+    if len(found) > 1:
+        names = " and ".join(name for name, _ in found)
+        raise InvalidRequest(f"only one constraint per request: got {names}", param=found[1][0])
+    return found[0][1] if found else None
+
+
+def _response_format(value: Any) -> Constraint | None:
+    if value is None:
+        return None
+    _require(isinstance(value, dict), "response_format", "must be an object")
+    kind = value.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Constraint(_json_spec({"type": "object"}, "response_format"))
+    if kind == "json_schema":
+        param = "response_format.json_schema"
+        spec = value.get("json_schema")
+        _require(isinstance(spec, dict), param, "must be an object with name and schema")
+        name = spec.get("name")
+        _require(isinstance(name, str) and FUNCTION_NAME.match(name) is not None, f"{param}.name",
+                 "must be 1 to 64 letters, digits, '_', '-' or '.'")  # fmt: skip
+        _require(spec.get("strict") is None or isinstance(spec.get("strict"), bool), f"{param}.strict", "must be a boolean")
+        _require("schema" in spec, f"{param}.schema", "is required")
+        return Constraint(_json_spec(spec["schema"], f"{param}.schema"))
+    raise InvalidRequest(
+        f"response_format.type: must be 'text', 'json_object' or 'json_schema', got {kind!r}", param="response_format.type"
+    )
+
+
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar")
+
+
+def _structured_outputs(value: Any) -> Constraint | None:
+    if value is None:
+        return None
+    _require(isinstance(value, dict), "structured_outputs", "must be an object")
+    given = {k: v for k, v in value.items() if v is not None}
+    unknown = sorted(set(given) - set(STRUCTURED_KINDS))
+    if unknown:
+        raise InvalidRequest(
+            f"structured_outputs: unsupported key(s) {', '.join(unknown)}; use exactly one of {', '.join(STRUCTURED_KINDS)}",
+            param=f"structured_outputs.{unknown[0]}",
+        )
+    if not given:
+        return None
+    if len(given) != 1:
+        raise InvalidRequest(
+            f"structured_outputs: give exactly one of {', '.join(STRUCTURED_KINDS)}, got {len(given)}",
+            param="structured_outputs",
+        )
+    (kind, body), = given.items()
+    param = f"structured_outputs.{kind}"
+    if kind == "json":
+        if isinstance(body, str):
+            _require(len(body) <= MAX_SPEC_CHARS, param, f"is longer than {MAX_SPEC_CHARS} characters")
+            try:
+                body = json.loads(body)
+            except ValueError as exc:
+                raise InvalidRequest(f"{param}: not valid JSON: {exc}", param=param) from None
+        return Constraint(_json_spec(body, param))
+    if kind == "regex":
+        _require(isinstance(body, str) and body != "", param, "must be a non-empty string")
+        _require(len(body) <= MAX_SPEC_CHARS, param, f"is longer than {MAX_SPEC_CHARS} characters")
+        return Constraint(GrammarSpec("regex", body, param))
+    if kind == "choice":
+        _require(isinstance(body, list) and body, param, "must be a non-empty list of strings")
+        _require(len(body) <= MAX_CHOICES, param, f"at most {MAX_CHOICES} choices")
+        _require(all(isinstance(c, str) and c for c in body), param, "every choice must be a non-empty string")
+        text = json.dumps(body, ensure_ascii=False)
+        _require(len(text) <= MAX_SPEC_CHARS, param, f"is longer than {MAX_SPEC_CHARS} characters")
+        return Constraint(GrammarSpec("choice", text, param))
+    _require(isinstance(body, str) and body.strip() != "", param, "must be a non-empty grammar (Lark or GBNF)")
+    _require(len(body) <= MAX_SPEC_CHARS, param, f"is longer than {MAX_SPEC_CHARS} characters")
+    return Constraint(GrammarSpec("lark", body, param))
+
+
+def _tools(tools: Any, tool_choice: Any, parallel_tool_calls: Any) -> Constraint | None:
+    """tool_choice "required" or a named function constrains the answer to a call; "none" ignores the tools;
+    "auto" (the default when tools are given) needs a tool parser, which this server does not have."""
+    if not (tool_choice in (None, "none", "auto", "required") or isinstance(tool_choice, dict)):
+        raise InvalidRequest(f"tool_choice: {TOOL_CHOICES}, got {tool_choice!r}", param="tool_choice")
+    if tools is None or tool_choice == "none":
+        if isinstance(tool_choice, dict) or tool_choice == "required":
+            raise InvalidRequest("tool_choice: a tool was required but no tools were given", param="tool_choice")
+        return None
+    _require(isinstance(tools, list), "tools", "must be a list")
+    if not tools:
+        return None
+    _require(len(tools) <= MAX_TOOLS, "tools", f"at most {MAX_TOOLS} tools")
+    functions: dict[str, dict[str, Any]] = {}
+    for index, tool in enumerate(tools):
+        param = f"tools[{index}]"
+        _require(isinstance(tool, dict) and tool.get("type", "function") == "function", param,
+                 "must be {'type': 'function', 'function': {...}}")  # fmt: skip
+        function = tool.get("function")
+        _require(isinstance(function, dict), f"{param}.function", "must be an object")
+        name = function.get("name")
+        _require(isinstance(name, str) and FUNCTION_NAME.match(name) is not None, f"{param}.function.name",
+                 "must be 1 to 64 letters, digits, '_', '-' or '.'")  # fmt: skip
+        _require(name not in functions, f"{param}.function.name", f"duplicate function name {name!r}")
+        _require(isinstance(function.get("description", ""), str), f"{param}.function.description", "must be a string")
+        parameters = function.get("parameters", {"type": "object", "properties": {}})
+        _require(isinstance(parameters, dict), f"{param}.function.parameters", "must be a JSON schema object")
+        functions[name] = {**function, "parameters": parameters}
+    offered = tuple({"type": "function", "function": f} for f in functions.values())
+    if tool_choice is None or tool_choice == "auto":
+        raise InvalidRequest(
+            "tool_choice 'auto' (the default when tools are given) needs a tool-call parser, which this model has "
+            "not got; send tool_choice 'required' or {'type': 'function', 'function': {'name': ...}} to force a "
+            "call, or 'none' to answer in text",
+            param="tool_choice",
+        )
+    if tool_choice == "required":
+        _require(parallel_tool_calls is None or isinstance(parallel_tool_calls, bool), "parallel_tool_calls", "must be a boolean")
+        calls = [
+            {
+                "type": "object",
+                "properties": {"name": {"const": name}, "parameters": f["parameters"]},
+                "required": ["name", "parameters"],
+                "additionalProperties": False,
+            }
+            for name, f in functions.items()
+        ]
+        schema: dict[str, Any] = {"type": "array", "items": {"anyOf": calls}, "minItems": 1}
+        if parallel_tool_calls is False:
+            schema["maxItems"] = 1
+        return Constraint(_json_spec(schema, "tools"), ToolCalls(None), offered)
+    # Checked on entry: what is left is a dict naming one function.
+    function = tool_choice.get("function")
+    name = function.get("name") if isinstance(function, dict) else None
+    _require(tool_choice.get("type", "function") == "function" and isinstance(name, str), "tool_choice", TOOL_CHOICES)
+    _require(name in functions, "tool_choice.function.name", f"no tool is called {name!r}")
+    index = list(functions).index(name)
+    spec = _json_spec(functions[name]["parameters"], f"tools[{index}].function.parameters")
+    return Constraint(spec, ToolCalls(name), offered)
+
+
+def tool_prompt(constraint: Constraint) -> str:
+    """The tools, described for a model whose chat template has no tools support (a system message)."""
+    described = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in constraint.tools)
+    assert constraint.tool_calls is not None
+    if constraint.tool_calls.function is not None:
+        how = (f"Call the function {constraint.tool_calls.function!r}: answer with its arguments as one JSON "
+               "object and nothing else.")  # fmt: skip
+    else:
+        how = ('Call one or more of them: answer with a JSON list of calls, each {"name": <function name>, '
+               '"parameters": <arguments object>}, and nothing else.')  # fmt: skip
+    return f"You have access to these functions:\n{described}\n\n{how}"
+
+
+def _json_spec(schema: Any, param: str) -> GrammarSpec:
+    _require(isinstance(schema, dict), param, "must be a JSON schema object")
+    try:
+        text = json.dumps(schema, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except ValueError as exc:
+        raise InvalidRequest(f"{param}: cannot be encoded as JSON: {exc}", param=param) from None
+    _require(len(text) <= MAX_SPEC_CHARS, param, f"is larger than {MAX_SPEC_CHARS} characters")
+    return GrammarSpec("json_schema", text, param)
+
+
+def _require(ok: bool, param: str, message: str) -> None:
+    if not ok:
+        raise InvalidRequest(f"{param}: {message}", param=param)
+
+
+# ---- compiled grammars and their per-request state ----
+
+
+class Grammar(Protocol):
+    """A compiled grammar, shared by every request that asks for it; immutable."""
+
+    def start(self) -> GrammarState: ...
+
+
+class Matcher(Protocol):
+    """A backend's per-request matcher."""
+
+    def fill_mask(self, mask: np.ndarray) -> None: ...
+
+    def consume(self, token: int) -> bool: ...
+
+    def is_complete(self) -> bool: ...
+
+    def error(self) -> str: ...
+
+
+class GrammarState:
+    """One request's place in its grammar. Used by the engine thread only.
+
+    `allowed_tokens()` is an int32 bitmask over the vocabulary: token t is allowed when bit t % 32 of word
+    t // 32 is set. It is computed once per position, only for constrained rows.
+    """
+
+    def __init__(self, matcher: Matcher, words: int, end_tokens: frozenset[int]) -> None:
+        self._matcher = matcher
+        self._mask = np.zeros(words, dtype=np.int32)
+        self._masked_at = -1  # the position the mask was computed for
+        self.position = 0  # tokens accepted so far
+        self.end_tokens = end_tokens  # the end-of-sequence tokens the grammar allows once it is complete
+
+    def allowed_tokens(self) -> np.ndarray:
+        if self._masked_at != self.position:
+            started = time.perf_counter()
+            self._matcher.fill_mask(self._mask)
+            metrics.GRAMMAR_MASK_TIME.observe(time.perf_counter() - started)
+            self._masked_at = self.position
+        return self._mask
+
+    def allows_only(self, tokens: frozenset[int]) -> bool:
+        """Whether every token allowed now is one of `tokens` (then suppressing them would leave nothing)."""
+        bits = np.unpackbits(self.allowed_tokens().view(np.uint8), bitorder="little")
+        inside = sum(int(bits[t]) for t in tokens if t < bits.size)
+        return int(bits.sum()) == inside
+
+    def accept(self, token: int) -> bool:
+        """Advance by one accepted token; True once the grammar is complete (only the end may follow)."""
+        if not self._matcher.consume(token):
+            raise GrammarViolation(f"token {token} is not allowed by the grammar: {self._matcher.error()[:MAX_ERROR_CHARS]}")
+        self.position += 1
+        return self._matcher.is_complete()
+
+
+class Backend(Protocol):
+    """Compiles specs for one tokenizer. `compile` runs on a worker thread and raises GrammarError."""
+
+    def compile(self, spec: GrammarSpec) -> Grammar: ...
+
+
+class LLGuidanceBackend:
+    """llguidance: a token trie built once per tokenizer (about 0.5 s for a 49k vocabulary), then
+    compiles in milliseconds and masks in tens of microseconds."""
+
+    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: Sequence[int]) -> None:
+        import llguidance
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_str(tokenizer_json)
+        backend.no_padding()
+        backend.no_truncation()
+        self._llg = llguidance
+        self.tokenizer = llguidance.LLTokenizer(backend.to_str(), n_vocab=vocab_size, eos_token=list(eos_token_ids))
+        self.words = (vocab_size + 31) // 32
+        self.end_tokens = frozenset(eos_token_ids)
+
+    def compile(self, spec: GrammarSpec) -> LLGuidanceGrammar:
+        LLMatcher = self._llg.LLMatcher
+        try:
+            if spec.kind == "json_schema":
+                grammar = LLMatcher.grammar_from_json_schema(spec.text, overrides=JSON_OPTIONS)
+            elif spec.kind == "regex":
+                grammar = LLMatcher.grammar_from_regex(spec.text)
+            elif spec.kind == "choice":
+                options = json.loads(spec.text)
+                grammar = LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(o, ensure_ascii=False) for o in options))
+            elif spec.kind == "lark":
+                grammar = self._llg.grammar_from("grammar", spec.text)  # Lark, or GBNF converted to Lark
+            else:
+                raise GrammarError(f"unknown grammar kind {spec.kind!r}")
+            matcher = LLMatcher(self.tokenizer, grammar, log_level=0)
+        except Exception as exc:  # the GBNF converter and the schema reader raise several types
+            raise GrammarError(_one_line(str(exc))) from None
+        except BaseException as exc:  # a panic inside the library (pyo3's PanicException) refuses the grammar
+            if type(exc).__name__ != "PanicException":
+                raise
+            raise GrammarError(f"the grammar could not be compiled: {_one_line(str(exc))}") from None
+        if matcher.is_error():
+            raise GrammarError(_one_line(matcher.get_error()))
+        return LLGuidanceGrammar(matcher, self.words, self.end_tokens)
+
+
+class LLGuidanceGrammar:
+    def __init__(self, matcher: Any, words: int, end_tokens: frozenset[int]) -> None:
+        self._matcher = matcher  # never advanced: each request walks a copy
+        self._words = words
+        self._end_tokens = end_tokens
+
+    def start(self) -> GrammarState:
+        return GrammarState(LLGuidanceMatcher(self._matcher.deep_copy()), self._words, self._end_tokens)
+
+
+class LLGuidanceMatcher:
+    def __init__(self, matcher: Any) -> None:
+        self._matcher = matcher
+
+    def fill_mask(self, mask: np.ndarray) -> None:
+        self._matcher.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
+
+    def consume(self, token: int) -> bool:
+        return self._matcher.consume_token(token)
+
+    def is_complete(self) -> bool:
+        return self._matcher.is_stopped()
+
+    def error(self) -> str:
+        return self._matcher.get_error()
+
+
+def _one_line(text: str) -> str:
+    """llguidance's messages can carry a parser dump after the first lines; keep the reason."""
+    lines = [line.rstrip() for line in text.strip().splitlines() if line.strip()]
+    return " ".join(lines[:3])[:MAX_ERROR_CHARS] or "invalid grammar"
+
+
+class GrammarCompiler:
+    """Compiles specs on a small worker pool with a time limit, behind a bounded LRU cache.
+
+    The cache holds futures, so identical requests arriving together share one compile; a refused grammar
+    is cached too (the refusal is as deterministic as the grammar). The backend (and the tokenizer trie
+    it needs) is built on first use, on a worker thread.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        vocab_size: int,
+        eos_token_ids: Sequence[int],
+        workers: int = COMPILE_WORKERS,
+        cache_size: int = CACHE_SIZE,
+        timeout_s: float = COMPILE_TIMEOUT_S,
+    ) -> None:
+        # Serialized here, on the constructing thread: a tokenizer's backend must not be used by two threads.
+        # A slow (Python) tokenizer has none; structured output is then refused request by request.
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._tokenizer_json = backend.to_str() if backend is not None else None
+        self._vocab_size = vocab_size
+        self._eos_token_ids = tuple(eos_token_ids)
+        self.cache_size = cache_size
+        self.timeout_s = timeout_s
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tokenferry-grammar")
+        self._lock = threading.Lock()  # guards _cache
+        self._backend_lock = threading.Lock()  # one worker builds the backend; the others wait for it
+        self._cache: OrderedDict[str, Future[Grammar]] = OrderedDict()
+        self._backend: Backend | None = None
+
+    async def compile(self, spec: GrammarSpec) -> Grammar:
+        """The compiled grammar, or InvalidRequest (refused, or over the time limit) naming spec.param."""
+        future = self._lookup(spec)
+        try:
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), self.timeout_s)
+        except TimeoutError:
+            raise InvalidRequest(
+                f"{spec.param}: the grammar took longer than {self.timeout_s:g} s to compile", param=spec.param
+            ) from None
+        except GrammarError as exc:
+            raise InvalidRequest(f"{spec.param}: {exc}", param=spec.param) from None
+
+    def compile_now(self, spec: GrammarSpec) -> Grammar:
+        """The same, blocking, for callers without an event loop (tests, benchmarks)."""
+        try:
+            return self._lookup(spec).result(self.timeout_s)
+        except GrammarError as exc:
+            raise InvalidRequest(f"{spec.param}: {exc}", param=spec.param) from None
+
+    def _lookup(self, spec: GrammarSpec) -> Future[Grammar]:
+        key = spec.key
+        with self._lock:
+            future = self._cache.get(key)
+            if future is not None and not future.cancelled() and not _failed_unexpectedly(future):
+                self._cache.move_to_end(key)
+                metrics.GRAMMAR_CACHE.labels("hit").inc()
+                return future
+            metrics.GRAMMAR_CACHE.labels("miss").inc()
+            future = self._executor.submit(self._compile, spec)
+            self._cache[key] = future
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+            return future
+
+    def _compile(self, spec: GrammarSpec) -> Grammar:
+        started = time.perf_counter()
+        with self._backend_lock:
+            if self._backend is None:
+                if self._tokenizer_json is None:
+                    raise GrammarError("structured output needs a fast (Rust) tokenizer, which this model has not got")
+                try:
+                    self._backend = LLGuidanceBackend(self._tokenizer_json, self._vocab_size, self._eos_token_ids)
+                except Exception as exc:  # not cached as a refusal: see _failed_unexpectedly
+                    raise RuntimeError(f"structured output is unavailable for this tokenizer: {exc}") from exc
+            backend = self._backend
+        grammar = backend.compile(spec)
+        metrics.GRAMMAR_COMPILE_TIME.observe(time.perf_counter() - started)
+        return grammar
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _failed_unexpectedly(future: Future[Grammar]) -> bool:
+    """A finished compile that raised something other than a refusal: worth another try."""
+    return future.done() and future.exception() is not None and not isinstance(future.exception(), GrammarError)
