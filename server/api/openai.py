@@ -148,7 +148,7 @@ def _prepare(state: AppState, body: SamplingFields) -> Engine:
     _check_model(state, body.model)
     if refused := body.unsupported():
         raise InvalidRequest(f"unsupported field(s): {', '.join(refused)}", param=refused[0])
-    body.validate_choices()
+    body.check_relations()
     return engine
 
 

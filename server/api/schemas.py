@@ -190,8 +190,9 @@ class SamplingFields(BaseModel):
         refused += [name for name in REFUSED_EXTRA_FIELDS if not _is_neutral(extra.get(name))]
         return refused
 
-    def validate_choices(self) -> None:
-        """`n` and `best_of` as OpenAI limits them: best_of >= n, and no streaming of candidates not yet ranked."""
+    def check_relations(self) -> None:
+        """Limits that tie two fields together (JSON Schema states one field at a time); each route adds its own.
+        Here `n` and `best_of` as OpenAI limits them: best_of >= n, and no streaming of candidates not yet ranked."""
         if self.best_of is None:
             return
         if self.best_of < self.n:
@@ -290,10 +291,13 @@ class ChatCompletionRequest(SamplingFields):
             refused.append("echo")
         return refused
 
-    @property
-    def output_logprobs(self) -> int | None:
+    def check_relations(self) -> None:
+        super().check_relations()
         if self.top_logprobs and not self.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs: true", param="top_logprobs")
+
+    @property
+    def output_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def constraint(self) -> structured.Constraint | None:
@@ -367,11 +371,14 @@ class CompletionRequest(SamplingFields):
     def output_logprobs(self) -> int | None:
         return self.logprobs
 
+    def check_relations(self) -> None:
+        super().check_relations()
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidRequest("max_tokens: must be at least 1 (0 only with echo)", param="max_tokens")
+
     @property
     def prompt_logprobs(self) -> int | None:
         """Echo with logprobs scores the prompt too; echo of no new tokens still runs the prompt, to check it."""
-        if self.max_tokens == 0 and not self.echo:
-            raise InvalidRequest("max_tokens: must be at least 1 (0 only with echo)", param="max_tokens")
         if self.echo and (self.logprobs is not None or self.max_tokens == 0):
             return self.logprobs or 0
         return None
