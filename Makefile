@@ -30,10 +30,12 @@ test: install
 test-container: install
 	$(PY) -m pytest -m container
 
-# tokenferry beside a server without batching (and llama.cpp when installed), on the default model.
+# tokenferry beside itself without batching, then beside llama.cpp's server (built once into its own
+# environment under ~/.cache/tokenferry/peers) and transformers serve, on the default model.
 bench: install
 	$(PIP) install -q -e '.[bench]'
 	$(PY) -m bench.run
+	$(PY) -m bench.peers
 
 # Ten minutes of mixed streaming load; reports resident memory and accounts for every request.
 soak: install

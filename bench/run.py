@@ -1,11 +1,10 @@
-"""`make bench`: tokenferry beside a server without batching, and llama.cpp's server when it is installed,
-on the same workload, in one run; then the engine alone on the same prompts. Prints the ratios.
+"""`make bench`, first part: tokenferry beside itself without batching on the same workload, in one run;
+then the engine alone on the same prompts. Prints the ratios. (The peers, llama.cpp and transformers'
+server, are the second part: bench/peers.py.)
 
     python -m bench.run [--concurrency 1,8,32,64] [--baseline-concurrency 1,32] [--max-tokens 64] [--pairs 3]
 
 - no batching: tokenferry with --max-batch-size 1, the same code serving one request at a time;
-- llama.cpp: `python -m llama_cpp.server` on the same GGUF with the same thread count, if `llama_cpp`
-  (llama-cpp-python with its server extra) is importable; never a dependency;
 - engine: tokenferry's engine driven in-process, without HTTP, at the concurrency of the comparison, so
   the HTTP and SSE overhead is the difference; measured in pairs back to back with the server, because
   this machine's speed drifts more over minutes than the overhead being measured;
@@ -16,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -28,7 +25,6 @@ from bench.engine import Job, run_engine
 from bench.process import ServerProcess, metric_total
 from bench.serve import Level, Workload, make_workload, requests_for, run_level, write
 from models import LoadedModel, load
-from models.loader import default_gguf
 from server.prompt import encode_completion
 from server.scheduler import Budgets
 
@@ -53,13 +49,6 @@ def measure(server: ServerProcess, label: str, workload: Workload, concurrencies
         print(f"  {label} c={concurrency}: {level.tokens_per_s:.1f} tok/s, TTFT p50 {level.ttft(0.5):.3f} s, "
               f"ITL p50 {level.itl(0.5):.3f} s, errors {level.errors}", flush=True)
     return levels, prefill
-
-
-def llama_cpp_launcher(port: int) -> list[str]:
-    return [
-        sys.executable, "-m", "llama_cpp.server", "--model", str(default_gguf()), "--host", "127.0.0.1",
-        "--port", str(port), "--n_threads", str(torch.get_num_threads()), "--n_ctx", "4096",
-    ]  # fmt: skip
 
 
 def engine_level(loaded: LoadedModel, workload: Workload, concurrency: int, requests: int) -> float:
@@ -113,14 +102,6 @@ def main() -> None:
         levels += measure(server, "no batching", workload, baseline_levels, args.requests, None)[0]
     finally:
         server.terminate()
-    if importlib.util.find_spec("llama_cpp") and importlib.util.find_spec("llama_cpp.server"):
-        server = ServerProcess(log_dir=logs, launcher=llama_cpp_launcher, ready_path="/v1/models").wait_ready()
-        try:
-            levels += measure(server, "llama.cpp", workload, baseline_levels, args.requests, None)[0]
-        finally:
-            server.terminate()
-    else:
-        print("  llama.cpp: llama_cpp is not importable; skipped (pip install 'llama-cpp-python[server]')")
 
     def at(label: str, concurrency: int) -> Level | None:
         return next((l for l in levels if l.label == label and l.concurrency == concurrency), None)
@@ -134,9 +115,6 @@ def main() -> None:
         ratios = sorted(http / engine for http, engine in pairs)
         each = ", ".join(f"{http:.0f}/{engine:.0f}" for http, engine in pairs)
         lines.append(f"| output tok/s at {compare} streams, HTTP / engine alone (median of {len(pairs)} back-to-back pairs: {each}) | {statistics.median(ratios):.2f} | >= 0.90 |")
-    llama = at("llama.cpp", compare)
-    if ours and llama:
-        lines.append(f"| output tok/s at {compare} streams, tokenferry / llama.cpp | {ours.tokens_per_s / llama.tokens_per_s:.2f}x | |")
     if single and prefill:
         mean_ttft = sum(s.ttft for s in single.ok) / len(single.ok)
         lines.append(f"| TTFT at 1 stream / prefill step (means: {mean_ttft:.3f} s / {prefill:.3f} s) | {mean_ttft / prefill:.2f} | <= 1.20 |")

@@ -15,7 +15,7 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,14 +97,32 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def completion_body(prompt: str) -> tuple[str, dict]:
+    """A completion that runs to max_tokens (vLLM's ignore_eos), so every server makes the same count."""
+    return "/v1/completions", {"prompt": prompt, "ignore_eos": True}
+
+
+def chat_body(prompt: str) -> tuple[str, dict]:
+    """One user turn, as a chat front end sends it. Only OpenAI's fields, which every peer accepts."""
+    return "/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}]}
+
+
+def _delta_text(choice: dict) -> str:
+    return choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+
+
 async def one_request(
-    client: httpx.AsyncClient, model: str | None, prompt: str, max_tokens: int, fields: dict | None = None
+    client: httpx.AsyncClient,
+    model: str | None,
+    prompt: str,
+    max_tokens: int,
+    fields: dict | None = None,
+    shape: Callable[[str], tuple[str, dict]] = completion_body,
 ) -> Sample:
-    body = {
-        "prompt": prompt,
+    route, body = shape(prompt)
+    body |= {
         "max_tokens": max_tokens,
         "temperature": 0,
-        "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
         **(fields or {}),
@@ -115,7 +133,7 @@ async def one_request(
     arrivals: list[float] = []
     usage_tokens = None
     try:
-        async with client.stream("POST", "/v1/completions", json=body) as response:
+        async with client.stream("POST", route, json=body) as response:
             if response.status_code != 200:
                 return Sample(ok=False, error=f"HTTP {response.status_code}")
             async for line in response.aiter_lines():
@@ -126,7 +144,7 @@ async def one_request(
                     return Sample(ok=False, error=chunk["error"].get("message", "error"))
                 if chunk.get("usage"):
                     usage_tokens = chunk["usage"]["completion_tokens"]
-                if any(choice.get("text") for choice in chunk.get("choices", [])):
+                if any(_delta_text(choice) for choice in chunk.get("choices") or []):
                     arrivals.append(time.perf_counter())
     except httpx.HTTPError as exc:
         return Sample(ok=False, error=type(exc).__name__)
@@ -138,16 +156,23 @@ async def one_request(
 
 
 async def run_level(
-    url: str, model: str | None, workload: Workload, concurrency: int, requests: int, label: str, fields: dict | None = None
+    url: str,
+    model: str | None,
+    workload: Workload,
+    concurrency: int,
+    requests: int,
+    label: str,
+    fields: dict | None = None,
+    shape: Callable[[str], tuple[str, dict]] = completion_body,
 ) -> Level:
-    """`fields` are added to every request's body (logprobs, say)."""
+    """`fields` are added to every request's body (logprobs, say); `shape` makes the route and body of a prompt."""
     queue = list(reversed(workload.prompts[:requests]))
     samples: list[Sample] = []
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
 
     async def client_loop(client: httpx.AsyncClient) -> None:
         while queue:
-            samples.append(await one_request(client, model, queue.pop(), workload.max_tokens, fields))
+            samples.append(await one_request(client, model, queue.pop(), workload.max_tokens, fields, shape))
 
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0), limits=limits) as client:
         started = time.perf_counter()
