@@ -12,7 +12,7 @@ the fuzz test (tests/api/test_fuzz.py) holds the two to agreeing.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr, WithJsonSchema
 
@@ -26,9 +26,6 @@ MAX_COMPLETION_LOGPROBS = 5  # completions' logprobs, as OpenAI
 
 # vLLM extra fields this server does not implement: sent with a value, they are a 400 naming them.
 REFUSED_EXTRA_FIELDS = (
-    "use_beam_search",
-    "length_penalty",
-    "early_stopping",
     "prompt_logprobs",
     "allowed_token_ids",
     "bad_words",
@@ -126,6 +123,22 @@ class SamplingFields(BaseModel):
     user: StrictStr | None = None
     best_of: Annotated[StrictInt, Field(ge=1, le=MAX_BEST_OF, description="at least n"), INTEGRAL] | None = None
     return_tokens_as_token_ids: StrictBool = False  # vLLM's: name tokens in scores "token_id:<id>"
+    # vLLM's beam search fields, meaning what transformers' generate(num_beams=...) means by them.
+    use_beam_search: Annotated[
+        StrictBool,
+        Field(
+            description="beam search of width best_of (else n), returning the n best finished sequences, best first; "
+            "temperature must be 0 or absent, and it cannot be streamed"
+        ),
+    ] = False
+    length_penalty: Annotated[
+        Float,
+        Field(description="with use_beam_search: a sequence's score is its logprob sum / its length ** length_penalty"),
+    ] = 1.0
+    early_stopping: Annotated[
+        StrictBool | Literal["never"],
+        Field(description='with use_beam_search: when the search ends (true, false or "never", as in transformers)'),
+    ] = False
     # Fields the server cannot honour: the document admits only the values `unsupported` lets through.
     logit_bias: Annotated[dict[str, Any] | None, doc(maxProperties=0)] = None
 
@@ -138,6 +151,10 @@ class SamplingFields(BaseModel):
 
     def validate_choices(self) -> None:
         """`n` and `best_of` as OpenAI limits them: best_of >= n, and no streaming of candidates not yet ranked."""
+        if self.use_beam_search and self.stream:
+            raise InvalidRequest("use_beam_search cannot be streamed: the best beams are known only at the end", param="stream")
+        if self.use_beam_search and self.temperature:
+            raise InvalidRequest("temperature must be 0 (or absent) with use_beam_search", param="temperature")
         if self.best_of is None:
             return
         if self.best_of < self.n:
@@ -147,8 +164,8 @@ class SamplingFields(BaseModel):
 
     @property
     def candidates(self) -> int:
-        """Rows generated per prompt: best_of when given, else n."""
-        return self.best_of or self.n
+        """Engine requests per prompt: best_of when given, else n (one beam search returns all its n)."""
+        return 1 if self.use_beam_search else self.best_of or self.n
 
     @property
     def output_logprobs(self) -> int | None:
@@ -171,10 +188,20 @@ class SamplingFields(BaseModel):
             "stop_token_ids": tuple(self.stop_token_ids or ()),
             "ignore_eos": self.ignore_eos,
             "min_tokens": self.min_tokens,
-            # Ranking best_of candidates needs each token's score, asked for or not.
-            "logprobs": 0 if self.output_logprobs is None and self.best_of is not None else self.output_logprobs,
+            # Ranking best_of candidates needs each token's score, asked for or not (a beam search ranks its own).
+            "logprobs": 0
+            if self.output_logprobs is None and self.best_of is not None and not self.use_beam_search
+            else self.output_logprobs,
             "prompt_logprobs": prompt_logprobs,
         }
+        if self.use_beam_search:
+            values |= {
+                "temperature": 0.0,
+                "beam_width": self.best_of or self.n,
+                "beam_returns": self.n,
+                "length_penalty": self.length_penalty,
+                "early_stopping": self.early_stopping,
+            }
         return SamplingParams(**{k: v for k, v in values.items() if v is not None})
 
     @property
