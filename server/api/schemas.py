@@ -234,8 +234,23 @@ def _requires(field: str, condition: dict[str, Any], other: str, value: Any) -> 
     }
 
 
+# Beam search ranks the model's own log-probabilities, all at the end: nothing reshapes them, nothing streams.
+BEAM_RULE = {
+    "if": {"properties": {"use_beam_search": {"const": True}}, "required": ["use_beam_search"]},
+    "then": {
+        "properties": {
+            "stream": {"const": False},
+            "temperature": {"enum": [0, None]},
+            "presence_penalty": {"enum": [0, None]},
+            "frequency_penalty": {"enum": [0, None]},
+            "repetition_penalty": {"enum": [1, None]},
+        }
+    },
+}
+
+
 class ChatCompletionRequest(SamplingFields):
-    rules = [_requires("top_logprobs", {"type": "integer", "minimum": 1}, "logprobs", True)]
+    rules = [_requires("top_logprobs", {"type": "integer", "minimum": 1}, "logprobs", True), BEAM_RULE]
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[StrictInt, Field(ge=1), INTEGRAL] | None = None
     logprobs: StrictBool = False
@@ -310,7 +325,7 @@ PromptIds = Annotated[TokenIds, doc(minItems=1, **{LIMIT: Limit.PROMPT_IDS.value
 
 
 class CompletionRequest(SamplingFields):
-    rules = [_requires("max_tokens", {"const": 0}, "echo", True)]
+    rules = [_requires("max_tokens", {"const": 0}, "echo", True), BEAM_RULE]
     prompt: Text | Annotated[list[Text], doc(minItems=1)] | PromptIds | Annotated[list[PromptIds], doc(minItems=1)]
     # 0 new tokens, with echo: the prompt alone, with its scores when logprobs is set (what evaluation harnesses ask).
     max_tokens: Annotated[StrictInt, Field(ge=0, description="0 only with echo"), INTEGRAL] | None = None
