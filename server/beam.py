@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from models.sampler import Candidate, TokenLogprobs
 from server.detokenizer import Detokenizer
-from server.request import FinishReason, Hypothesis, Request, Scored
+from server.request import FinishReason, Hypothesis, Request, SamplingParams, Scored
 
 # transformers marks what may not be chosen by adding this to a float32 score.
 EXCLUDED = -1.0e9
@@ -61,7 +61,7 @@ class BeamRow:
         return self.search.request.prompt_ids
 
     @property
-    def params(self):  # noqa: ANN201 - the request's SamplingParams
+    def params(self) -> SamplingParams:
         return self.search.request.params
 
     @property
@@ -185,7 +185,7 @@ def render(finished: _Finished, detokenizer: Detokenizer, stop_token_ids: frozen
     )
 
 
-def owner(rows: Sequence[Request | BeamRow]) -> list[Request]:
+def owners(rows: Sequence[Request | BeamRow]) -> list[Request]:
     """The requests behind some batch rows, each once, in row order."""
     return list(dict.fromkeys(row.search.request if isinstance(row, BeamRow) else row for row in rows))
 

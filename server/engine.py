@@ -27,7 +27,7 @@ from models import LoadedModel, ModelRunner
 from models.runner import Sampled
 from models.sampler import TokenLogprobs
 from server import metrics
-from server.beam import BeamRow, BeamSearch, owner, render, rows_of
+from server.beam import BeamRow, BeamSearch, owners, render, rows_of
 from server.detokenizer import Detokenizer
 from server.errors import ContextLengthExceeded, EngineUnavailable, InvalidRequest
 from server.request import Event, FinishReason, Hypothesis, Request, SamplingParams, Scored, Status
@@ -232,7 +232,7 @@ class Engine:
                 self._step(plan)
             except Exception:  # a bug outside any one request: fail everyone, keep serving
                 log.exception("engine step failed; failing all running requests")
-                self._fail(owner(self._runner.rows), "internal error in the engine loop")
+                self._fail(owners(self._runner.rows), "internal error in the engine loop")
                 self._runner.drop(list(self._runner.rows))
             self._flush()
             if busy:
@@ -287,8 +287,8 @@ class Engine:
         try:
             samples = self._runner.decode()
         except Exception:
-            log.exception("decode step failed", extra={"request_ids": [r.id for r in owner(rows)]})
-            self._fail(owner(rows), "the model failed during a decode step")
+            log.exception("decode step failed", extra={"request_ids": [r.id for r in owners(rows)]})
+            self._fail(owners(rows), "the model failed during a decode step")
             self._runner.drop(rows)
             return
         metrics.STEP_TIME.labels("decode").observe(time.monotonic() - started)
@@ -347,6 +347,7 @@ class Engine:
 
     def _beam_step(self, request: Request, search: BeamSearch, sampled: Sampled, now: float) -> None:
         """Advance a beam search by one step: its rows take their parents' caches, or it ends with its best."""
+        # Tokens the step computed for the search: one row's at its prefill, then each of its K rows'.
         metrics.GENERATED_TOKENS.inc(len(search.rows) if request.first_token_at is not None else 1)
         if request.first_token_at is None:
             request.first_token_at = now
