@@ -146,6 +146,32 @@ class Batch(Generic[Key]):
         if movers:
             self._store.move_rows(movers, holes, slice(self.start, self.end))
 
+    def adopt(self, children: Sequence[Key], parents: Sequence[Key]) -> None:
+        """Row `children[i]` becomes a copy of row `parents[i]`, cache and length (beam search forks and reorders).
+
+        Children not in the batch yet are appended first. A parent may have several children and may be a
+        child itself: the copy gathers every parent before it writes any child (KVStore.gather_rows). Rows
+        keep their left padding, since a child takes its parent's length with its cache.
+        """
+        if len(children) != len(parents):
+            raise ValueError(f"adopt needs one parent per child: {len(parents)} parents for {len(children)} children")
+        row_of = {key: i for i, key in enumerate(self.keys)}
+        src = [row_of[parent] for parent in parents]
+        lengths = [self.lengths[i] for i in src]
+        new = [child for child in dict.fromkeys(children) if child not in row_of]
+        if new:
+            self._reserve(rows=len(self) + len(new), width=self.width, right=0)
+            for child in new:
+                row_of[child] = len(self.keys)
+                self.keys.append(child)
+                self.lengths.append(0)
+        dst = [row_of[child] for child in children]
+        moves = [(s, d) for s, d in zip(src, dst, strict=True) if s != d]
+        for d, length in zip(dst, lengths, strict=True):
+            self.lengths[d] = length
+        if moves:
+            self._store.gather_rows([s for s, _ in moves], [d for _, d in moves], slice(self.start, self.end))
+
     def _mask(self, start: int, stop: int) -> torch.Tensor:
         device = self.shape.device
         columns = torch.arange(start, stop, device=device)

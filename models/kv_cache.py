@@ -79,6 +79,17 @@ class KVStore:
             for buf in buffers:
                 buf[dst, :, cols] = buf[src, :, cols]
 
+    def gather_rows(self, src: list[int], dst: list[int], cols: slice) -> None:
+        """Row dst[i] becomes a copy of row src[i] within `cols`; a source may repeat and may also be a destination.
+
+        NOTE: indexing with a list gathers every source row into a new tensor before any destination is written,
+        so no copy reads a row that another copy of the same call has already overwritten.
+        """
+        index = torch.tensor(src, device=self.shape.device)
+        for buffers in (self.keys, self.values):
+            for buf in buffers:
+                buf[dst, :, cols] = buf[index, :, cols]  # the right side is a gathered copy
+
     def clear(self, rows: slice, cols: slice) -> None:
         for buffers in (self.keys, self.values):
             for buf in buffers:

@@ -8,7 +8,7 @@ each row's token and, for rows that asked, its raw log-probabilities (and, at pr
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
 import torch
@@ -16,7 +16,18 @@ from transformers import PreTrainedModel
 
 from models.batch import Batch, Forward
 from models.kv_cache import CacheShape
-from models.sampler import Row, TokenLogprobs, make_generator, raw_logprobs, sample, score, unpack_scores
+from models.sampler import (
+    Candidate,
+    Row,
+    TokenLogprobs,
+    beam_candidates,
+    make_generator,
+    raw_logprobs,
+    sample,
+    score,
+    unpack_candidates,
+    unpack_scores,
+)
 
 R = TypeVar("R", bound=Row)
 
@@ -25,9 +36,10 @@ R = TypeVar("R", bound=Row)
 class Sampled:
     """What one step made of one row."""
 
-    token: int
+    token: int  # -1 for a beam row: its search chooses among `candidates`
     logprobs: TokenLogprobs | None = None  # rows whose params ask for logprobs
     prompt_logprobs: tuple[TokenLogprobs, ...] | None = None  # prefill rows that ask: prompt tokens 1..P-1
+    candidates: tuple[Candidate, ...] | None = None  # beam rows: their search's best continuations, best first
 
 
 class ModelRunner(Generic[R]):
@@ -66,6 +78,10 @@ class ModelRunner(Generic[R]):
         forward = self.batch.decode([row.output_ids[-1] for row in rows])
         return self._sample(self._forward(forward, every_position=False), rows, prompt_scores=False)
 
+    def adopt(self, children: Sequence[R], parents: Sequence[R]) -> None:
+        """Beam search: row `children[i]` continues from row `parents[i]`'s cache (new children are added)."""
+        self.batch.adopt(children, parents)
+
     def drop(self, rows: Collection[R]) -> None:
         """Remove rows from the batch (finished, cancelled or failed)."""
         self.batch.filter(rows)
@@ -87,17 +103,27 @@ class ModelRunner(Generic[R]):
     @torch.inference_mode()
     def _sample(self, logits: torch.Tensor, rows: Sequence[R], prompt_scores: bool) -> list[Sampled]:
         last = logits[:, -1, :]  # [rows, vocab]
-        asked = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+        searches = _beam_groups(rows)
+        plain = [i for i, row in enumerate(rows) if row.beam is None]
+        asked = [i for i in plain if rows[i].params.logprobs is not None]
         k = max((rows[i].params.logprobs for i in asked), default=0)
-        # Scores come from the raw logits, so they are taken before sampling modifies them in place.
+        # Scores and beam candidates come from the raw logits, so they are taken before sampling modifies them in place.
         logprobs = raw_logprobs(last[asked]) if asked else None
-        tokens = sample(last, rows, [self._generators[row] for row in rows])
+        beam_top = [rows[group[0]].params.logprobs or 0 for group in searches]
+        beam_parts = [beam_candidates(last[group], [rows[i] for i in group], top) for group, top in zip(searches, beam_top)]
+        if searches:  # beam rows draw no token of their own
+            tokens = torch.full((len(rows),), -1, dtype=torch.long, device=last.device)
+            if plain:
+                tokens[plain] = sample(last[plain], [rows[i] for i in plain], [self._generators[rows[i]] for i in plain])
+        else:
+            tokens = sample(last, rows, [self._generators[row] for row in rows])
         parts = [tokens]
         if logprobs is not None:
             parts.append(score(logprobs, tokens[asked], k))
         scored_prompts = [i for i, row in enumerate(rows) if prompt_scores and row.params.prompt_logprobs is not None]
         for i in scored_prompts:
             parts.append(self._prompt_scores(logits[i], rows[i]))
+        parts += beam_parts
         values = _to_host(parts)  # the step's one device-to-host copy
 
         results = [Sampled(token=int(t)) for t in values[0]]
@@ -106,12 +132,16 @@ class ModelRunner(Generic[R]):
             for n, i in enumerate(asked):
                 row_values = values[1][n * width : (n + 1) * width]
                 results[i] = Sampled(results[i].token, unpack_scores(row_values, k, rows[i].params.logprobs))
-        for part, i in enumerate(scored_prompts, start=len(parts) - len(scored_prompts)):
+        for part, i in enumerate(scored_prompts, start=len(parts) - len(beam_parts) - len(scored_prompts)):
             k_prompt = rows[i].params.prompt_logprobs
             width = 2 + 2 * k_prompt
             flat = values[part]
             prompt = tuple(unpack_scores(flat[j : j + width], k_prompt, k_prompt) for j in range(0, len(flat), width))
             results[i] = Sampled(results[i].token, results[i].logprobs, prompt)
+        for part, (group, top) in enumerate(zip(searches, beam_top), start=len(parts) - len(searches)):
+            candidates = unpack_candidates(values[part], top, top)
+            for i in group:
+                results[i] = replace(results[i], candidates=candidates)
         return results
 
     def _prompt_scores(self, logits: torch.Tensor, row: R) -> torch.Tensor:
@@ -125,6 +155,15 @@ class ModelRunner(Generic[R]):
         q = logits.shape[0]
         predicted = torch.tensor(prompt[1:], device=logits.device, dtype=torch.long)
         return score(raw_logprobs(logits[q - len(prompt) : q - 1]), predicted, row.params.prompt_logprobs)
+
+
+def _beam_groups(rows: Sequence[Row]) -> list[list[int]]:
+    """Row indices of each beam search in the batch, each in slot order (what `beam_candidates` expects)."""
+    groups: dict[object, list[int]] = {}
+    for i, row in enumerate(rows):
+        if row.beam is not None:
+            groups.setdefault(row.beam.group, []).append(i)
+    return [sorted(group, key=lambda i: rows[i].beam.slot) for group in groups.values()]
 
 
 def _to_host(parts: Sequence[torch.Tensor]) -> list[list[float]]:

@@ -8,7 +8,7 @@ row's grammar mask comes before all of them (models/grammar.py).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -42,6 +42,24 @@ class TokenLogprobs:
     top: tuple[tuple[int, float], ...] = ()
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """One continuation a beam search may keep: a parent beam and the token that extends it."""
+
+    parent: int  # the parent's slot in its search
+    score: float  # the parent's score plus the token's log-probability (float32, as transformers adds them)
+    logprobs: TokenLogprobs  # the token and its raw log-probability (and the top entries when asked)
+
+
+class Beam(Protocol):
+    """A beam row's place in its search: the rows of one search share `group` and hold slots 0..K-1."""
+
+    group: Hashable
+    slot: int  # the beam's rank in its search; candidates name their parent by it
+    score: float  # sum of its tokens' log-probabilities (a float32 value)
+    keep: int  # candidates the search wants per step
+
+
 class Row(Protocol):
     """What the sampler reads of a row; the engine's request satisfies it."""
 
@@ -50,6 +68,11 @@ class Row(Protocol):
 
     @property
     def params(self) -> SamplingParams: ...
+
+    @property
+    def beam(self) -> Beam | None:
+        """The row's place in a beam search; None for rows that sample their own token."""
+        ...
 
     def suppressed_token_ids(self) -> Sequence[int]:
         """Tokens this row may not produce now (its stop tokens, before min_tokens is reached)."""
@@ -90,6 +113,44 @@ def unpack_scores(values: Sequence[float], k: int, keep: int) -> TokenLogprobs:
     """One row of `score`'s output -> TokenLogprobs with the first `keep` (<= k) top entries."""
     top = tuple((int(values[2 + i]), values[2 + k + i]) for i in range(keep))
     return TokenLogprobs(token_id=int(values[0]), logprob=values[1], top=top)
+
+
+def beam_candidates(logits: torch.Tensor, rows: Sequence[Row], top: int) -> torch.Tensor:
+    """logits [beams, vocab] of one search's rows, in slot order -> its `keep` best continuations as
+    [keep, 4 + 2 * top] float64: score, parent slot, token, the token's raw logprob, then `top` ids and values.
+
+    As transformers' beam search: log_softmax in float32, suppressed tokens set to -inf after it (so scores stay
+    those of the whole distribution), the parent's score added, and the top `keep` over all beams' tokens at once.
+    NOTE: `rows` hold slots 0..beams-1 in order, so a flat index // vocab is the parent's slot.
+    """
+    logprobs = raw_logprobs(logits)  # [beams, vocab]
+    processed = logprobs
+    banned = [(i, list(row.suppressed_token_ids())) for i, row in enumerate(rows) if row.suppressed_token_ids()]
+    if banned:
+        processed = logprobs.clone()
+        for i, tokens in banned:
+            processed[i, tokens] = float("-inf")
+    scores = torch.tensor([row.beam.score for row in rows], dtype=torch.float32, device=logits.device)  # [beams]
+    total = (processed + scores[:, None]).reshape(-1)  # [beams * vocab]
+    best = total.topk(rows[0].beam.keep)
+    vocab = logits.shape[-1]
+    parent, token = best.indices // vocab, best.indices % vocab  # [keep]
+    parts = [best.values, parent, token, logprobs[parent, token]]
+    if top:
+        entries = logprobs[parent].topk(top, dim=-1)  # [keep, top]
+        parts += [entries.indices, entries.values]
+    return torch.cat([p.double().reshape(len(parent), -1) for p in parts], dim=-1)
+
+
+def unpack_candidates(values: Sequence[float], top: int, keep_top: int) -> tuple[Candidate, ...]:
+    """`beam_candidates`' output, flattened -> Candidates with the first `keep_top` (<= top) top entries."""
+    width = 4 + 2 * top
+    candidates = []
+    for at in range(0, len(values), width):
+        row = values[at : at + width]
+        entries = tuple((int(row[4 + i]), row[4 + top + i]) for i in range(keep_top))
+        candidates.append(Candidate(int(row[1]), row[0], TokenLogprobs(int(row[2]), row[3], entries)))
+    return tuple(candidates)
 
 
 def sample(logits: torch.Tensor, rows: Sequence[Row], generators: Sequence[torch.Generator]) -> torch.Tensor:

@@ -20,16 +20,17 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 
 from models import LoadedModel, ModelRunner
 from models.runner import Sampled
 from models.sampler import TokenLogprobs
 from server import metrics
+from server.beam import BeamRow, BeamSearch, owners, render, rows_of
 from server.detokenizer import Detokenizer
 from server.errors import ContextLengthExceeded, EngineUnavailable, InvalidRequest
-from server.request import Event, FinishReason, Request, SamplingParams, Scored, Status
+from server.request import Event, FinishReason, Hypothesis, Request, SamplingParams, Scored, Status
 from server.scheduler import Budgets, Plan, Scheduler
 from server.structured import GrammarCompiler
 
@@ -155,6 +156,11 @@ class Engine:
             raise InvalidRequest("the prompt is empty", param="prompt")
         if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < info.vocab_size for t in prompt_ids):
             raise InvalidRequest(f"prompt token ids must be integers in [0, {info.vocab_size})", param="prompt")
+        if params.beam_width is not None and params.beam_width > self.budgets.max_batch_size:
+            raise InvalidRequest(
+                f"beam_width ({params.beam_width}) exceeds the batch size ({self.budgets.max_batch_size}): each beam is a row",
+                param="beam_width",
+            )
         if any(not 0 <= t < info.vocab_size for t in params.stop_token_ids):
             raise InvalidRequest(f"stop_token_ids must be in [0, {info.vocab_size})", param="stop_token_ids")
         room = info.context_length - len(prompt_ids)
@@ -168,7 +174,7 @@ class Engine:
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids.update(info.eos_token_ids)
-        return Request(
+        request = Request(
             id=request_id,
             prompt_ids=prompt_ids,
             params=params,
@@ -178,6 +184,16 @@ class Engine:
             loop=loop,
             grammar=params.grammar.start() if params.grammar is not None else None,
         )
+        if params.beam_width is not None:
+            request.search = BeamSearch(request, self._stop_string_check(params.stop))
+        return request
+
+    def _stop_string_check(self, stop: tuple[str, ...]) -> Callable[[list[int]], bool] | None:
+        """Whether some output tokens' text holds a stop string (beam search asks it of each continuation)."""
+        if not stop:
+            return None
+        tokenizer = self._tokenizer  # only ever called on the loop thread
+        return lambda ids: any(s in tokenizer.decode(ids, skip_special_tokens=True) for s in stop)
 
     async def _stream(self, request: Request) -> AsyncIterator[Event]:
         try:
@@ -221,7 +237,7 @@ class Engine:
                 self._step(plan)
             except Exception:  # a bug outside any one request: fail everyone, keep serving
                 log.exception("engine step failed; failing all running requests")
-                self._fail(list(self._runner.rows), "internal error in the engine loop")
+                self._fail(owners(self._runner.rows), "internal error in the engine loop")
                 self._runner.drop(list(self._runner.rows))
             self._flush()
             if busy:
@@ -249,7 +265,7 @@ class Engine:
         """Drop finished and cancelled rows from the batch; a cancelled one ends here."""
         if not leaving:
             return
-        self._runner.drop(leaving)
+        self._runner.drop(rows_of(leaving))
         for request in leaving:
             if not request.finished:
                 self._finish(request, FinishReason.ABORT)
@@ -259,15 +275,16 @@ class Engine:
         for request in joining:
             request.scheduled_at = started
             metrics.QUEUE_TIME.observe(started - request.arrived_at)
+        rows = [r.search.rows[0] if r.search else r for r in joining]  # a beam request is prefilled once, as slot 0
         try:
-            samples = self._runner.prefill(joining)
+            samples = self._runner.prefill(rows)
         except Exception:
             log.exception("prefill failed", extra={"request_ids": [r.id for r in joining]})
             self._fail(joining, "the model failed while reading the prompt")
             return
         metrics.STEP_TIME.labels("prefill").observe(time.monotonic() - started)
         metrics.PROMPT_TOKENS.inc(sum(len(r.prompt_ids) for r in joining))
-        self._accept(joining, samples)
+        self._accept(rows, samples)
 
     def _decode(self) -> None:
         started = time.monotonic()
@@ -275,8 +292,8 @@ class Engine:
         try:
             samples = self._runner.decode()
         except Exception:
-            log.exception("decode step failed", extra={"request_ids": [r.id for r in rows]})
-            self._fail(rows, "the model failed during a decode step")
+            log.exception("decode step failed", extra={"request_ids": [r.id for r in owners(rows)]})
+            self._fail(owners(rows), "the model failed during a decode step")
             self._runner.drop(rows)
             return
         metrics.STEP_TIME.labels("decode").observe(time.monotonic() - started)
@@ -284,15 +301,19 @@ class Engine:
         metrics.PADDING_RATIO.set(1 - sum(r.num_tokens for r in rows) / (len(rows) * width))
         self._accept(rows, samples)
 
-    def _accept(self, rows: Sequence[Request], samples: Sequence[Sampled]) -> None:
+    def _accept(self, rows: Sequence[Request | BeamRow], samples: Sequence[Sampled]) -> None:
         """Give each row its new token: detokenize, check for the end, queue the event."""
         now = time.monotonic()
-        for request, sampled in zip(rows, samples, strict=True):
-            if request.finished:  # failed or finished earlier in this step
+        for row, sampled in zip(rows, samples, strict=True):
+            request = row.search.request if isinstance(row, BeamRow) else row
+            if request.finished:  # failed or finished earlier in this step (a search's other rows included)
                 continue
             try:
                 if request.max_tokens == 0:  # only the prompt's scores were asked for: no token is kept
                     self._finish(request, FinishReason.LENGTH, prompt_logprobs=sampled.prompt_logprobs)
+                elif request.search is not None:
+                    if row.slot == 0:  # every row of a search carries the same candidates: one step per search
+                        self._beam_step(request, request.search, sampled, now)
                 else:
                     self._advance(request, sampled, now)
             except Exception:
@@ -335,6 +356,27 @@ class Engine:
         ends the request ("stop"). A token the grammar refuses raises, failing this request alone."""
         return request.grammar is not None and request.grammar.accept(token)
 
+    def _beam_step(self, request: Request, search: BeamSearch, sampled: Sampled, now: float) -> None:
+        """Advance a beam search by one step: its rows take their parents' caches, or it ends with its best."""
+        # Tokens the step computed for the search: one row's at its prefill, then each of its K rows'.
+        metrics.GENERATED_TOKENS.inc(len(search.rows) if request.first_token_at is not None else 1)
+        if request.first_token_at is None:
+            request.first_token_at = now
+            search.prompt_logprobs = sampled.prompt_logprobs
+        request.last_token_at = now
+        parents = search.step(sampled.candidates or ())
+        if parents is not None:
+            self._runner.adopt(search.rows, [search.rows[p] for p in parents])
+            return
+        scores = request.params.logprobs is not None
+        beams = tuple(
+            render(f, Detokenizer(self._tokenizer, request.params.stop), request.stop_token_ids, scores)
+            for f in search.best()
+        )
+        self._finish(
+            request, beams[0].finish_reason, prompt_logprobs=search.prompt_logprobs, beams=beams
+        )
+
     def _finish(
         self,
         request: Request,
@@ -343,22 +385,28 @@ class Engine:
         token_ids: tuple[int, ...] = (),
         error: str | None = None,
         prompt_logprobs: tuple[TokenLogprobs, ...] | None = None,
+        beams: tuple[Hypothesis, ...] | None = None,
     ) -> None:
-        """End a request with one final event carrying its last text and scores, the reason and the usage."""
+        """End a request with one final event carrying its last text and scores, the reason and the usage
+        (a beam search's: its returned sequences and their tokens)."""
         with self._lock:
             request.status = Status.FINISHED
             request.finish_reason = reason
             self._requests.pop(request.id, None)
         if request.first_token_at is not None:
             metrics.E2E_LATENCY.observe(time.monotonic() - request.arrived_at)
+        usage = request.usage()
+        if beams is not None:
+            usage = replace(usage, completion_tokens=sum(len(b.token_ids) for b in beams))
         event = Event(
             text=text,
             token_ids=token_ids,
             logprobs=_take_logprobs(request),
             prompt_logprobs=prompt_logprobs,
             finish_reason=reason,
-            usage=request.usage(),
+            usage=usage,
             error=error,
+            beams=beams,
         )
         self._emit(request, event)
         log.debug(

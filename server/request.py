@@ -14,6 +14,7 @@ from server.detokenizer import Detokenizer
 from server.errors import InvalidRequest
 
 if TYPE_CHECKING:
+    from server.beam import BeamSearch
     from server.structured import Grammar, GrammarState
 
 MAX_STOP_STRINGS = 16
@@ -69,6 +70,11 @@ class SamplingParams:
     logprobs: int | None = None  # None: no scores; k: each output token's raw logprob and the k most likely
     prompt_logprobs: int | None = None  # the same for the prompt's tokens; with it, max_tokens may be 0
     grammar: Grammar | None = None  # structured output: compiled (server/structured.py), shared by its requests
+    # Beam search, as transformers' generate(num_beams=beam_width): None samples one sequence instead.
+    beam_width: int | None = None
+    beam_returns: int = 1  # finished sequences returned, best first
+    length_penalty: float = 1.0  # a sequence's score: its logprob sum / its length ** length_penalty
+    early_stopping: bool | str = False  # True, False or "never", as transformers
 
     def __post_init__(self) -> None:
         if self.top_k == -1:
@@ -124,6 +130,7 @@ class SamplingParams:
         for token in self.stop_token_ids:
             _require(_is_int(token) and token >= 0, "stop_token_ids", "must be non-negative integers")
         _require(isinstance(self.ignore_eos, bool), "ignore_eos", "must be a boolean")
+        self._check_beam()
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             _require(
@@ -131,6 +138,30 @@ class SamplingParams:
                 name,
                 f"must be an integer in [0, {MAX_LOGPROBS}], got {value!r}",
             )
+
+
+    def _check_beam(self) -> None:
+        if self.beam_width is None:
+            return
+        _require(_is_int(self.beam_width) and self.beam_width >= 1, "beam_width", "must be a positive integer")
+        _require(
+            _is_int(self.beam_returns) and 1 <= self.beam_returns <= self.beam_width,
+            "beam_returns",
+            f"must be in [1, beam_width ({self.beam_width})]",
+        )
+        _require(_is_number(self.length_penalty), "length_penalty", "must be a finite number")
+        _require(
+            self.early_stopping is True or self.early_stopping is False or self.early_stopping == "never",
+            "early_stopping",
+            'must be true, false or "never"',
+        )
+        # Beam search ranks the model's own log-probabilities: nothing may reshape or draw from them.
+        _require(self.temperature == 0, "temperature", "must be 0 with beam search")
+        for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
+            neutral = 1.0 if name == "repetition_penalty" else 0.0
+            _require(getattr(self, name) == neutral, name, "is not supported with beam search")
+        # A beam's candidates are ranked on the model's own scores; a grammar would have to walk every beam.
+        _require(self.grammar is None, "use_beam_search", "cannot be combined with structured output")
 
 
 @dataclass(frozen=True)
@@ -152,6 +183,17 @@ class Scored:
 
 
 @dataclass(frozen=True)
+class Hypothesis:
+    """One finished beam-search sequence, as returned: its text, tokens (a final stop token included), scores."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[Scored, ...]  # raw scores of each token, when the request asked for logprobs
+    score: float  # sum of the tokens' log-probabilities / len(token_ids) ** length_penalty
+    finish_reason: FinishReason
+
+
+@dataclass(frozen=True)
 class Event:
     """What one step made of one request: new text and tokens; the last event carries the finish reason.
 
@@ -166,6 +208,7 @@ class Event:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     error: str | None = None  # set with finish_reason ERROR; safe to show a client
+    beams: tuple[Hypothesis, ...] | None = None  # beam search: the final event's best sequences, best first
 
     @property
     def final(self) -> bool:
@@ -194,10 +237,23 @@ class Request:
     first_token_at: float | None = None
     last_token_at: float | None = None
     grammar: GrammarState | None = None  # this request's own walk through params.grammar
+    search: BeamSearch | None = None  # beam requests: their server.beam.BeamSearch, whose rows stand in the batch for this one
+
+    @property
+    def beam(self) -> None:
+        """A request's own row never belongs to a beam search (its search's rows do)."""
+        return None
+
+    @property
+    def rows(self) -> int:
+        """Batch rows the request holds while it runs."""
+        return self.params.beam_width or 1
 
     @property
     def num_tokens(self) -> int:
-        """Prompt and output tokens: the row's length once its last sampled token is fed."""
+        """Prompt and output tokens: the row's length once its last sampled token is fed (a beam's, all alike)."""
+        if self.search is not None:
+            return self.search.rows[0].num_tokens
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property

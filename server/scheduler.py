@@ -76,12 +76,13 @@ class Scheduler:
 
     def _admit(self) -> list[Request]:
         budgets = self.budgets
-        rows = len(self.running)
+        # A beam request holds all its rows from admission on (request.rows), though it is prefilled as one.
+        rows = sum(r.rows for r in self.running)
         width = max((r.num_tokens for r in self.running), default=0)
         joining: list[Request] = []
         prefill_tokens = 0
         for request in self.waiting:
-            new_rows = rows + len(joining) + 1
+            new_rows = rows + sum(r.rows for r in joining) + request.rows
             width = max(width, len(request.prompt_ids))
             prefill_tokens += len(request.prompt_ids)
             if new_rows > budgets.max_batch_size:

@@ -23,7 +23,7 @@ from server import metrics
 from server.api.errors import status_and_body
 from server.engine import Engine
 from server.errors import EngineUnavailable, GenerationFailed, InvalidRequest, TokenferryError
-from server.request import Event, FinishReason, SamplingParams, Scored, Usage
+from server.request import Event, FinishReason, Hypothesis, SamplingParams, Scored, Usage
 
 T = TypeVar("T")
 
@@ -56,6 +56,7 @@ class ChoiceResult:
     finish_reason: FinishReason | None = None
     error: str | None = None
     usage: Usage | None = None
+    beams: tuple[Hypothesis, ...] = ()  # a beam search's returned sequences, best first
 
     @property
     def cumulative_logprob(self) -> float:
@@ -117,7 +118,10 @@ class Choices:
             self.cancel()
 
     def best(self, results: Sequence[ChoiceResult], n: int) -> list[ChoiceResult]:
-        """The n candidates of each prompt with the highest cumulative logprob, best first (best_of)."""
+        """The n candidates of each prompt with the highest cumulative logprob, best first (best_of); a beam
+        search's own n sequences, in its order."""
+        if any(r.beams for r in results):
+            return [_beam_choice(r, beam) for r in results for beam in r.beams]
         if n == self.candidates:
             return list(results)
         chosen: list[ChoiceResult] = []
@@ -174,6 +178,16 @@ async def collect(choices: Choices, request: Request, route: str) -> list[Choice
     return results
 
 
+def _beam_choice(search: ChoiceResult, beam: Hypothesis) -> ChoiceResult:
+    return ChoiceResult(
+        text=[beam.text],
+        logprobs=list(beam.logprobs),
+        prompt_logprobs=search.prompt_logprobs,
+        finish_reason=beam.finish_reason,
+        usage=Usage(search.usage.prompt_tokens if search.usage else 0, len(beam.token_ids)),
+    )
+
+
 def _record(result: ChoiceResult, event: Event) -> None:
     result.text.append(event.text)
     result.logprobs += event.logprobs
@@ -181,6 +195,7 @@ def _record(result: ChoiceResult, event: Event) -> None:
         result.prompt_logprobs = event.prompt_logprobs
     if event.final:
         result.finish_reason, result.error, result.usage = event.finish_reason, event.error, event.usage
+        result.beams = event.beams or ()
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:

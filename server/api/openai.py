@@ -162,6 +162,8 @@ def _submit(
 ) -> Choices:
     # A fresh suffix keeps engine ids unique even when a client reuses its X-Request-ID.
     choices = Choices(engine, f"{REQUEST_ID.get()}.{secrets.token_hex(3)}")
+    # The engine's beam parameters are the client's best_of (or n) and n.
+    names = {**names, "beam_width": "best_of" if body.best_of is not None else "n", "beam_returns": "n"}
     choices.submit(prompts, params, body.candidates, names)
     return choices
 

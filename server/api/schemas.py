@@ -12,7 +12,7 @@ the fuzz test (tests/api/test_fuzz.py) holds the two to agreeing.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr, WithJsonSchema
 
@@ -27,9 +27,6 @@ MAX_COMPLETION_LOGPROBS = 5  # completions' logprobs, as OpenAI
 
 # vLLM extra fields this server does not implement: sent with a value, they are a 400 naming them.
 REFUSED_EXTRA_FIELDS = (
-    "use_beam_search",
-    "length_penalty",
-    "early_stopping",
     "prompt_logprobs",
     "allowed_token_ids",
     "bad_words",
@@ -177,6 +174,22 @@ class SamplingFields(BaseModel):
     user: StrictStr | None = None
     best_of: Annotated[StrictInt, Field(ge=1, le=MAX_BEST_OF, description="at least n"), INTEGRAL] | None = None
     return_tokens_as_token_ids: StrictBool = False  # vLLM's: name tokens in scores "token_id:<id>"
+    # vLLM's beam search fields, meaning what transformers' generate(num_beams=...) means by them.
+    use_beam_search: Annotated[
+        StrictBool,
+        Field(
+            description="beam search of width best_of (else n), returning the n best finished sequences, best first; "
+            "temperature must be 0 or absent, and it cannot be streamed"
+        ),
+    ] = False
+    length_penalty: Annotated[
+        Float,
+        Field(description="with use_beam_search: a sequence's score is its logprob sum / its length ** length_penalty"),
+    ] = 1.0
+    early_stopping: Annotated[
+        StrictBool | Literal["never"],
+        Field(description='with use_beam_search: when the search ends (true, false or "never", as in transformers)'),
+    ] = False
     # Fields the server cannot honour: the document admits only the values `unsupported` lets through.
     logit_bias: Annotated[dict[str, Any] | None, doc(maxProperties=0)] = None
     # Structured output (server/structured.py): OpenAI's response_format, or vLLM's structured_outputs.
@@ -193,6 +206,10 @@ class SamplingFields(BaseModel):
     def check_relations(self) -> None:
         """Limits that tie two fields together (JSON Schema states one field at a time); each route adds its own.
         Here `n` and `best_of` as OpenAI limits them: best_of >= n, and no streaming of candidates not yet ranked."""
+        if self.use_beam_search and self.stream:
+            raise InvalidRequest("use_beam_search cannot be streamed: the best beams are known only at the end", param="stream")
+        if self.use_beam_search and self.temperature:
+            raise InvalidRequest("temperature must be 0 (or absent) with use_beam_search", param="temperature")
         if self.best_of is None:
             return
         if self.best_of < self.n:
@@ -202,8 +219,8 @@ class SamplingFields(BaseModel):
 
     @property
     def candidates(self) -> int:
-        """Rows generated per prompt: best_of when given, else n."""
-        return self.best_of or self.n
+        """Engine requests per prompt: best_of when given, else n (one beam search returns all its n)."""
+        return 1 if self.use_beam_search else self.best_of or self.n
 
     @property
     def output_logprobs(self) -> int | None:
@@ -228,11 +245,21 @@ class SamplingFields(BaseModel):
             "stop_token_ids": tuple(self.stop_token_ids or ()),
             "ignore_eos": self.ignore_eos,
             "min_tokens": self.min_tokens,
-            # Ranking best_of candidates needs each token's score, asked for or not.
-            "logprobs": 0 if self.output_logprobs is None and self.best_of is not None else self.output_logprobs,
+            # Ranking best_of candidates needs each token's score, asked for or not (a beam search ranks its own).
+            "logprobs": 0
+            if self.output_logprobs is None and self.best_of is not None and not self.use_beam_search
+            else self.output_logprobs,
             "prompt_logprobs": prompt_logprobs,
             "grammar": grammar,
         }
+        if self.use_beam_search:
+            values |= {
+                "temperature": 0.0,
+                "beam_width": self.best_of or self.n,
+                "beam_returns": self.n,
+                "length_penalty": self.length_penalty,
+                "early_stopping": self.early_stopping,
+            }
         return SamplingParams(**{k: v for k, v in values.items() if v is not None})
 
     def constraint(self) -> structured.Constraint | None:
@@ -269,8 +296,23 @@ def _requires(field: str, condition: dict[str, Any], other: str, value: Any) -> 
     }
 
 
+# Beam search ranks the model's own log-probabilities, all at the end: nothing reshapes them, nothing streams.
+BEAM_RULE = {
+    "if": {"properties": {"use_beam_search": {"const": True}}, "required": ["use_beam_search"]},
+    "then": {
+        "properties": {
+            "stream": {"const": False},
+            "temperature": {"enum": [0, None]},
+            "presence_penalty": {"enum": [0, None]},
+            "frequency_penalty": {"enum": [0, None]},
+            "repetition_penalty": {"enum": [1, None]},
+        }
+    },
+}
+
+
 class ChatCompletionRequest(SamplingFields):
-    rules = [_requires("top_logprobs", {"type": "integer", "minimum": 1}, "logprobs", True)]
+    rules = [_requires("top_logprobs", {"type": "integer", "minimum": 1}, "logprobs", True), BEAM_RULE]
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[StrictInt, Field(ge=1), INTEGRAL] | None = None
     logprobs: StrictBool = False
@@ -353,7 +395,7 @@ PromptIds = Annotated[TokenIds, doc(minItems=1, **{LIMIT: Limit.PROMPT_IDS.value
 
 
 class CompletionRequest(SamplingFields):
-    rules = [_requires("max_tokens", {"const": 0}, "echo", True)]
+    rules = [_requires("max_tokens", {"const": 0}, "echo", True), BEAM_RULE]
     prompt: Text | Annotated[list[Text], doc(minItems=1)] | PromptIds | Annotated[list[PromptIds], doc(minItems=1)]
     # 0 new tokens, with echo: the prompt alone, with its scores when logprobs is set (what evaluation harnesses ask).
     max_tokens: Annotated[StrictInt, Field(ge=0, description="0 only with echo"), INTEGRAL] | None = None

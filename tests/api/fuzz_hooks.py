@@ -8,7 +8,8 @@ Two, each as narrow as it can be:
   valid one invalid;
 - the limits JSON Schema cannot state, as they compare two values (documented on the 400 response and on the
   fields): a prompt and `max_tokens` over the model's context (code `context_length_exceeded`), and
-  `min_tokens` over `max_tokens`, and `best_of` under `n` (or over it while streaming); and what a
+  `min_tokens` over `max_tokens`, `best_of` under `n` (or over it while streaming), beam search with
+  structured output (the document states beam search's other rules); and what a
   structured-output field holds, which the document gives only the shape of: a JSON schema the grammar
   backend cannot enforce, a regex or grammar that does not compile, a tool_choice naming no tool, two
   constraints at once. A schema-valid body refused with a 400 for exactly those reasons is not a failure of
@@ -55,7 +56,7 @@ def beyond_json_schema(response: Any) -> bool:
     param = error.get("param") or ""
     return (
         error.get("code") == "context_length_exceeded"
-        or param in ("min_tokens", "best_of")
+        or param in ("min_tokens", "best_of", "use_beam_search")
         or param.split(".")[0].split("[")[0] in STRUCTURED_FIELDS
     )
 

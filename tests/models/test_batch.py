@@ -157,3 +157,19 @@ def test_emptying_the_batch_releases_its_storage() -> None:
     assert len(batch) == 0 and batch.capacity == (0, 0) and batch.width == 0
     play(batch.prefill(["c"], [[4]]))
     assert cached_ids(batch) == [[4]]
+
+
+def test_adopt_forks_new_rows_and_reorders_through_a_gather() -> None:
+    batch: Batch[str] = Batch(SHAPE, max_rows=8)
+    play(batch.prefill(["x", "s0"], [[9, 9, 9], [5, 6]]))
+    # Fork: s0 stays and two new rows copy it (as a beam search's first step does).
+    batch.adopt(["s0", "s1", "s2"], ["s0", "s0", "s0"])
+    assert batch.keys == ["x", "s0", "s1", "s2"]
+    assert batch.lengths == [3, 2, 2, 2]
+    play(batch.decode([1, 7, 8, 4]))
+    assert cached_ids(batch) == [[9, 9, 9, 1], [0, 5, 6, 7], [0, 5, 6, 8], [0, 5, 6, 4]]
+    # Reorder with a duplicated parent that is itself overwritten: every child reads its parent as it was.
+    batch.adopt(["s0", "s1", "s2"], ["s2", "s0", "s2"])
+    assert cached_ids(batch) == [[9, 9, 9, 1], [0, 5, 6, 4], [0, 5, 6, 7], [0, 5, 6, 4]]
+    batch.filter({"s1"})
+    assert cached_ids(batch) == [[9, 9, 9, 1], [0, 5, 6, 4], [0, 5, 6, 4]]
