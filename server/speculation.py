@@ -16,7 +16,9 @@ from collections.abc import Sequence
 from typing import Protocol
 
 MAX_NGRAM = 3  # the longest tail looked up; a longer match is a better predictor, tried first
-MIN_NGRAM = 1
+# A single repeated token predicts little (measured: drafts from 1-token matches were mostly rejected, and a
+# rejected draft still costs a wider forward); two tokens are the shortest tail worth a draft.
+MIN_NGRAM = 2
 # Only the latest tokens are searched: the scan is pure Python and runs once per step.
 SEARCH_WINDOW = 4096
 

@@ -7,7 +7,7 @@ model over prompts where lookup pays (summaries, edits) and where it does not (o
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import pytest
 import torch
@@ -15,6 +15,7 @@ import torch
 from models import LoadedModel
 from models.batch import Batch
 from models.kv_cache import CacheShape
+from models.runner import ModelRunner
 from server import metrics
 from server.request import SamplingParams
 from server.speculation import eligible, propose
@@ -33,7 +34,8 @@ def test_propose_continues_the_latest_occurrence_of_the_longest_tail() -> None:
     assert propose([1, 2, 3, 9, 5, 2, 3, 6, 1, 2, 3], 1) == [9]
     assert propose([4, 5, 6], 3) == []  # nothing repeats
     assert propose(tokens, 0) == []
-    assert propose([7, 7], 3) == [7]  # the tail's own previous token
+    assert propose([7, 7, 7], 3) == [7]  # overlapping the tail itself
+    assert propose([1, 5, 2, 5], 3) == []  # one matching token is too weak a hint
 
 
 def test_only_plain_greedy_rows_speculate() -> None:
@@ -101,14 +103,57 @@ def accepted_tokens() -> float:
     return metrics.SPECULATIVE_TOKENS.labels("accepted")._value.get()
 
 
+@dataclass
+class Row:
+    """A greedy row as the runner reads it."""
+
+    prompt_ids: list[int]
+    output_ids: list[int] = field(default_factory=list)
+    params: SamplingParams = field(default_factory=lambda: SamplingParams(max_tokens=64, temperature=0))
+
+    def suppressed_token_ids(self) -> frozenset[int]:
+        return frozenset()
+
+    def allowed_tokens(self) -> None:
+        return None
+
+    def __hash__(self) -> int:
+        return id(self)
+
+
+def test_verify_keeps_the_agreeing_prefix_and_the_models_own_next_token(tiny: LoadedModel) -> None:
+    prompt = [5, 9, 13, 2, 7, 11]
+    plain, row = ModelRunner(tiny.model, max_rows=1), Row(prompt)
+    row.output_ids.append(plain.prefill([row])[0].token)
+    for _ in range(8):
+        row.output_ids.append(plain.decode()[0].token)
+    greedy = row.output_ids  # t0 .. t8
+
+    runner, row = ModelRunner(tiny.model, max_rows=1), Row(prompt)
+    row.output_ids.append(runner.prefill([row])[0].token)
+    # A right draft is kept whole, plus the model's next token.
+    made = [s.token for s in runner.verify(greedy[1:4])]
+    assert made == greedy[1:5]
+    row.output_ids += made
+    assert runner.batch.lengths == [len(prompt) + 4]  # t0..t3 cached; t4 is fed next
+    # A draft wrong at its second token keeps the first, then the model's own choice; the rest is rewound.
+    wrong = greedy[5] + 1
+    made = [s.token for s in runner.verify([greedy[5], wrong, wrong])]
+    assert made == greedy[5:7]
+    row.output_ids += made
+    assert runner.batch.lengths == [len(prompt) + 6]
+    # A draft wrong at once still gives the step's one greedy token.
+    assert [s.token for s in runner.verify([greedy[7] + 1])] == [greedy[7]]
+    row.output_ids.append(greedy[7])
+    assert runner.decode()[0].token == greedy[8]  # the cache after rewinds is the plain one
+
+
 def test_speculation_changes_no_token_on_the_tiny_model(tiny: LoadedModel) -> None:
     prompts = [[3, 4, 5, 3, 4, 5, 3, 4], list(range(10, 60)), [7] * 12]
     plain = generate(tiny, prompts, 40)
-    before = accepted_tokens()
     fast = generate(tiny, prompts, 40, SPECULATING)
     assert [r.token_ids for r in fast] == [r.token_ids for r in plain]
     assert [r.finish_reason for r in fast] == [r.finish_reason for r in plain]
-    assert accepted_tokens() > before  # the verify path ran and kept drafted tokens
 
 
 SUMMARY_TEXT = (
