@@ -114,17 +114,41 @@ class Batch(Generic[Key]):
 
     def decode(self, tokens: Sequence[int]) -> Forward:
         """Feed one token per row (its last sampled token) at column `end`; return the step's inputs."""
+        return self.extend([[token] for token in tokens])
+
+    def extend(self, tokens: Sequence[Sequence[int]]) -> Forward:
+        """Feed q tokens per row, the same q for every row, at columns `[end, end + q)`: a decode step when q
+        is 1, a speculative draft's verification when more. Left padding holds because every row grows alike."""
         if len(tokens) != len(self):
-            raise ValueError(f"decode needs one token per row: {len(tokens)} tokens for {len(self)} rows")
-        self._reserve(rows=len(self), width=self.width, right=1)
+            raise ValueError(f"need tokens for every row: {len(tokens)} lists for {len(self)} rows")
+        q = len(tokens[0]) if tokens else 0
+        if q == 0 or any(len(t) != q for t in tokens):
+            raise ValueError("every row needs the same number of tokens, at least one")
+        self._reserve(rows=len(self), width=self.width, right=q)
         device = self.shape.device
-        input_ids = torch.tensor(tokens, device=device)[:, None]  # [rows, 1]
-        position_ids = torch.tensor(self.lengths, device=device)[:, None]  # [rows, 1]
-        mask = self._mask(self.start, self.end + 1)  # [rows, width + 1]
+        input_ids = torch.tensor(tokens, device=device)  # [rows, q]
+        steps = torch.arange(q, device=device)
+        position_ids = torch.tensor(self.lengths, device=device)[:, None] + steps[None, :]  # [rows, q]
+        real = self._mask(self.start, self.end + q)  # [rows, width + q]
+        # New token j sees the cache and new tokens 0..j: column end + i for i <= j.
+        columns = torch.arange(self.start, self.end + q, device=device)
+        causal = columns[None, :] <= self.end + steps[:, None]  # [q, width + q]
+        mask = real[:, None, :] & causal[None]  # [rows, q, width + q]
         cache = self._store.window(slice(0, len(self)), start=self.start, write_at=self.end)
-        self.lengths = [length + 1 for length in self.lengths]
-        self.end += 1
-        return Forward(input_ids, position_ids, mask[:, None, None, :], cache, real_tokens=len(tokens))
+        self.lengths = [length + q for length in self.lengths]
+        self.end += q
+        return Forward(input_ids, position_ids, mask[:, None], cache, real_tokens=q * len(tokens))
+
+    def rewind(self, columns: int) -> None:
+        """Forget the last `columns` tokens of every row (a draft's rejected tail).
+
+        NOTE: the forgotten columns keep stale keys and values right of `end`; nothing reads a column right
+        of `end` before a step writes it, so they need no clearing.
+        """
+        if columns < 0 or columns >= min(self.lengths, default=0):
+            raise ValueError(f"cannot rewind {columns} columns of rows of lengths {self.lengths}")
+        self.lengths = [length - columns for length in self.lengths]
+        self.end -= columns
 
     def filter(self, leaving: Collection[Key]) -> None:
         """Drop the rows owned by `leaving`; survivors keep their cache, possibly in another row."""

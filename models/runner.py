@@ -82,6 +82,25 @@ class ModelRunner(Generic[R]):
         """Beam search: row `children[i]` continues from row `parents[i]`'s cache (new children are added)."""
         self.batch.adopt(children, parents)
 
+    def verify(self, draft: Sequence[int]) -> list[Sampled]:
+        """For a batch of one greedy row: check `draft` (prompt-lookup tokens) in one forward over the row's
+        last token and the draft, and return the tokens greedy decoding makes: the draft's longest prefix
+        that matches the model's argmax, then the model's own next token. Rejected columns are rewound.
+
+        Only for rows that take the plain argmax of the raw logits (server/speculation.py `eligible`).
+        """
+        (row,) = self.rows
+        forward = self.batch.extend([[row.output_ids[-1], *draft]])
+        logits = self._forward(forward, every_position=True)  # [1, 1 + len(draft), vocab]
+        # NOTE: position j's logits predict the token after input j: position 0 checks draft[0], and the
+        # position after the last accepted draft token gives the model's own next token.
+        predicted = [int(t) for t in _to_host([logits[0].float().argmax(dim=-1)])[0]]
+        accepted = 0
+        while accepted < len(draft) and predicted[accepted] == draft[accepted]:
+            accepted += 1
+        self.batch.rewind(len(draft) - accepted)
+        return [Sampled(token) for token in predicted[: accepted + 1]]
+
     def drop(self, rows: Collection[R]) -> None:
         """Remove rows from the batch (finished, cancelled or failed)."""
         self.batch.filter(rows)

@@ -43,6 +43,7 @@ class Config:
     max_body_bytes: int = field(default=4 * 1024 * 1024, metadata=_help("largest request body accepted (413 past it)"))
     stall_timeout: float = field(default=300.0, metadata=_help("/health fails when a busy engine has not stepped for this many seconds"))
     allow_special_tokens: bool = field(default=False, metadata=_help("let message text spell control tokens such as <|im_start|>"))
+    speculative_tokens: int = field(default=0, metadata=_help("prompt-lookup draft tokens a lone greedy stream verifies per step; 0 disables"))
     web_ui: bool = field(default=True, metadata=_help("serve the chat page at / (--no-web-ui turns it off)"))
 
     def __post_init__(self) -> None:
@@ -61,6 +62,8 @@ class Config:
             raise ValueError(f"--device must be one of {', '.join(DEVICES)} (or cuda:N), got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.speculative_tokens < 0:
+            raise ValueError(f"--speculative-tokens must be 0 or more, got {self.speculative_tokens}")
         if self.api_key == "":
             raise ValueError("--api-key must not be empty")
 
@@ -71,6 +74,7 @@ class Config:
             max_batch_tokens=self.max_batch_tokens,
             max_prefill_tokens=self.max_prefill_tokens,
             max_waiting=self.max_waiting,
+            speculative_tokens=self.speculative_tokens,
         )
 
     def public(self) -> dict[str, Any]:

@@ -258,7 +258,7 @@ class Engine:
                 leaving = self._scheduler.retire()
             self._retire(leaving)
         if self._runner.rows:
-            self._decode()
+            self._decode(plan.draft)
         self.steps += 1
 
     def _retire(self, leaving: list[Request]) -> None:
@@ -286,11 +286,13 @@ class Engine:
         metrics.PROMPT_TOKENS.inc(sum(len(r.prompt_ids) for r in joining))
         self._accept(rows, samples)
 
-    def _decode(self) -> None:
+    def _decode(self, draft: list[int]) -> None:
+        """One decode step for every row; or, with a draft (for a lone greedy row), its verification, which
+        may give that row several tokens."""
         started = time.monotonic()
         rows = list(self._runner.rows)
         try:
-            samples = self._runner.decode()
+            samples = self._runner.verify(draft) if draft else self._runner.decode()
         except Exception:
             log.exception("decode step failed", extra={"request_ids": [r.id for r in owners(rows)]})
             self._fail(owners(rows), "the model failed during a decode step")
@@ -299,7 +301,13 @@ class Engine:
         metrics.STEP_TIME.labels("decode").observe(time.monotonic() - started)
         width = max(r.num_tokens for r in rows)
         metrics.PADDING_RATIO.set(1 - sum(r.num_tokens for r in rows) / (len(rows) * width))
-        self._accept(rows, samples)
+        if not draft:
+            self._accept(rows, samples)
+            return
+        metrics.SPECULATIVE_TOKENS.labels("drafted").inc(len(draft))
+        metrics.SPECULATIVE_TOKENS.labels("accepted").inc(len(samples) - 1)
+        for sampled in samples:  # in order; tokens after one that ends the request are dropped
+            self._accept(rows, [sampled])
 
     def _accept(self, rows: Sequence[Request | BeamRow], samples: Sequence[Sampled]) -> None:
         """Give each row its new token: detokenize, check for the end, queue the event."""

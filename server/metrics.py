@@ -39,6 +39,11 @@ GENERATED_TOKENS = Counter("tokenferry_generation_tokens_total", "Tokens generat
 STEP_TIME = Histogram(
     "tokenferry_step_duration_seconds", "One model step, by phase.", ["phase"], buckets=LATENCY_BUCKETS
 )
+SPECULATIVE_TOKENS = Counter(
+    "tokenferry_speculative_tokens_total",
+    "Prompt-lookup draft tokens verified, by result: drafted (all), accepted (kept as output).",
+    ["result"],
+)
 GRAMMAR_CACHE = Counter(
     "tokenferry_grammar_cache_total", "Compiled-grammar cache lookups for structured output, by result (hit, miss).", ["result"]
 )

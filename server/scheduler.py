@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from server import speculation
 from server.errors import QueueFull
 from server.request import Request, Status
 
@@ -25,11 +26,14 @@ class Budgets:
     max_batch_tokens: int  # rows x padded length of the running batch, checked when rows join
     max_prefill_tokens: int  # prompt tokens prefilled in one step
     max_waiting: int  # requests queued and not yet running; past it, submit fails fast
+    speculative_tokens: int = 0  # prompt-lookup tokens a lone greedy row may verify in one step; 0: never
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_batch_tokens", "max_prefill_tokens", "max_waiting"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.speculative_tokens < 0:
+            raise ValueError("speculative_tokens must not be negative")
 
 
 @dataclass
@@ -37,6 +41,7 @@ class Plan:
     leaving: list[Request] = field(default_factory=list)  # running rows to drop: finished or cancelled
     aborted: list[Request] = field(default_factory=list)  # cancelled while still waiting
     groups: list[list[Request]] = field(default_factory=list)  # newcomers, as left-padded prefill groups
+    draft: list[int] = field(default_factory=list)  # tokens to verify for the one running row (speculation)
 
     @property
     def joining(self) -> list[Request]:
@@ -72,7 +77,19 @@ class Scheduler:
             plan.aborted = [r for r in self.waiting if r.cancelled]
             self.waiting = deque(r for r in self.waiting if not r.cancelled)
         plan.groups = group_by_length(self._admit())
+        plan.draft = self._draft(plan)
         return plan
+
+    def _draft(self, plan: Plan) -> list[int]:
+        """Speculate only for a batch of one row with nobody joining or waiting: left padding wants every row's
+        last token in one column, so rows that accept different counts could not share a step, and a draft
+        must never delay a newcomer's prefill. One stream alone is where a step's cost is all weights, too,
+        so verifying several tokens costs about what decoding one does."""
+        if not self.budgets.speculative_tokens or plan.groups or self.waiting:
+            return []
+        if len(self.running) != 1 or self.running[0].rows != 1:  # a beam search holds several rows
+            return []
+        return speculation.draft(self.running[0], self.budgets.speculative_tokens)
 
     def _admit(self) -> list[Request]:
         budgets = self.budgets
