@@ -5,7 +5,7 @@ The matmuls are PyTorch's CPU weight-only kernels, which take bfloat16 activatio
 (asymmetric, one scale and offset per group of 32 inputs). Only the matmul changes: its input is cast to
 bfloat16 and its output back to the model's dtype, so embeddings, norms, rotary embeddings, attention and
 the KV cache run as before. A tied LM head keeps its embedding: the head module is replaced, the embedding
-lookup still reads the float table.
+lookup still reads the float table. In int4 mode the head is int8 (a 4-bit head costs too much quality).
 
 Both kernels compute each output row from its own input row alone (checked in tests/models/test_quant.py),
 so batched greedy output still equals greedy output alone.
