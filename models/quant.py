@@ -299,10 +299,11 @@ def gguf_int4_blocks(path: Path, model: nn.Module) -> dict[str, Int4Weight]:
         if kind not in _Q4_BLOCK_BYTES or module not in targets:
             continue
         weight = _decode_q4(np.asarray(tensor.data), kind)
-        # llama.cpp stores q and k with each head's rotary halves interleaved; transformers undoes that on load.
-        if tensor.name.endswith(".attn_q.weight"):
+        # llama.cpp stores a Llama's q and k with each head's rotary halves interleaved; transformers undoes
+        # that on load (its LlamaTensorProcessor, used for model_type "llama" alone), and so does this.
+        if config.model_type == "llama" and tensor.name.endswith(".attn_q.weight"):
             weight = _unpermute_rows(weight, config.num_attention_heads)
-        elif tensor.name.endswith(".attn_k.weight"):
+        elif config.model_type == "llama" and tensor.name.endswith(".attn_k.weight"):
             weight = _unpermute_rows(weight, config.num_key_value_heads)
         reference = targets[module].weight.detach().float()
         served = (weight.codes.float() - INT4_OFFSET) * weight.scales.repeat_interleave(GROUP_SIZE, 1)
