@@ -1,11 +1,14 @@
 """Engine-level benchmark: tokenferry's engine beside transformers `generate`, on the same prompts, in one run.
 
     python -m bench.engine [--requests 256] [--concurrency 1,8,32,64] [--static 8,32,64] [--prompt-tokens 8-64]
+                           [--quantization none,int8,int4]
 
 There are more requests than clients, so rows leave when done and newcomers fill their places. Every
 request asks for its own max_tokens (16 to 128) and ignores EOS, so each makes exactly what it asked for. Only the tokens each request asked for count: a static batch runs until its longest request is done,
 and what it makes past a row's own max_tokens is waste, not throughput. Prints tokens/s and ratios and
-writes a Markdown report.
+writes a Markdown report. With several `--quantization` modes, every mode is loaded at once and the modes
+take turns at each concurrency level, so drift of a shared machine hits them alike; the report ends with a
+table of tokens/s by mode and level, as ratios to the first mode.
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ def generate_static(loaded: LoadedModel, jobs: list[Job], batch_size: int) -> Me
     return Measurement(name, len(jobs), sum(j.max_tokens for j in jobs), made, seconds)
 
 
-def run_engine(loaded: LoadedModel, jobs: list[Job], concurrency: int, budgets: Budgets) -> Measurement:
+def run_engine(loaded: LoadedModel, jobs: list[Job], concurrency: int, budgets: Budgets, label: str = "tokenferry") -> Measurement:
     """`concurrency` clients, each sending the next job as soon as its last one is done."""
 
     async def main() -> Measurement:
@@ -113,7 +116,7 @@ def run_engine(loaded: LoadedModel, jobs: list[Job], concurrency: int, budgets: 
         seconds = time.perf_counter() - started
         await engine.shutdown()
         useful = sum(j.max_tokens for j in jobs)
-        return Measurement(f"tokenferry, concurrency {concurrency}", len(jobs), useful, useful, seconds, ttft, itl)
+        return Measurement(f"{label}, concurrency {concurrency}", len(jobs), useful, useful, seconds, ttft, itl)
 
     return asyncio.run(main())
 
@@ -140,11 +143,25 @@ def report(results: list[Measurement], baseline: Measurement, static: dict[int, 
     return "\n".join(lines) + "\n"
 
 
+def mode_table(by_mode: dict[tuple[str, int], Measurement], modes: list[str], concurrencies: list[int]) -> str:
+    """tokens/s by quantization mode and concurrency, with each mode's ratio to the first."""
+    first = modes[0]
+    lines = [
+        "| concurrency | " + " | ".join(f"{mode} tok/s" for mode in modes) + " | " + " | ".join(f"{m} / {first}" for m in modes[1:]) + " |",
+        "| --- |" + " --- |" * (2 * len(modes) - 1),
+    ]
+    for c in concurrencies:
+        rates = [by_mode[(mode, c)].tokens_per_s for mode in modes]
+        lines.append(f"| {c} | " + " | ".join(f"{r:.1f}" for r in rates) + " | " + " | ".join(f"{r / rates[0]:.2f}" for r in rates[1:]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--quantization", default="none", help="comma-separated modes, measured in turns: none,int8,int4")
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--prompt-tokens", default="8-64", help="range of prompt lengths, MIN-MAX (chat turns by default)")
     parser.add_argument("--alone-requests", type=int, default=8, help="requests timed one at a time (slow)")
@@ -155,7 +172,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/reports"))
     args = parser.parse_args()
 
-    loaded = load(args.model, device=args.device, dtype=args.dtype)
+    modes = [m for m in args.quantization.split(",") if m]
+    models = {mode: load(args.model, device=args.device, dtype=args.dtype, quantization=mode) for mode in modes}
+    loaded = models[modes[0]]  # the static baselines run on the first mode
     low, high = (int(x) for x in args.prompt_tokens.split("-"))
     jobs = make_jobs(loaded, args.requests, min_prompt=low, max_prompt=high)
     alone_jobs = jobs[: args.alone_requests]
@@ -166,11 +185,13 @@ def main() -> None:
         max_prefill_tokens=args.max_prefill_tokens, max_waiting=len(jobs),
     )  # fmt: skip
     torch.manual_seed(0)
-    run_engine(loaded, jobs[:4], 4, budgets)  # warm-up
+    for model in models.values():
+        run_engine(model, jobs[:4], 4, budgets)  # warm-up
 
     print(f"{loaded.info.name} on {loaded.info.device} ({loaded.info.dtype}), {torch.get_num_threads()} threads; "
           f"{len(jobs)} requests, prompts {min(len(j.prompt_ids) for j in jobs)}-{max(len(j.prompt_ids) for j in jobs)} "
           f"tokens, max_tokens {min(j.max_tokens for j in jobs)}-{max(j.max_tokens for j in jobs)}", flush=True)
+    print(f"quantization modes, taking turns at each level: {', '.join(modes)}", flush=True)
     baseline = generate_static(loaded, alone_jobs, 1)
     print(f"  {baseline.name}: {baseline.tokens_per_s:.1f} tok/s", flush=True)
     results = [baseline]
@@ -179,16 +200,23 @@ def main() -> None:
         static[size] = generate_static(loaded, jobs, size)
         results.append(static[size])
         print(f"  {static[size].name}: {static[size].tokens_per_s:.1f} tok/s", flush=True)
+    by_mode: dict[tuple[str, int], Measurement] = {}
     for concurrency in concurrencies:
-        m = run_engine(loaded, alone_jobs if concurrency == 1 else jobs, concurrency, budgets)
-        results.append(m)
-        ratio = f", {m.tokens_per_s / static[concurrency].tokens_per_s:.2f}x static" if concurrency in static else ""
-        print(f"  {m.name}: {m.tokens_per_s:.1f} tok/s, {m.tokens_per_s / baseline.tokens_per_s:.2f}x one-at-a-time{ratio}", flush=True)
+        for mode in modes:
+            label = "tokenferry" if mode == "none" else f"tokenferry {mode}"
+            m = run_engine(models[mode], alone_jobs if concurrency == 1 else jobs, concurrency, budgets, label)
+            results.append(m)
+            by_mode[(mode, concurrency)] = m
+            ratio = f", {m.tokens_per_s / static[concurrency].tokens_per_s:.2f}x static" if concurrency in static else ""
+            print(f"  {m.name}: {m.tokens_per_s:.1f} tok/s, {m.tokens_per_s / baseline.tokens_per_s:.2f}x one-at-a-time{ratio}", flush=True)
 
     title = f"Engine benchmark: {loaded.info.name}, {loaded.info.device}, {loaded.info.dtype}, {time.strftime('%Y-%m-%d %H:%M')}"
     text = report(results, baseline, static, title)
+    if len(modes) > 1:
+        text += "\n## Quantization modes, measured in turns\n\n" + mode_table(by_mode, modes, concurrencies)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"engine-{loaded.info.device.split(':')[0]}-{loaded.info.dtype}-prompts-{low}-{high}.md"
+    suffix = "" if modes == ["none"] else "-" + "-".join(modes)
+    path = args.out / f"engine-{loaded.info.device.split(':')[0]}-{loaded.info.dtype}{suffix}-prompts-{low}-{high}.md"
     path.write_text(text)
     print()
     print(text)

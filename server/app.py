@@ -80,7 +80,7 @@ async def _load(state: AppState) -> None:
     config = state.config
     started = time.monotonic()
     try:
-        loaded = await asyncio.to_thread(load, config.model, config.device, config.dtype)
+        loaded = await asyncio.to_thread(load, config.model, config.device, config.dtype, config.quantization)
     except ModelLoadError as exc:
         state.load_error = str(exc)
         log.error("model load failed", extra={"error": str(exc)})
@@ -91,7 +91,13 @@ async def _load(state: AppState) -> None:
     info = loaded.info
     log.info(
         "ready",
-        extra={"model": state.model_name, "device": info.device, "dtype": info.dtype, "load_s": round(time.monotonic() - started, 2)},
+        extra={
+            "model": state.model_name,
+            "device": info.device,
+            "dtype": info.dtype,
+            "quantization": info.quantization,
+            "load_s": round(time.monotonic() - started, 2),
+        },
     )
 
 

@@ -18,6 +18,7 @@ ENV_PREFIX = "TOKENFERRY_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "int8", "int4")
 
 
 def _help(text: str) -> dict[str, str]:
@@ -32,6 +33,7 @@ class Config:
     port: int = field(default=8000, metadata=_help("port to listen on"))
     device: str = field(default="auto", metadata=_help("auto (cuda when available), cpu, cuda or cuda:N"))
     dtype: str = field(default="auto", metadata=_help("auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16"))
+    quantization: str = field(default="none", metadata=_help("none (exact), int8 or int4: weight-only kernels for every Linear, CPU only"))
     max_batch_size: int = field(default=64, metadata=_help("most rows in the running batch"))
     max_batch_tokens: int = field(default=65536, metadata=_help("most rows x padded length when a request joins"))
     max_prefill_tokens: int = field(default=4096, metadata=_help("most rows x padded length in one prefill group"))
@@ -64,6 +66,8 @@ class Config:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.speculative_tokens < 0:
             raise ValueError(f"--speculative-tokens must be 0 or more, got {self.speculative_tokens}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         if self.api_key == "":
             raise ValueError("--api-key must not be empty")
 

@@ -62,6 +62,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str
     max_model_len: int
+    quantization: str  # the Linear layers' weights: none (the model's dtype), int8 or int4
 
 
 class ModelList(BaseModel):

@@ -69,6 +69,7 @@ def model_card(state: AppState) -> dict[str, Any]:
         "created": state.started_at,
         "owned_by": "tokenferry",
         "max_model_len": engine.info.context_length,
+        "quantization": engine.info.quantization,
     }
 
 

@@ -29,6 +29,8 @@ def test_flags_beat_environment_beats_defaults() -> None:
     assert config.port == 9100 and config.max_waiting == 7
     assert config.cors_origins == ("http://a", "http://b") and config.allow_special_tokens is True
     assert parse([], {"TOKENFERRY_ALLOW_SPECIAL_TOKENS": "false"}).allow_special_tokens is False
+    assert parse([]).quantization == "none"
+    assert parse(["--quantization", "int4"], {"TOKENFERRY_QUANTIZATION": "int8"}).quantization == "int4"
 
 
 @pytest.mark.parametrize(
@@ -38,6 +40,7 @@ def test_flags_beat_environment_beats_defaults() -> None:
         (["--port", "70000"], {}, "--port"),
         (["--log-level", "loud"], {}, "--log-level"),
         (["--dtype", "int4"], {}, "--dtype"),
+        (["--quantization", "int3"], {}, "--quantization must be one of none, int8, int4"),
         ([], {"TOKENFERRY_PORT": "eighty"}, "TOKENFERRY_PORT"),
     ],
 )
