@@ -34,7 +34,8 @@ class Config:
     dtype: str = field(default="auto", metadata=_help("auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16"))
     max_batch_size: int = field(default=64, metadata=_help("most rows in the running batch"))
     max_batch_tokens: int = field(default=65536, metadata=_help("most rows x padded length when a request joins"))
-    max_prefill_tokens: int = field(default=4096, metadata=_help("most rows x padded length in one prefill group"))
+    max_prefill_tokens: int = field(default=4096, metadata=_help("most prompt tokens prefilled in one step; a longer prompt is prefilled in chunks over several steps while the others decode"))
+    prefix_cache_bytes: int | None = field(default=None, metadata=_help("bytes of KV kept for prompts that start alike (None: 10 percent of free memory; 0 disables)"))
     max_waiting: int = field(default=256, metadata=_help("most queued requests; past it requests get 429"))
     api_key: str | None = field(default=None, metadata=_help("require this bearer key on /v1 routes"))
     cors_origins: tuple[str, ...] = field(default=(), metadata=_help("comma-separated origins allowed by CORS"))
@@ -50,6 +51,8 @@ class Config:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{_flag(name)} must be at least 1, got {getattr(self, name)}")
+        if self.prefix_cache_bytes is not None and self.prefix_cache_bytes < 0:
+            raise ValueError(f"--prefix-cache-bytes must be at least 0, got {self.prefix_cache_bytes}")
         for name in ("drain_timeout", "stall_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{_flag(name)} must be positive, got {getattr(self, name)}")
@@ -105,6 +108,7 @@ def _parse_list(text: str) -> tuple[str, ...]:
 def _parser_for(annotation: str) -> Callable[[str], Any]:
     return {
         "int": int,
+        "int | None": int,
         "float": float,
         "bool": _parse_bool,
         "tuple[str, ...]": _parse_list,

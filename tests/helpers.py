@@ -38,11 +38,16 @@ async def collect(stream: AsyncIterator[Event]) -> Result:
     )
 
 
-def run_with_engine(loaded: LoadedModel, scenario: Callable[[Engine], Awaitable[T]], budgets: Budgets = BUDGETS) -> T:
+def run_with_engine(
+    loaded: LoadedModel,
+    scenario: Callable[[Engine], Awaitable[T]],
+    budgets: Budgets = BUDGETS,
+    prefix_cache_bytes: int | None = None,
+) -> T:
     """Start an engine, run `scenario(engine)` on a fresh event loop, always shut the engine down."""
 
     async def main() -> T:
-        engine = Engine(loaded, budgets)
+        engine = Engine(loaded, budgets, prefix_cache_bytes)
         engine.start()
         try:
             return await asyncio.wait_for(scenario(engine), timeout=600)

@@ -70,18 +70,37 @@ def test_the_head_of_the_queue_blocks_those_behind_it() -> None:
 
 def test_the_prefill_budget_limits_newcomers_per_step() -> None:
     s = scheduler(max_prefill_tokens=50)
-    for name, length in (("a", 20), ("b", 20), ("c", 20)):
+    for name, length in (("a", 20), ("b", 20), ("c", 20), ("d", 5)):
         s.add(request(name, length))
-    assert names(s.schedule().joining) == ["a", "b"]
-    assert names(s.schedule().joining) == ["c"]
+    plan = s.schedule()
+    # What is left of the budget starts c's prefill in chunks; d waits behind it.
+    assert names(plan.joining) == ["a", "b"] and (plan.chunk[0].id, plan.chunk[1]) == ("c", 10)
+    plan = s.schedule()
+    assert (plan.chunk[0].id, plan.chunk[1]) == ("c", 10) and names(plan.joining) == ["d"]
+    assert names(s.running) == ["a", "b", "c", "d"]
 
 
-def test_a_prompt_over_the_prefill_budget_still_runs_as_the_first_newcomer() -> None:
+def test_a_prompt_over_the_prefill_budget_is_prefilled_in_chunks_one_per_step() -> None:
     s = scheduler(max_prefill_tokens=50)
     s.add(request("running", 10))
     s.schedule()
-    s.add(request("long", 80))
-    assert names(s.schedule().joining) == ["long"]
+    s.add(request("long", 120))
+    s.add(request("long2", 60))
+    chunks = []
+    while (plan := s.schedule()).chunk is not None:
+        chunks.append((plan.chunk[0].id, plan.chunk[1], sum(len(r.prompt_ids) for r in plan.joining)))
+    # No step prefills more than the budget; the second long prompt starts once the first is done.
+    assert chunks == [("long", 50, 0), ("long", 50, 0), ("long", 20, 0), ("long2", 50, 0), ("long2", 10, 0)]
+    assert names(s.running) == ["running", "long", "long2"] and not s.waiting
+
+
+def test_a_chunked_prompt_cancelled_between_chunks_leaves() -> None:
+    s = scheduler(max_prefill_tokens=50)
+    s.add(request("long", 120))
+    assert s.schedule().chunk[0].id == "long"
+    s.chunking.cancelled = True
+    plan = s.schedule()
+    assert names(plan.leaving) == ["long"] and plan.chunk is None and not s.has_work
 
 
 def test_queue_full_fails_fast() -> None:
