@@ -50,6 +50,11 @@ class ModelRunner(Generic[R]):
         """The running rows in batch order."""
         return self.batch.keys
 
+    @property
+    def staged(self) -> list[R]:
+        """Rows whose prompts are being prefilled in chunks, not yet in the batch."""
+        return list(self._staging)
+
     def prefill(self, rows: Sequence[R], reused: Sequence[int] | None = None) -> list[Sampled]:
         """Add `rows` to the batch, prefill their prompts as one group, return each one's first token.
 

@@ -227,8 +227,9 @@ class Engine:
                 self._step(plan)
             except Exception:  # a bug outside any one request: fail everyone, keep serving
                 log.exception("engine step failed; failing all running requests")
-                self._fail(list(self._runner.rows), "internal error in the engine loop")
-                self._runner.drop(list(self._runner.rows))
+                rows = [*self._runner.rows, *self._runner.staged]
+                self._fail(rows, "internal error in the engine loop")
+                self._runner.drop(rows)
             self._flush()
             if busy:
                 continue
