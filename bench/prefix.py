@@ -10,6 +10,8 @@
    one after another, against `--max-prefill-tokens CHUNK` and an unchunked server (a budget larger than
    any prompt). Reports the streams' inter-token latency p50 / p99 and the long prompts' prefill tokens/s
    (prompt tokens over time to first token).
+3. A burst: `burst` short requests arriving together, with the chunked budget and with 4096 prompt tokens
+   per step (the old default): time to first token p50 / p99 (first tokens leave after each group).
 Each server is a real process on the default model; the figures are wall-clock and drift with the machine.
 """
 
@@ -21,12 +23,13 @@ import json
 import random
 import time
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 import httpx
 
 from bench.process import ServerProcess
-from bench.serve import PASSAGE, percentile
+from bench.serve import PASSAGE, make_workload, percentile, run_level
 
 WORDS = (PASSAGE * 200).split()
 QUESTIONS = [
@@ -63,7 +66,7 @@ async def stream_chat(client: httpx.AsyncClient, body: dict) -> tuple[str, Turn]
                 if content := choice["delta"].get("content"):
                     arrivals.append(time.perf_counter())
                     text.append(content)
-    turn = Turn(ttft=arrivals[0] - sent, itl=[b - a for a, b in zip(arrivals, arrivals[1:])])
+    turn = Turn(ttft=arrivals[0] - sent, itl=[b - a for a, b in pairwise(arrivals)])
     turn.tokens = usage.get("completion_tokens", len(arrivals))
     turn.cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
     return "".join(text), turn
@@ -125,13 +128,14 @@ def main() -> None:
     parser.add_argument("--long-prompts", type=int, default=2)
     parser.add_argument("--long-tokens", type=int, default=1500)
     parser.add_argument("--chunk", type=int, default=256, help="--max-prefill-tokens of the chunked server")
-    parser.add_argument("--skip", choices=("chat", "chunks"), help="leave one part out")
+    parser.add_argument("--burst", type=int, default=32, help="requests arriving together")
+    parser.add_argument("--skip", choices=("chat", "chunks", "burst"), action="append", default=[], help="leave a part out (repeatable)")
     parser.add_argument("--out", type=Path, default=Path("bench-prefix"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     lines = [f"# Long conversations ({time.strftime('%Y-%m-%d %H:%M')})", "", f"`{vars(args)}`", ""]
 
-    if args.skip != "chat":
+    if "chat" not in args.skip:
         runs = {}
         for label, flags in (("cache", ()), ("no cache", ("--prefix-cache-bytes", "0"))):
             server = serve(args.out, *flags)
@@ -159,7 +163,7 @@ def main() -> None:
             lines.append(f"\n{label}: {tokens} output tokens in {seconds:.1f} s, {tokens / seconds:.1f} tok/s")
         lines.append("")
 
-    if args.skip != "chunks":
+    if "chunks" not in args.skip:
         lines += [
             f"## {args.streams} streams while {args.long_prompts} prompts of {args.long_tokens} tokens join",
             "",
@@ -174,6 +178,23 @@ def main() -> None:
                 server.terminate()
             rate = sum(rates) / len(rates)
             lines.append(f"| {label} | {percentile(gaps, 0.5):.3f} | {percentile(gaps, 0.99):.3f} | {rate:.0f} |")
+        lines.append("")
+
+    if "burst" not in args.skip:
+        lines += [
+            f"## {args.burst} requests arriving together ({args.max_tokens} new tokens each)",
+            "",
+            "| --max-prefill-tokens | TTFT p50 (s) | TTFT p99 (s) | output tok/s |",
+            "| --- | --- | --- | --- |",
+        ]
+        workload = make_workload(args.burst, args.max_tokens)
+        for chunk in (args.chunk, 4096):
+            server = serve(args.out, "--max-prefill-tokens", str(chunk), "--prefix-cache-bytes", "0")
+            try:
+                level = asyncio.run(run_level(server.url, None, workload, args.burst, args.burst, str(chunk)))
+            finally:
+                server.terminate()
+            lines.append(f"| {chunk} | {level.ttft(0.5):.2f} | {level.ttft(0.99):.2f} | {level.tokens_per_s:.1f} |")
     report = "\n".join(lines) + "\n"
     (args.out / "prefix.md").write_text(report)
     print(report)

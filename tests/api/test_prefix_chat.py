@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 
 import httpx
@@ -76,7 +77,7 @@ def test_eight_turns_answer_the_same_with_the_cache_and_reuse_earlier_turns(
     assert answers == plain_answers
     assert plain_cached == [0] * len(TURNS)
     assert all(n > 0 for n in cached[1:]), cached
-    assert all(later > earlier for earlier, later in zip(cached[1:], cached[2:])), "each turn reuses more"
+    assert all(later > earlier for earlier, later in pairwise(cached[1:])), "each turn reuses more"
     assert smol_server.metric("tokenferry_prefix_cache_hits_total") - hits_before >= len(TURNS) - 1
     assert smol_server.metric("tokenferry_prefix_cache_reused_tokens_total") - reused_before >= sum(cached)
     assert smol_server.metric("tokenferry_prefix_cache_bytes") > 0

@@ -83,7 +83,7 @@ def test_a_conversation_reuses_its_earlier_turns_answers_included(tiny: LoadedMo
         two = await collect(engine.submit(first + one.token_ids + [5, 6, 7], greedy(4)))
         return one, two
 
-    one, two = run_with_engine(tiny, scenario)
+    _, two = run_with_engine(tiny, scenario)
     # 40 prompt + 29 answer tokens have KV (the last answer token was never fed): 4 whole blocks.
     assert two.events[-1].usage.cached_tokens == 64
 
