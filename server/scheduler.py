@@ -23,6 +23,9 @@ from server.request import Request, Status
 # of the newcomers form further groups. Prompts of mixed lengths padded to the longest can waste half of
 # a prefill (DESIGN.md measured 21 s of a 44 s run), while a group of one wastes nothing.
 MAX_GROUP_PADDING = 0.2
+# A prompt starts its chunks only when at least this share of the step's prefill budget is left: a sliver
+# of a chunk would cost a forward (and a step of the prompt's latency) for a handful of tokens.
+MIN_FIRST_CHUNK = 0.25
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,11 @@ class Scheduler:
         return leaving
 
     def schedule(self) -> Plan:
+        """This step's plan: who leaves, the next chunk of a prompt read in chunks, and who joins whole.
+
+        Mutates the queue and the running set as if the plan succeeds; a request the engine then fails is
+        finished, and leaves at the next step.
+        """
         plan = Plan(leaving=self.retire())
         chunking = self.chunking
         if chunking is not None and (chunking.finished or chunking.cancelled):
@@ -144,7 +152,7 @@ class Scheduler:
                 joining.append(request)
                 budget -= rest
             elif request.params.prompt_logprobs is None and chunk is None and self.chunking is None:
-                if budget < 1:
+                if budget < max(1, MIN_FIRST_CHUNK * budgets.max_prefill_tokens):
                     break
                 request.prefilled = hit
                 self.chunking = started = request

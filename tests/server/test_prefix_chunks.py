@@ -1,13 +1,12 @@
 """Prefix caching and chunked prefill through the engine, on the tiny model: what is computed, per step.
 
-Every forward the real tiny model runs is recorded with the engine step it ran in; a prefill call (or a
-chunk) is one with several query positions, and its computed tokens are counted from its position ids.
+Every forward the real tiny model runs outside a decode step is recorded with the engine step it ran in
+(a prefill group or a chunk), and its computed tokens are counted from its position ids.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
 
 import pytest
 
@@ -16,36 +15,15 @@ from server import metrics
 from server.engine import Engine
 from server.request import SamplingParams
 from server.scheduler import Budgets
-from tests.helpers import Result, collect, run_with_engine
+from tests.helpers import PrefillRecorder, Result, collect, run_with_engine
 
 pytestmark = pytest.mark.timeout(120)
 
 
-class Recorder:
-    """Computed prompt tokens of every multi-token forward, by engine step."""
-
-    def __init__(self) -> None:
-        self.engine: Engine | None = None
-        self.prefilled: dict[int, int] = defaultdict(int)
-        self.prefill_calls = 0
-
-    def record(self, kwargs: dict) -> None:
-        positions = kwargs["position_ids"]  # [rows, q]; pads sit at 0 before a row's real positions
-        if self.engine is not None and positions.shape[1] > 1:
-            self.prefill_calls += 1
-            self.prefilled[self.engine.steps] += int((positions[:, -1] - positions[:, 0] + 1).sum())
-
-
 @pytest.fixture
-def recorder(tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> Recorder:
-    recorder = Recorder()
-    forward = tiny.model.forward
-
-    def spy(*args: object, **kwargs: object) -> object:
-        recorder.record(kwargs)
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(tiny.model, "forward", spy)
+def recorder(tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> PrefillRecorder:
+    recorder = PrefillRecorder()
+    monkeypatch.setattr(tiny.model, "forward", recorder.spy(tiny.model.forward))
     return recorder
 
 
@@ -53,16 +31,16 @@ def greedy(n: int) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
 
 
-def one_by_one(tiny: LoadedModel, prompts: list[list[int]], n: int, cache_bytes: int | None, recorder: Recorder | None = None) -> list[Result]:
+def one_by_one(tiny: LoadedModel, prompts: list[list[int]], n: int, cache_bytes: int | None, recorder: PrefillRecorder | None = None) -> list[Result]:
     async def scenario(engine: Engine) -> list[Result]:
         if recorder is not None:
-            recorder.engine = engine
+            recorder.watch(engine)
         return [await collect(engine.submit(p, greedy(n))) for p in prompts]
 
     return run_with_engine(tiny, scenario, prefix_cache_bytes=cache_bytes)
 
 
-def test_a_prompt_that_starts_like_an_earlier_one_computes_only_the_rest(tiny: LoadedModel, recorder: Recorder) -> None:
+def test_a_prompt_that_starts_like_an_earlier_one_computes_only_the_rest(tiny: LoadedModel, recorder: PrefillRecorder) -> None:
     system = [(7 * i) % 500 + 1 for i in range(70)]  # 70 tokens: four whole blocks of 16 are cacheable
     prompts = [system + [11, 12, 13], system + [21, 22], system + [31, 32, 33, 34]]
     plain = one_by_one(tiny, prompts, 6, cache_bytes=0)
@@ -88,7 +66,7 @@ def test_a_conversation_reuses_its_earlier_turns_answers_included(tiny: LoadedMo
     assert two.events[-1].usage.cached_tokens == 64
 
 
-def test_no_step_prefills_more_than_the_budget_and_chunked_output_is_unchanged(tiny: LoadedModel, recorder: Recorder) -> None:
+def test_no_step_prefills_more_than_the_budget_and_chunked_output_is_unchanged(tiny: LoadedModel, recorder: PrefillRecorder) -> None:
     budget = 64
     streams = [[(13 * i + j) % 500 + 1 for j in range(10 + i)] for i in range(16)]
     long_prompt = [(17 * j) % 500 + 1 for j in range(300)]
@@ -96,7 +74,7 @@ def test_no_step_prefills_more_than_the_budget_and_chunked_output_is_unchanged(t
     budgets = Budgets(max_batch_size=64, max_batch_tokens=65536, max_prefill_tokens=budget, max_waiting=256)
 
     async def scenario(engine: Engine) -> tuple[Result, list[Result]]:
-        recorder.engine = engine
+        recorder.watch(engine)
         running = [asyncio.create_task(collect(engine.submit(p, greedy(20)))) for p in streams]
         while engine.num_running < len(streams):
             await asyncio.sleep(0.001)
@@ -108,16 +86,16 @@ def test_no_step_prefills_more_than_the_budget_and_chunked_output_is_unchanged(t
     long_result, others = run_with_engine(tiny, scenario, budgets=budgets, prefix_cache_bytes=0)
     assert long_result.token_ids == alone[0].token_ids
     assert [r.token_ids for r in others] == [r.token_ids for r in alone[1:]]
-    assert max(recorder.prefilled.values()) <= budget
+    assert max(recorder.prefilled.values()) <= budget, dict(recorder.prefilled)
     assert sum(recorder.prefilled.values()) == 300 + sum(len(p) for p in streams)
 
 
-def test_cancelling_between_chunks_frees_everything(tiny: LoadedModel, recorder: Recorder) -> None:
+def test_cancelling_between_chunks_frees_everything(tiny: LoadedModel, recorder: PrefillRecorder) -> None:
     budgets = Budgets(max_batch_size=64, max_batch_tokens=65536, max_prefill_tokens=32, max_waiting=256)
     long_prompt = [(17 * j) % 500 + 1 for j in range(400)]
 
     async def scenario(engine: Engine) -> dict[str, object]:
-        recorder.engine = engine
+        recorder.watch(engine)
         runner, scheduler = engine._runner, engine._scheduler
         stream = engine.submit(long_prompt, greedy(5), request_id="long")
         reader = asyncio.create_task(collect(stream))

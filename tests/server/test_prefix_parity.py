@@ -13,7 +13,7 @@ from models import LoadedModel
 from server.engine import Engine
 from server.request import SamplingParams
 from server.scheduler import Budgets
-from tests.helpers import Result, collect, generate_together, run_with_engine
+from tests.helpers import PrefillRecorder, Result, collect, generate_together, run_with_engine
 from tests.server.test_engine_parity import PASSAGE, QUESTIONS
 
 pytestmark = pytest.mark.slow
@@ -84,18 +84,12 @@ def test_a_long_prompt_prefilled_in_chunks_joins_16_streams_without_changing_any
     undisturbed = generate_together(smol, streams, params)
     alone = run_with_engine(smol, lambda e: collect(e.submit(long_prompt, greedy(8))), prefix_cache_bytes=0)
     budgets = Budgets(max_batch_size=64, max_batch_tokens=65536, max_prefill_tokens=budget, max_waiting=256)
-    prefilled: dict[int, int] = {}
+    recorder = PrefillRecorder()
     forward = smol.model.forward
 
     async def scenario(engine: Engine) -> tuple[Result, list[Result]]:
-        def spy(*args: object, **kwargs: object) -> object:
-            positions = kwargs["position_ids"]  # [rows, q]
-            if positions.shape[1] > 1:
-                computed = int((positions[:, -1] - positions[:, 0] + 1).sum())
-                prefilled[engine.steps] = prefilled.get(engine.steps, 0) + computed
-            return forward(*args, **kwargs)
-
-        smol.model.forward = spy
+        recorder.watch(engine)
+        smol.model.forward = recorder.spy(forward)
         try:
             running = [asyncio.create_task(collect(engine.submit(p, sp))) for p, sp in zip(streams, params)]
             while engine.num_running < len(streams):
@@ -108,8 +102,8 @@ def test_a_long_prompt_prefilled_in_chunks_joins_16_streams_without_changing_any
     long_result, others = run_with_engine(smol, scenario, budgets=budgets, prefix_cache_bytes=0)
     assert long_result.token_ids == alone.token_ids
     assert [r.token_ids for r in others] == [r.token_ids for r in undisturbed]
-    assert max(prefilled.values()) <= budget, prefilled
-    assert sum(prefilled.values()) == len(long_prompt) + sum(len(p) for p in streams)
+    assert max(recorder.prefilled.values()) <= budget, dict(recorder.prefilled)
+    assert sum(recorder.prefilled.values()) == len(long_prompt) + sum(len(p) for p in streams)
     assert all(r.events[0].token_ids for r in others), "every stream had its first token"
 
 
