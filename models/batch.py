@@ -74,43 +74,68 @@ class Batch(Generic[Key]):
         """[rows, width] bool: True on real tokens of the live window."""
         return self._mask(self.start, self.end)
 
-    def prefill(self, keys: Sequence[Key], prompts: Sequence[Sequence[int]]) -> Forward:
+    @property
+    def store(self) -> KVStore | None:
+        """The storage the rows live in (None while the batch is empty)."""
+        return self._store
+
+    def first_column(self, row: int) -> int:
+        """The store column of row `row`'s first real token."""
+        return self.end - self.lengths[row]
+
+    def prefill(
+        self, keys: Sequence[Key], prompts: Sequence[Sequence[int]], reused: Sequence[int] | None = None
+    ) -> Forward:
         """Append one row per prompt and return the inputs that prefill them as one left-padded group.
 
         The group is written straight into its rows of the shared store, right-aligned at `end`, so
         joining the running batch copies nothing: the side with the shorter past is padded on the
-        left by widening the window.
+        left by widening the window. `reused[i]` leading tokens of prompt i are not computed: the caller
+        writes their KV (from the prefix cache) into columns `[first_column(row), end - computed)` before
+        running the forward, which computes the last `q = max(len(p) - reused)` columns of the group.
+
+        NOTE: every row computes exactly its last min(len(p), q) tokens, so a row that reuses KV has no
+        padding inside the computed columns: a pad written there would overwrite its reused tokens. Hence
+        `reused[i]` must be 0 or `len(p) - q`, and at most `len(p) - 1` (the last token yields the logits).
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("prefill needs at least one prompt, each of at least one token")
         n, k = len(self), len(prompts)
         lengths = [len(p) for p in prompts]
-        group = max(lengths)
+        reused = list(reused) if reused is not None else [0] * k
+        q = max(length - r for length, r in zip(lengths, reused, strict=True))
+        for length, r in zip(lengths, reused):
+            if r and (r != length - q or r >= length):
+                raise ValueError(f"a row reusing {r} of {length} tokens must compute the group's {q} columns")
+        group = max(lengths)  # the group's window; its forward computes the last q columns
         width = max(self.width, group)
         self._reserve(rows=n + k, width=width, right=0)
         start = self.end - width
         # Columns that enter the window unwritten must hold zeros (see KVStore): the old rows' new left
-        # columns, and the new rows' columns left of their group.
+        # columns, and the new rows' columns left of their computed ones (reused columns are then loaded).
         self._store.clear(slice(0, n), slice(start, self.start))
-        self._store.clear(slice(n, n + k), slice(start, self.end - group))
+        self._store.clear(slice(n, n + k), slice(start, self.end - q))
 
         device = self.shape.device
-        input_ids = torch.tensor([[PAD_ID] * (group - len(p)) + list(p) for p in prompts], device=device)
-        real = torch.arange(group, device=device)[None, :] >= torch.tensor(
-            [group - length for length in lengths], device=device
-        )[:, None]  # [k, group]
-        # Pads get position 0, a valid index; real tokens count from 0 at their first real token.
-        position_ids = (real.cumsum(-1) - 1).clamp(min=0)
-        causal = torch.ones(group, group, dtype=torch.bool, device=device).tril()
+        input_ids = torch.tensor([[PAD_ID] * (q - len(p)) + list(p[-q:]) for p in prompts], device=device)
+        lengths_t = torch.tensor(lengths, device=device)[:, None]  # [k, 1]
+        query = torch.arange(q, device=device)[None, :]  # [1, q]
+        real = query >= q - lengths_t  # [k, q]
+        # Pads get position 0, a valid index; real tokens count from 0 at the row's first real token.
+        position_ids = (query + lengths_t - q).clamp(min=0)  # [k, q]
+        keys_at = torch.arange(group, device=device)  # key columns of the group's window
+        query_at = group - q + torch.arange(q, device=device)  # [q] their columns in that window
+        causal = keys_at[None, :] <= query_at[:, None]  # [q, group]
+        real_key = keys_at[None, :] >= group - lengths_t  # [k, group]
         # A pad query attends to itself only: a fully masked query row can come out of SDPA as NaN,
         # which would spread through the pad's keys into real rows. Real queries never see a pad key.
-        diagonal = torch.eye(group, dtype=torch.bool, device=device)
-        mask = (causal[None] & real[:, None, :]) | diagonal[None]  # [k, group, group]
-        cache = self._store.window(slice(n, n + k), start=self.end - group, write_at=self.end - group)
+        diagonal = keys_at[None, :] == query_at[:, None]  # [q, group]
+        mask = (causal[None] & real_key[:, None, :]) | (diagonal[None] & ~real[:, :, None])  # [k, q, group]
+        cache = self._store.window(slice(n, n + k), start=self.end - group, write_at=self.end - q)
 
         self.keys.extend(keys)
         self.lengths.extend(lengths)
-        return Forward(input_ids, position_ids, mask[:, None], cache, real_tokens=sum(lengths))
+        return Forward(input_ids, position_ids, mask[:, None], cache, real_tokens=sum(lengths) - sum(reused))
 
     def decode(self, tokens: Sequence[int]) -> Forward:
         """Feed one token per row (its last sampled token) at column `end`; return the step's inputs."""
@@ -118,7 +143,8 @@ class Batch(Generic[Key]):
 
     def extend(self, tokens: Sequence[Sequence[int]]) -> Forward:
         """Feed q tokens per row, the same q for every row, at columns `[end, end + q)`: a decode step when q
-        is 1, a speculative draft's verification when more. Left padding holds because every row grows alike."""
+        is 1; a speculative draft's verification, or a later chunk of a prompt prefilled in chunks (in its own
+        staging batch), when more. Left padding holds because every row grows alike."""
         if len(tokens) != len(self):
             raise ValueError(f"need tokens for every row: {len(tokens)} lists for {len(self)} rows")
         q = len(tokens[0]) if tokens else 0
@@ -149,6 +175,24 @@ class Batch(Generic[Key]):
             raise ValueError(f"cannot rewind {columns} columns of rows of lengths {self.lengths}")
         self.lengths = [length - columns for length in self.lengths]
         self.end -= columns
+
+    def join(self, other: Batch[Key]) -> None:
+        """Move every row of `other` (a batch with its own store, such as a prompt prefilled in chunks) into
+        this one, right-aligned at `end` like a prefill group; `other` is left empty."""
+        if not len(other):
+            return
+        n, k = len(self), len(other)
+        width = max(self.width, other.width)
+        self._reserve(rows=n + k, width=width, right=0)
+        start = self.end - width
+        self._store.clear(slice(0, n), slice(start, self.start))
+        self._store.clear(slice(n, n + k), slice(start, self.end - other.width))
+        other._store.copy_rows_to(
+            self._store, k, slice(other.start, other.end), dst_rows=slice(n, n + k), dst_start=self.end - other.width
+        )
+        self.keys.extend(other.keys)
+        self.lengths.extend(other.lengths)
+        other.keys, other.lengths, other.end, other._store = [], [], 0, None
 
     def filter(self, leaving: Collection[Key]) -> None:
         """Drop the rows owned by `leaving`; survivors keep their cache, possibly in another row."""

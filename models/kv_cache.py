@@ -95,6 +95,14 @@ class KVStore:
             for buf in buffers:
                 buf[rows, :, cols] = 0
 
+    def copy_rows_to(self, other: KVStore, rows: int, src_cols: slice, dst_rows: slice, dst_start: int) -> None:
+        """Copy this store's first `rows` rows, columns `src_cols`, into rows `dst_rows` of `other` at column
+        `dst_start`; this store is left as it was."""
+        dst_cols = slice(dst_start, dst_start + src_cols.stop - src_cols.start)
+        for mine, theirs in ((self.keys, other.keys), (self.values, other.values)):
+            for src, dst in zip(mine, theirs):
+                dst[dst_rows, :, dst_cols] = src[:rows, :, src_cols]
+
     def copy_to(self, other: KVStore, rows: int, src_cols: slice, dst_start: int) -> None:
         """Copy the first `rows` rows, columns `src_cols`, into `other` at column `dst_start`.
 

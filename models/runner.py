@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 
 from models.batch import Batch, Forward
 from models.kv_cache import CacheShape
+from models.prefix_cache import PrefixCache
 from models.sampler import (
     Candidate,
     Row,
@@ -43,11 +44,17 @@ class Sampled:
 
 
 class ModelRunner(Generic[R]):
-    """Owns the model, the running batch and each row's random generator."""
+    """Owns the model, the running batch, the prefix cache and each row's random generator.
 
-    def __init__(self, model: PreTrainedModel, max_rows: int) -> None:
+    A prompt prefilled in chunks lives in a batch of its own (same layout, own store) until its last chunk,
+    then moves into the running batch with one column copy: the running rows never hold a half-read prompt.
+    """
+
+    def __init__(self, model: PreTrainedModel, max_rows: int, prefix_cache: PrefixCache | None = None) -> None:
         self.model = model
         self.batch: Batch[R] = Batch(CacheShape.of(model), max_rows)
+        self.prefix_cache = prefix_cache
+        self._staging: dict[R, Batch[R]] = {}  # rows being prefilled in chunks
         self._generators: dict[R, torch.Generator] = {}
 
     @property
@@ -55,22 +62,74 @@ class ModelRunner(Generic[R]):
         """The running rows in batch order."""
         return self.batch.keys
 
-    def prefill(self, rows: Sequence[R]) -> list[Sampled]:
+    @property
+    def staged(self) -> list[R]:
+        """Rows whose prompts are being prefilled in chunks, not yet in the batch."""
+        return list(self._staging)
+
+    def prefill(self, rows: Sequence[R], reused: Sequence[int] | None = None) -> list[Sampled]:
         """Add `rows` to the batch, prefill their prompts as one group, return each one's first token.
 
-        On failure the new rows are dropped again and the running ones are untouched.
+        `reused[i]` leading prompt tokens of row i are read from the prefix cache instead of computed (see
+        `Batch.prefill` for which values a group allows). On failure the new rows are dropped again and the
+        running ones are untouched.
         """
-        forward = self.batch.prefill(rows, [row.prompt_ids for row in rows])
+        reused = list(reused) if reused is not None else [0] * len(rows)
+        n = len(self.batch)
+        forward = self.batch.prefill(rows, [row.prompt_ids for row in rows], reused)
         for row in rows:
             self._generators[row] = make_generator(row.params.seed)
         # Prompt scores need every position's logits, which costs a vocabulary-wide projection per prompt
         # token: only groups with a row that asks pay it (the scheduler groups such rows apart from the others).
         every_position = any(row.params.prompt_logprobs is not None for row in rows)
         try:
+            for i, tokens in enumerate(reused):
+                if tokens:
+                    self._load(self.batch, n + i, rows[i].prompt_ids, tokens)
             return self._sample(self._forward(forward, every_position), rows, every_position)
         except BaseException:
             self.drop(rows)
             raise
+
+    def prefill_chunk(self, row: R, tokens: int, reused: int = 0) -> Sampled | None:
+        """Prefill the next `tokens` prompt tokens of `row` in its own staging batch; the first chunk starts
+        after `reused` tokens read from the prefix cache. After the last chunk the row joins the running
+        batch and its first token is returned; before it, None. On failure the row is dropped."""
+        staging = self._staging.get(row)
+        try:
+            if staging is None:
+                staging = self._staging[row] = Batch(self.batch.shape, max_rows=1)
+                self._generators[row] = make_generator(row.params.seed)
+                forward = staging.prefill([row], [row.prompt_ids[: reused + tokens]], [reused])
+                if reused:
+                    self._load(staging, 0, row.prompt_ids, reused)
+            else:
+                done = staging.lengths[0]
+                forward = staging.extend([row.prompt_ids[done : done + tokens]])
+            logits = self._forward(forward, every_position=False)
+            if staging.lengths[0] < len(row.prompt_ids):
+                return None
+            sampled = self._sample(logits, [row], prompt_scores=False)[0]
+            self.batch.join(staging)
+            del self._staging[row]
+            return sampled
+        except BaseException:
+            self.drop([row])
+            raise
+
+    def save(self, rows: Collection[R]) -> int:
+        """Keep the full blocks of these running rows' cached tokens (prompt, then output) in the prefix cache;
+        returns how many blocks were new."""
+        cache = self.prefix_cache
+        if cache is None:
+            return 0
+        new, rows = 0, set(rows)
+        for i, key in enumerate(self.batch.keys):
+            if key in rows:
+                length = self.batch.lengths[i]  # the last sampled token is not fed yet: no KV
+                tokens = [*key.prompt_ids, *key.output_ids][:length]
+                new += cache.save(self.batch.store, i, self.batch.first_column(i), cache.keys_of(tokens))
+        return new
 
     def decode(self) -> list[Sampled]:
         """One step for every row: feed its last sampled token, return its next one."""
@@ -102,10 +161,19 @@ class ModelRunner(Generic[R]):
         return [Sampled(token) for token in predicted[: accepted + 1]]
 
     def drop(self, rows: Collection[R]) -> None:
-        """Remove rows from the batch (finished, cancelled or failed)."""
+        """Remove rows from the batch or from their staging batch (finished, cancelled or failed)."""
         self.batch.filter(rows)
         for row in rows:
+            self._staging.pop(row, None)
             self._generators.pop(row, None)
+
+    def _load(self, batch: Batch[R], row: int, prompt: Sequence[int], tokens: int) -> None:
+        """Write the cached KV of `prompt`'s first `tokens` tokens into `row` of `batch`, where they belong."""
+        cache = self.prefix_cache
+        if cache is None:
+            raise ValueError("reusing cached tokens needs a prefix cache")
+        keys = cache.keys_of(prompt[: -(-tokens // cache.block_tokens) * cache.block_tokens])
+        cache.load(batch.store, row, batch.first_column(row), keys, tokens)
 
     @torch.inference_mode()
     def _forward(self, forward: Forward, every_position: bool) -> torch.Tensor:

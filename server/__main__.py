@@ -76,7 +76,7 @@ async def _generate(config: Config, args: argparse.Namespace) -> int:
         prompt_ids = encode_completion(loaded.tokenizer, args.prompt)
     else:
         prompt_ids = encode_chat(loaded.tokenizer, [{"role": "user", "content": args.prompt}])
-    engine = Engine(loaded, config.budgets)
+    engine = Engine(loaded, config.budgets, config.prefix_cache_bytes)
     engine.start()
     try:
         async for event in engine.submit(prompt_ids, params):

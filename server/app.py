@@ -85,7 +85,7 @@ async def _load(state: AppState) -> None:
         state.load_error = str(exc)
         log.error("model load failed", extra={"error": str(exc)})
         return
-    engine = Engine(loaded, config.budgets)
+    engine = Engine(loaded, config.budgets, config.prefix_cache_bytes)
     engine.start()
     state.engine = engine
     info = loaded.info

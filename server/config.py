@@ -36,7 +36,8 @@ class Config:
     quantization: str = field(default="none", metadata=_help("none (exact), int8 or int4: weight-only kernels for every Linear, CPU only"))
     max_batch_size: int = field(default=64, metadata=_help("most rows in the running batch"))
     max_batch_tokens: int = field(default=65536, metadata=_help("most rows x padded length when a request joins"))
-    max_prefill_tokens: int = field(default=4096, metadata=_help("most rows x padded length in one prefill group"))
+    max_prefill_tokens: int = field(default=256, metadata=_help("most prompt tokens prefilled in one step; a longer prompt is prefilled in chunks over several steps while the others decode"))
+    prefix_cache_bytes: int | None = field(default=None, metadata=_help("bytes of KV kept for prompts that start alike (None: 10 percent of free memory; 0 disables)"))
     max_waiting: int = field(default=256, metadata=_help("most queued requests; past it requests get 429"))
     api_key: str | None = field(default=None, metadata=_help("require this bearer key on /v1 routes"))
     cors_origins: tuple[str, ...] = field(default=(), metadata=_help("comma-separated origins allowed by CORS"))
@@ -53,6 +54,8 @@ class Config:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{_flag(name)} must be at least 1, got {getattr(self, name)}")
+        if self.prefix_cache_bytes is not None and self.prefix_cache_bytes < 0:
+            raise ValueError(f"--prefix-cache-bytes must be at least 0, got {self.prefix_cache_bytes}")
         for name in ("drain_timeout", "stall_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{_flag(name)} must be positive, got {getattr(self, name)}")
@@ -113,6 +116,7 @@ def _parse_list(text: str) -> tuple[str, ...]:
 def _parser_for(annotation: str) -> Callable[[str], Any]:
     return {
         "int": int,
+        "int | None": int,
         "float": float,
         "bool": _parse_bool,
         "tuple[str, ...]": _parse_list,

@@ -3,11 +3,15 @@
 Public face: `submit` (validate and queue; returns the request's event stream), `cancel`, `shutdown`,
 plus read-only health facts. Every step of the loop thread:
   1. retire finished and cancelled rows            (scheduler.schedule, runner.drop)
-  2. prefill the newcomers the scheduler chose       (left-padded groups of similar length, written into the batch)
-  3. retire rows that finished on their first token
+  2. prefill the next chunk of a long prompt, then the newcomers the scheduler chose (left-padded groups of
+     similar length, written into the batch; prompt tokens the prefix cache holds are copied, not computed)
+  3. keep the new rows' prompt blocks in the prefix cache; retire rows that finished on their first token
   4. one decode step for every row                  (one token per row, KV reused)
+  5. keep the blocks of rows that finished in the prefix cache
 and hands each request its events with one `call_soon_threadsafe` per event loop per phase (first
-tokens leave right after the prefill, so a decode step never delays them).
+tokens leave right after each prefill group or chunk, so neither later groups nor a decode step delay them).
+Blocks enter the prefix cache (and may evict others) only after the step's prefills, so a hit the scheduler
+planned is still cached when its group reads it.
 A failure in one request ends that request with an error event; the loop and the others go on.
 """
 
@@ -24,6 +28,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 
 from models import LoadedModel, ModelRunner
+from models.kv_cache import CacheShape
+from models.prefix_cache import PrefixCache, chain_root, default_bytes
 from models.runner import Sampled
 from models.sampler import TokenLogprobs
 from server import metrics
@@ -43,7 +49,8 @@ IDLE_WAKE_S = 1.0
 class Engine:
     """Continuous batching over one model, driven by a dedicated thread."""
 
-    def __init__(self, loaded: LoadedModel, budgets: Budgets) -> None:
+    def __init__(self, loaded: LoadedModel, budgets: Budgets, prefix_cache_bytes: int | None = None) -> None:
+        """`prefix_cache_bytes`: the prefix cache's bound (None: a share of free memory; 0: no cache)."""
         self.info = loaded.info
         self.budgets = budgets
         # The event loop thread encodes prompts with `tokenizer`; the loop thread decodes with its own copy,
@@ -52,8 +59,9 @@ class Engine:
         self._tokenizer = copy.deepcopy(loaded.tokenizer)
         # Structured output: grammars compile on their own worker threads, before their requests are queued.
         self.grammars = GrammarCompiler(loaded.tokenizer, self.info.vocab_size, self.info.eos_token_ids)
-        self._runner: ModelRunner[Request] = ModelRunner(loaded.model, budgets.max_batch_size)
-        self._scheduler = Scheduler(budgets)
+        self.prefix_cache = _prefix_cache(loaded, prefix_cache_bytes)
+        self._runner: ModelRunner[Request] = ModelRunner(loaded.model, budgets.max_batch_size, self.prefix_cache)
+        self._scheduler = Scheduler(budgets, self.prefix_cache)
         self._lock = threading.Lock()  # guards the scheduler's queue, _requests and _accepting
         self._wake = threading.Event()
         self._requests: dict[str, Request] = {}
@@ -174,9 +182,12 @@ class Engine:
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids.update(info.eos_token_ids)
+        # The last prompt token is always computed (its logits give the first token), so it is never looked up.
+        keys = self.prefix_cache.keys_of(prompt_ids[:-1]) if self.prefix_cache else []
         request = Request(
             id=request_id,
             prompt_ids=prompt_ids,
+            block_keys=keys,
             params=params,
             max_tokens=max_tokens,
             stop_token_ids=frozenset(stop_ids),
@@ -237,8 +248,9 @@ class Engine:
                 self._step(plan)
             except Exception:  # a bug outside any one request: fail everyone, keep serving
                 log.exception("engine step failed; failing all running requests")
-                self._fail(owners(self._runner.rows), "internal error in the engine loop")
-                self._runner.drop(list(self._runner.rows))
+                rows = [*self._runner.rows, *self._runner.staged]
+                self._fail(owners(rows), "internal error in the engine loop")
+                self._runner.drop(rows)
             self._flush()
             if busy:
                 continue
@@ -250,16 +262,37 @@ class Engine:
         for request in plan.aborted:
             self._finish(request, FinishReason.ABORT)
         self._retire(plan.leaving)
+        joined = []
+        if plan.chunk is not None:
+            joined += self._chunk(*plan.chunk)
+            self._flush()  # a first token leaves now, not after the groups or the decode step
         for group in plan.groups:
-            self._prefill(group)
-        if plan.groups:
-            self._flush()  # first tokens leave now, not after the decode step
+            joined += self._prefill(group)
+            self._flush()
+        if joined:
+            self._save(joined)
             with self._lock:
                 leaving = self._scheduler.retire()
             self._retire(leaving)
         if self._runner.rows:
+            rows = list(self._runner.rows)
             self._decode(plan.draft)
+            # A finished request's prompt and answer stay cached for its next turn (beam rows are not kept).
+            self._save([r for r in rows if isinstance(r, Request) and r.finished and r.finish_reason is not FinishReason.ERROR])
         self.steps += 1
+
+    def _save(self, rows: list[Request]) -> None:
+        """Keep the KV blocks of these rows (still in the batch) in the prefix cache."""
+        cache = self.prefix_cache
+        if cache is None or not rows:
+            return
+        evictions = cache.evictions
+        try:
+            self._runner.save(rows)
+        except Exception:  # the cache is an optimisation: a failure here must not fail the requests
+            log.exception("saving to the prefix cache failed")
+        metrics.PREFIX_CACHE_EVICTIONS.inc(cache.evictions - evictions)
+        metrics.PREFIX_CACHE_BYTES.set(cache.bytes_used)
 
     def _retire(self, leaving: list[Request]) -> None:
         """Drop finished and cancelled rows from the batch; a cancelled one ends here."""
@@ -270,21 +303,49 @@ class Engine:
             if not request.finished:
                 self._finish(request, FinishReason.ABORT)
 
-    def _prefill(self, joining: list[Request]) -> None:
+    def _prefill(self, joining: list[Request]) -> list[Request]:
+        """Prefill one group; returns the rows that joined the batch."""
         started = time.monotonic()
         for request in joining:
-            request.scheduled_at = started
-            metrics.QUEUE_TIME.observe(started - request.arrived_at)
+            self._started(request, started)
         rows = [r.search.rows[0] if r.search else r for r in joining]  # a beam request is prefilled once, as slot 0
         try:
-            samples = self._runner.prefill(rows)
+            samples = self._runner.prefill(rows, [r.cached_tokens for r in joining])
         except Exception:
             log.exception("prefill failed", extra={"request_ids": [r.id for r in joining]})
             self._fail(joining, "the model failed while reading the prompt")
-            return
+            return []
         metrics.STEP_TIME.labels("prefill").observe(time.monotonic() - started)
-        metrics.PROMPT_TOKENS.inc(sum(len(r.prompt_ids) for r in joining))
+        metrics.PREFILL_TOKENS.inc(sum(len(r.prompt_ids) - r.cached_tokens for r in joining))
         self._accept(rows, samples)
+        return joining
+
+    def _chunk(self, request: Request, tokens: int) -> list[Request]:
+        """Prefill one chunk of a long prompt; returns the request once its last chunk has joined the batch."""
+        started = time.monotonic()
+        first = request.scheduled_at is None
+        if first:
+            self._started(request, started)
+        try:
+            sampled = self._runner.prefill_chunk(request, tokens, request.cached_tokens if first else 0)
+        except Exception:
+            log.exception("prefill failed", extra={"request_ids": [request.id]})
+            self._fail([request], "the model failed while reading the prompt")
+            return []
+        metrics.STEP_TIME.labels("prefill").observe(time.monotonic() - started)
+        metrics.PREFILL_TOKENS.inc(tokens)
+        if sampled is None:
+            return []
+        self._accept([request], [sampled])
+        return [request]
+
+    def _started(self, request: Request, now: float) -> None:
+        request.scheduled_at = now
+        metrics.QUEUE_TIME.observe(now - request.arrived_at)
+        metrics.PROMPT_TOKENS.inc(len(request.prompt_ids))
+        if request.cached_tokens:
+            metrics.PREFIX_CACHE_HITS.inc()
+            metrics.PREFIX_CACHED_TOKENS.inc(request.cached_tokens)
 
     def _decode(self, draft: list[int]) -> None:
         """One decode step for every row; or, with a draft (for a lone greedy row), its verification, which
@@ -440,6 +501,13 @@ class Engine:
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 for request, _ in items:
                     self.cancel(request.id)
+
+
+def _prefix_cache(loaded: LoadedModel, max_bytes: int | None) -> PrefixCache | None:
+    shape = CacheShape.of(loaded.model)
+    max_bytes = default_bytes(shape.device) if max_bytes is None else max_bytes
+    cache = PrefixCache(shape, max_bytes, chain_root(loaded.info.name, loaded.info.dtype))
+    return cache if cache.capacity else None
 
 
 def _take_logprobs(request: Request) -> tuple[Scored, ...]:

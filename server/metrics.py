@@ -34,7 +34,7 @@ E2E_LATENCY = Histogram(
 QUEUE_TIME = Histogram(
     "tokenferry_queue_time_seconds", "From arrival to joining the running batch.", buckets=LATENCY_BUCKETS
 )
-PROMPT_TOKENS = Counter("tokenferry_prompt_tokens_total", "Prompt tokens prefilled.")
+PROMPT_TOKENS = Counter("tokenferry_prompt_tokens_total", "Prompt tokens of requests that started prefilling.")
 GENERATED_TOKENS = Counter("tokenferry_generation_tokens_total", "Tokens generated.")
 STEP_TIME = Histogram(
     "tokenferry_step_duration_seconds", "One model step, by phase.", ["phase"], buckets=LATENCY_BUCKETS
@@ -52,4 +52,15 @@ GRAMMAR_COMPILE_TIME = Histogram(
 )
 GRAMMAR_MASK_TIME = Summary(
     "tokenferry_grammar_mask_seconds", "Computing one constrained row's allowed-token mask for one step."
+)
+PREFILL_TOKENS = Counter(
+    "tokenferry_prefill_computed_tokens_total", "Prompt tokens computed by a prefill (not read from the prefix cache)."
+)
+PREFIX_CACHE_HITS = Counter("tokenferry_prefix_cache_hits_total", "Requests that reused cached prompt tokens.")
+PREFIX_CACHED_TOKENS = Counter(
+    "tokenferry_prefix_cache_reused_tokens_total", "Prompt tokens read from the prefix cache instead of computed."
+)
+PREFIX_CACHE_BYTES = Gauge("tokenferry_prefix_cache_bytes", "Bytes of KV blocks held in the prefix cache.")
+PREFIX_CACHE_EVICTIONS = Counter(
+    "tokenferry_prefix_cache_evictions_total", "Blocks evicted from the prefix cache to make room."
 )

@@ -168,6 +168,7 @@ class SamplingParams:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens read from the prefix cache instead of computed
 
     @property
     def total_tokens(self) -> int:
@@ -226,12 +227,15 @@ class Request:
     stop_token_ids: frozenset[int]  # end-of-sequence (unless ignore_eos) and the params' stop tokens
     detokenizer: Detokenizer
     loop: asyncio.AbstractEventLoop
+    block_keys: list[int] = field(default_factory=list)  # prefix-cache chain of the prompt less its last token
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     output_ids: list[int] = field(default_factory=list)
     unsent_logprobs: list[Scored] = field(default_factory=list)  # scores of tokens whose text is held back
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
     cancelled: bool = False
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache (set by the scheduler)
+    prefilled: int = 0  # prompt tokens whose KV exists or is planned, while prefilled in chunks
     arrived_at: float = field(default_factory=time.monotonic)
     scheduled_at: float | None = None
     first_token_at: float | None = None
@@ -274,4 +278,4 @@ class Request:
         return None if self.grammar is None else self.grammar.allowed_tokens()
 
     def usage(self) -> Usage:
-        return Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.output_ids))
+        return Usage(len(self.prompt_ids), len(self.output_ids), self.cached_tokens)

@@ -1,14 +1,20 @@
 """Who runs: the waiting queue, the running set, and the budgets that decide who joins.
 
-Decides with plain numbers (rows, prompt lengths, token counts) and returns a plan; turning a plan into
-tensors is models/'s business. First come, first served: when the request at the head of the queue does
-not fit, nobody behind it jumps ahead.
+Decides with plain numbers (rows, prompt lengths, token counts, prefix-cache block keys) and returns a
+plan; turning a plan into tensors is models/'s business. First come, first served: when the request at
+the head of the queue does not fit, nobody behind it jumps ahead.
+
+Prompt tokens the prefix cache holds are not prefilled, so admission counts only the rest. A prompt whose
+rest exceeds what is left of the step's prefill budget is prefilled in chunks, one per step (one such
+prompt at a time), while the running rows keep decoding; it joins the running set with its last chunk.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from server import speculation
 from server.errors import QueueFull
@@ -18,6 +24,9 @@ from server.request import Request, Status
 # of the newcomers form further groups. Prompts of mixed lengths padded to the longest can waste half of
 # a prefill (DESIGN.md measured 21 s of a 44 s run), while a group of one wastes nothing.
 MAX_GROUP_PADDING = 0.2
+# A prompt starts its chunks only when at least this share of the step's prefill budget is left: a sliver
+# of a chunk would cost a forward (and a step of the prompt's latency) for a handful of tokens.
+MIN_FIRST_CHUNK = 0.25
 
 
 @dataclass(frozen=True)
@@ -36,11 +45,22 @@ class Budgets:
             raise ValueError("speculative_tokens must not be negative")
 
 
+class PrefixIndex(Protocol):
+    """What the scheduler asks of the prefix cache: plain numbers only."""
+
+    block_tokens: int
+
+    def match(self, keys: Sequence[int]) -> int:
+        """How many leading blocks of the chain `keys` are cached."""
+        ...
+
+
 @dataclass
 class Plan:
-    leaving: list[Request] = field(default_factory=list)  # running rows to drop: finished or cancelled
+    leaving: list[Request] = field(default_factory=list)  # running (or chunking) rows to drop: finished or cancelled
     aborted: list[Request] = field(default_factory=list)  # cancelled while still waiting
     groups: list[list[Request]] = field(default_factory=list)  # newcomers, as left-padded prefill groups
+    chunk: tuple[Request, int] | None = None  # a prompt prefilled in chunks, and its tokens this step
     draft: list[int] = field(default_factory=list)  # tokens to verify for the one running row (speculation)
 
     @property
@@ -49,14 +69,16 @@ class Plan:
 
 
 class Scheduler:
-    def __init__(self, budgets: Budgets) -> None:
+    def __init__(self, budgets: Budgets, prefix: PrefixIndex | None = None) -> None:
         self.budgets = budgets
+        self.prefix = prefix
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.chunking: Request | None = None  # admitted, prefilled in chunks, not yet running
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.chunking)
 
     def add(self, request: Request) -> None:
         """Queue a request, or raise QueueFull when `max_waiting` requests already wait."""
@@ -72,50 +94,112 @@ class Scheduler:
         return leaving
 
     def schedule(self) -> Plan:
+        """This step's plan: who leaves, the next chunk of a prompt read in chunks, and who joins whole.
+
+        Mutates the queue and the running set as if the plan succeeds; a request the engine then fails is
+        finished, and leaves at the next step.
+        """
         plan = Plan(leaving=self.retire())
+        chunking = self.chunking
+        if chunking is not None and (chunking.finished or chunking.cancelled):
+            plan.leaving.append(chunking)
+            self.chunking = None
         if any(r.cancelled for r in self.waiting):
             plan.aborted = [r for r in self.waiting if r.cancelled]
             self.waiting = deque(r for r in self.waiting if not r.cancelled)
-        plan.groups = group_by_length(self._admit())
+        budget = self.budgets.max_prefill_tokens
+        if self.chunking is not None:
+            plan.chunk = self._next_chunk(self.chunking, budget)
+            budget -= plan.chunk[1]
+        joining, plan.chunk = self._admit(budget, plan.chunk)
+        plan.groups = group_by_length(joining)
+        for group in plan.groups:
+            settle_reuse(group)
         plan.draft = self._draft(plan)
         return plan
 
     def _draft(self, plan: Plan) -> list[int]:
-        """Speculate only for a batch of one row with nobody joining or waiting: left padding wants every row's
-        last token in one column, so rows that accept different counts could not share a step, and a draft
-        must never delay a newcomer's prefill. One stream alone is where a step's cost is all weights, too,
-        so verifying several tokens costs about what decoding one does."""
-        if not self.budgets.speculative_tokens or plan.groups or self.waiting:
+        """Speculate only for a batch of one row with nobody joining, chunking or waiting: left padding wants
+        every row's last token in one column, so rows that accept different counts could not share a step,
+        and a draft must never delay a newcomer's prefill. One stream alone is where a step's cost is all
+        weights, too, so verifying several tokens costs about what decoding one does."""
+        if not self.budgets.speculative_tokens or plan.groups or plan.chunk or self.chunking or self.waiting:
             return []
         if len(self.running) != 1 or self.running[0].rows != 1:  # a beam search holds several rows
             return []
         return speculation.draft(self.running[0], self.budgets.speculative_tokens)
 
-    def _admit(self) -> list[Request]:
+    def _hit(self, request: Request) -> int:
+        """Prompt tokens the prefix cache holds for `request` (whole blocks; never its last token)."""
+        if self.prefix is None or request.params.prompt_logprobs is not None:
+            return 0  # scored prompts need every position's logits
+        return self.prefix.match(request.block_keys) * self.prefix.block_tokens
+
+    def _next_chunk(self, request: Request, budget: int) -> tuple[Request, int]:
+        """Plan `request`'s next chunk of at most `budget` tokens; with its last one it joins the running set."""
+        tokens = min(budget, len(request.prompt_ids) - request.prefilled)
+        request.prefilled += tokens
+        if request.prefilled == len(request.prompt_ids):
+            self.chunking = None
+            self.running.append(request)
+        return request, tokens
+
+    def _admit(
+        self, budget: int, chunk: tuple[Request, int] | None
+    ) -> tuple[list[Request], tuple[Request, int] | None]:
+        """Newcomers that join whole this step, and the chunk planned (a newcomer's first, if none yet)."""
         budgets = self.budgets
         # A beam request holds all its rows from admission on (request.rows), though it is prefilled as one.
-        rows = sum(r.rows for r in self.running)
+        rows = sum(r.rows for r in self.running) + (self.chunking is not None)
         width = max((r.num_tokens for r in self.running), default=0)
         joining: list[Request] = []
-        prefill_tokens = 0
+        started: Request | None = None  # a newcomer whose first chunk is planned
         for request in self.waiting:
             new_rows = rows + sum(r.rows for r in joining) + request.rows
             width = max(width, len(request.prompt_ids))
-            prefill_tokens += len(request.prompt_ids)
             if new_rows > budgets.max_batch_size:
                 break
-            # The first newcomer of a step always passes the token budgets when nothing else runs, and the
-            # prefill budget even when something does: otherwise a long prompt could wait forever.
+            # The first newcomer of a step always passes the token budget when nothing else runs: otherwise
+            # a long prompt could wait forever.
             if (rows or joining) and new_rows * width > budgets.max_batch_tokens:
                 break
-            if joining and prefill_tokens > budgets.max_prefill_tokens:
+            hit = self._hit(request)
+            request.cached_tokens = hit
+            rest = len(request.prompt_ids) - hit
+            if rest <= budget:
+                joining.append(request)
+                budget -= rest
+            # Beam searches are not chunked: their rows are forked from the one prefilled row, in the batch.
+            elif request.params.prompt_logprobs is None and request.rows == 1 and chunk is None and self.chunking is None:
+                if budget < max(1, MIN_FIRST_CHUNK * budgets.max_prefill_tokens):
+                    break
+                request.prefilled = hit
+                self.chunking = started = request
+                chunk = self._next_chunk(request, budget)
                 break
-            joining.append(request)
-        for request in joining:
+            elif not joining and chunk is None:
+                # Scored prompts and beam searches are not chunked; alone, one still runs whole.
+                joining.append(request)
+                break
+            else:
+                break
+        for request in [*joining, *([started] if started else [])]:
             self.waiting.popleft()
             request.status = Status.RUNNING
         self.running.extend(joining)
-        return joining
+        return joining, chunk
+
+
+def settle_reuse(group: list[Request]) -> None:
+    """Set how many cached prompt tokens each member of a prefill group really reuses.
+
+    NOTE: the group computes its last q = max(prompt - hit) columns, and a row that reuses cached KV must
+    compute exactly those q columns (models/batch.py: a pad inside them would overwrite its cached tokens),
+    so it reuses prompt - q tokens: at most its hit, since q >= prompt - hit; rows shorter than q reuse none.
+    """
+    q = max(len(r.prompt_ids) - r.cached_tokens for r in group)
+    for request in group:
+        request.cached_tokens = max(0, len(request.prompt_ids) - q)
 
 
 def group_by_length(requests: list[Request]) -> list[list[Request]]:
@@ -130,10 +214,11 @@ def group_by_length(requests: list[Request]) -> list[list[Request]]:
 
 
 def _by_length(requests: list[Request]) -> list[list[Request]]:
+    # Grouped by what each computes: its prompt less the tokens the prefix cache holds.
     groups: list[list[Request]] = []
     real = 0
-    for request in sorted(requests, key=lambda r: len(r.prompt_ids)):
-        length = len(request.prompt_ids)  # the longest so far, as the list is sorted
+    for request in sorted(requests, key=lambda r: len(r.prompt_ids) - r.cached_tokens):
+        length = len(request.prompt_ids) - request.cached_tokens  # the longest so far, as the list is sorted
         if groups and 1 - (real + length) / ((len(groups[-1]) + 1) * length) <= MAX_GROUP_PADDING:
             groups[-1].append(request)
             real += length

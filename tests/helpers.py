@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -38,11 +39,16 @@ async def collect(stream: AsyncIterator[Event]) -> Result:
     )
 
 
-def run_with_engine(loaded: LoadedModel, scenario: Callable[[Engine], Awaitable[T]], budgets: Budgets = BUDGETS) -> T:
+def run_with_engine(
+    loaded: LoadedModel,
+    scenario: Callable[[Engine], Awaitable[T]],
+    budgets: Budgets = BUDGETS,
+    prefix_cache_bytes: int | None = None,
+) -> T:
     """Start an engine, run `scenario(engine)` on a fresh event loop, always shut the engine down."""
 
     async def main() -> T:
-        engine = Engine(loaded, budgets)
+        engine = Engine(loaded, budgets, prefix_cache_bytes)
         engine.start()
         try:
             return await asyncio.wait_for(scenario(engine), timeout=600)
@@ -69,3 +75,43 @@ def generate_together(loaded: LoadedModel, prompts: Sequence[Sequence[int]], par
         return list(await asyncio.gather(*(collect(s) for s in streams)))
 
     return run_with_engine(loaded, scenario)
+
+
+class PrefillRecorder:
+    """Prompt tokens each engine step computes: every forward but a decode step's, counted from its position
+    ids (a row's last position less its first, plus one: pads sit at 0 before its real positions)."""
+
+    def __init__(self) -> None:
+        self.engine: Engine | None = None
+        self.decoding = False
+        self.prefilled: dict[int, int] = defaultdict(int)
+        self.prefill_calls = 0
+
+    def watch(self, engine: Engine) -> None:
+        """Record this engine's prefills: every forward but those its runner's decode step makes."""
+        decode = engine._runner.decode
+
+        def marked() -> object:
+            self.decoding = True
+            try:
+                return decode()
+            finally:
+                self.decoding = False
+
+        engine._runner.decode = marked
+        self.engine = engine
+
+    def spy(self, forward: Callable[..., object]) -> Callable[..., object]:
+        """`forward`, recording each call's prefilled tokens: set it as the model's forward."""
+
+        def spied(*args: object, **kwargs: object) -> object:
+            self.record(kwargs)
+            return forward(*args, **kwargs)
+
+        return spied
+
+    def record(self, kwargs: dict) -> None:
+        positions = kwargs["position_ids"]  # [rows, q]; pads sit at 0 before a row's real positions
+        if self.engine is not None and not self.decoding:
+            self.prefill_calls += 1
+            self.prefilled[self.engine.steps] += int((positions[:, -1] - positions[:, 0] + 1).sum())

@@ -130,13 +130,18 @@ class Choices:
             chosen += sorted(group, key=lambda r: r.cumulative_logprob, reverse=True)[:n]
         return chosen
 
-    def usage(self, results: Sequence[ChoiceResult]) -> dict[str, int]:
-        """Every candidate's tokens count, the ones best_of did not return included: they were generated."""
+    def usage(self, results: Sequence[ChoiceResult]) -> dict[str, Any]:
+        """Every candidate's tokens count, the ones best_of did not return included: they were generated.
+
+        Prompt tokens count once per prompt, and so do the cached ones (those of each prompt's first candidate).
+        """
         completion = sum(r.usage.completion_tokens for r in results if r.usage)
+        cached = sum(r.usage.cached_tokens for r in results[:: self.candidates] if r.usage)
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": completion,
             "total_tokens": self.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
         }
 
 
@@ -233,7 +238,7 @@ class ChunkFormat(Protocol):
 
     def finish(self, index: int, reason: str) -> dict[str, Any]: ...
 
-    def usage(self, usage: dict[str, int]) -> dict[str, Any]: ...
+    def usage(self, usage: dict[str, Any]) -> dict[str, Any]: ...
 
 
 def stream(choices: Choices, chunks: ChunkFormat, include_usage: bool, route: str) -> StreamingResponse:

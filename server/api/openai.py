@@ -202,7 +202,7 @@ class Chunks:
     def envelope(self, kind: str | None = None) -> dict[str, Any]:
         return {"id": self.id, "object": kind or self.chunk_object, "created": self.created, "model": self.model}
 
-    def usage(self, usage: dict[str, int]) -> dict[str, Any]:
+    def usage(self, usage: dict[str, Any]) -> dict[str, Any]:
         return {**self.envelope(), "choices": [], "usage": usage}
 
 

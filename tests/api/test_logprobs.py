@@ -169,7 +169,10 @@ def test_echo_of_token_ids_scores_the_prompt_in_the_same_request(smol_server: Se
     choice = zero["choices"][0]
     assert choice["text"] == prompt_text and choice["finish_reason"] == "length"
     assert choice["logprobs"]["token_logprobs"] == logprobs["token_logprobs"][: len(prompt)]
-    assert zero["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 0, "total_tokens": len(prompt)}
+    assert zero["usage"] == {
+        "prompt_tokens": len(prompt), "completion_tokens": 0, "total_tokens": len(prompt),
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }  # fmt: skip
 
     # The one generated token is a stop token, as EOS is: no text, but its score is there.
     next_token = token_id(logprobs["tokens"][-1])

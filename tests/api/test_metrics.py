@@ -19,6 +19,11 @@ EXPECTED = {
     "tokenferry_prompt_tokens": "counter",
     "tokenferry_generation_tokens": "counter",
     "tokenferry_step_duration_seconds": "histogram",
+    "tokenferry_prefill_computed_tokens": "counter",
+    "tokenferry_prefix_cache_hits": "counter",
+    "tokenferry_prefix_cache_reused_tokens": "counter",
+    "tokenferry_prefix_cache_bytes": "gauge",
+    "tokenferry_prefix_cache_evictions": "counter",
 }
 
 
@@ -54,5 +59,12 @@ def test_metrics_parse_and_move(tiny_server: ServerProcess) -> None:
     assert total(after, "tokenferry_inter_token_latency_seconds_count") - total(before, "tokenferry_inter_token_latency_seconds_count") == 18
     assert total(after, "tokenferry_e2e_request_latency_seconds_count") - total(before, "tokenferry_e2e_request_latency_seconds_count") == 3
     assert total(after, "tokenferry_prompt_tokens_total") > total(before, "tokenferry_prompt_tokens_total")
+    # The three requests share their prompt: the second and third read it from the prefix cache, so only the
+    # first computes its whole prompt.
+    prompt = (total(after, "tokenferry_prompt_tokens_total") - total(before, "tokenferry_prompt_tokens_total")) / 3
+    computed = total(after, "tokenferry_prefill_computed_tokens_total") - total(before, "tokenferry_prefill_computed_tokens_total")
+    reused = total(after, "tokenferry_prefix_cache_reused_tokens_total") - total(before, "tokenferry_prefix_cache_reused_tokens_total")
+    assert computed + reused == 3 * prompt and computed < 3 * prompt
+    assert total(after, "tokenferry_prefix_cache_bytes") > 0
     assert total(after, "tokenferry_step_duration_seconds_count", phase="decode") > total(before, "tokenferry_step_duration_seconds_count", phase="decode")
     assert total(after, "tokenferry_waiting_requests") == 0 and total(after, "tokenferry_running_requests") == 0

@@ -6,6 +6,7 @@ exactly as a model's attention layers would write theirs, so the cache's content
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from models.batch import Batch, Forward
@@ -173,3 +174,68 @@ def test_adopt_forks_new_rows_and_reorders_through_a_gather() -> None:
     assert cached_ids(batch) == [[9, 9, 9, 1], [0, 5, 6, 4], [0, 5, 6, 7], [0, 5, 6, 4]]
     batch.filter({"s1"})
     assert cached_ids(batch) == [[9, 9, 9, 1], [0, 5, 6, 4], [0, 5, 6, 4]]
+
+
+def write(batch: Batch, row: int, column: int, tokens: list[int]) -> None:
+    """Write tokens as cached keys and values of `row` from `column` on, as the prefix cache loads them."""
+    store = batch.store
+    for layer in range(SHAPE.num_layers):
+        states = torch.tensor(tokens, dtype=torch.float32)[None, :, None].expand(SHAPE.kv_heads, -1, SHAPE.head_dim)
+        store.keys[layer][row, :, column : column + len(tokens)] = states
+        store.values[layer][row, :, column : column + len(tokens)] = -states
+
+
+def test_a_row_reusing_cached_tokens_computes_only_the_group_columns_with_positions_after_them() -> None:
+    batch: Batch[str] = Batch(SHAPE, max_rows=4)
+    play(batch.prefill(["old"], [[1, 2]]))
+    # "hit" reuses 4 of its 6 tokens and computes 2; "fresh" computes its 2; "one" is padded to 2.
+    forward = batch.prefill(["hit", "fresh", "one"], [[3, 4, 5, 6, 7, 8], [9, 10], [11]], reused=[4, 0, 0])
+    assert forward.input_ids.tolist() == [[7, 8], [9, 10], [0, 11]]
+    assert forward.position_ids.tolist() == [[4, 5], [0, 1], [0, 0]]
+    assert forward.real_tokens == 5
+    # Keys: the group's 6-column window. The reused row sees its 4 cached columns; pads see only themselves.
+    assert forward.attention_mask.shape == (3, 1, 2, 6)
+    assert forward.attention_mask[0, 0].tolist() == [[T, T, T, T, T, F], [T, T, T, T, T, T]]
+    assert forward.attention_mask[1, 0].tolist() == [[F, F, F, F, T, F], [F, F, F, F, T, T]]
+    assert forward.attention_mask[2, 0].tolist() == [[F, F, F, F, T, F], [F, F, F, F, F, T]]
+    write(batch, 1, batch.first_column(1), [3, 4, 5, 6])
+    play(forward)
+    assert batch.lengths == [2, 6, 2, 1]
+    assert cached_ids(batch) == [[0, 0, 0, 0, 1, 2], [3, 4, 5, 6, 7, 8], [0, 0, 0, 0, 9, 10], [0, 0, 0, 0, 0, 11]]
+    forward = batch.decode([20, 21, 22, 23])
+    assert forward.position_ids.tolist() == [[2], [6], [2], [1]]
+
+
+def test_a_reused_row_must_compute_exactly_the_group_columns() -> None:
+    batch: Batch[str] = Batch(SHAPE, max_rows=4)
+    # q = 3 (from "long"): a row reusing 4 of 6 computes only 2, so a pad would land on a cached column.
+    with pytest.raises(ValueError, match="must compute"):
+        batch.prefill(["hit", "long"], [[1, 2, 3, 4, 5, 6], [7, 8, 9]], reused=[4, 0])
+
+
+def test_extend_feeds_several_tokens_per_row_after_its_past() -> None:
+    batch: Batch[str] = Batch(SHAPE, max_rows=2)
+    play(batch.prefill(["a"], [[1, 2]]))
+    forward = batch.extend([[3, 4, 5]])
+    assert forward.input_ids.tolist() == [[3, 4, 5]]
+    assert forward.position_ids.tolist() == [[2, 3, 4]]
+    assert forward.attention_mask[0, 0].tolist() == [[T, T, T, F, F], [T, T, T, T, F], [T, T, T, T, T]]
+    play(forward)
+    assert cached_ids(batch) == [[1, 2, 3, 4, 5]]
+
+
+def test_join_moves_another_batch_rows_in_right_aligned() -> None:
+    running: Batch[str] = Batch(SHAPE, max_rows=4)
+    play(running.prefill(["a"], [[1, 2]]))
+    play(running.decode([3]))
+    staging: Batch[str] = Batch(SHAPE, max_rows=1)
+    play(staging.prefill(["b"], [[4, 5]]))
+    play(staging.extend([[6, 7]]))
+    running.join(staging)
+    assert len(staging) == 0 and staging.capacity == (0, 0)
+    assert running.keys == ["a", "b"] and running.lengths == [3, 4]
+    assert cached_ids(running) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    forward = running.decode([8, 9])
+    assert forward.position_ids.tolist() == [[3], [4]]
+    play(forward)
+    assert cached_ids(running) == [[0, 1, 2, 3, 8], [4, 5, 6, 7, 9]]

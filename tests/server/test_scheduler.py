@@ -69,19 +69,51 @@ def test_the_head_of_the_queue_blocks_those_behind_it() -> None:
 
 
 def test_the_prefill_budget_limits_newcomers_per_step() -> None:
-    s = scheduler(max_prefill_tokens=50)
-    for name, length in (("a", 20), ("b", 20), ("c", 20)):
+    s = scheduler(max_prefill_tokens=50, max_batch_size=8)
+    for name, length in (("a", 20), ("b", 15), ("c", 40), ("d", 5), ("e", 30)):
         s.add(request(name, length))
-    assert names(s.schedule().joining) == ["a", "b"]
-    assert names(s.schedule().joining) == ["c"]
+    plan = s.schedule()
+    # What is left of the budget (15, at least a quarter of it) starts c's prefill in chunks; d waits behind it.
+    assert sorted(names(plan.joining)) == ["a", "b"] and (plan.chunk[0].id, plan.chunk[1]) == ("c", 15)
+    plan = s.schedule()
+    assert (plan.chunk[0].id, plan.chunk[1]) == ("c", 25) and names(plan.joining) == ["d"]
+    # 20 left: e (30) does not fit whole, and one prompt is read in chunks per step, so it waits.
+    assert s.chunking is None and names(s.waiting) == ["e"]
+    plan = s.schedule()
+    assert names(plan.joining) == ["e"] and plan.chunk is None
+    assert names(s.running) == ["a", "b", "c", "d", "e"]
 
 
-def test_a_prompt_over_the_prefill_budget_still_runs_as_the_first_newcomer() -> None:
+def test_a_sliver_of_budget_does_not_start_a_chunk() -> None:
+    s = scheduler(max_prefill_tokens=50)
+    for name, length in (("a", 45), ("b", 20)):
+        s.add(request(name, length))
+    plan = s.schedule()
+    assert names(plan.joining) == ["a"] and plan.chunk is None, "5 tokens left: b waits for a fresh budget"
+    assert names(s.schedule().joining) == ["b"]
+
+
+def test_a_prompt_over_the_prefill_budget_is_prefilled_in_chunks_one_per_step() -> None:
     s = scheduler(max_prefill_tokens=50)
     s.add(request("running", 10))
     s.schedule()
-    s.add(request("long", 80))
-    assert names(s.schedule().joining) == ["long"]
+    s.add(request("long", 120))
+    s.add(request("long2", 60))
+    chunks = []
+    while (plan := s.schedule()).chunk is not None:
+        chunks.append((plan.chunk[0].id, plan.chunk[1], sum(len(r.prompt_ids) for r in plan.joining)))
+    # No step prefills more than the budget; the second long prompt starts once the first is done.
+    assert chunks == [("long", 50, 0), ("long", 50, 0), ("long", 20, 0), ("long2", 50, 0), ("long2", 10, 0)]
+    assert names(s.running) == ["running", "long", "long2"] and not s.waiting
+
+
+def test_a_chunked_prompt_cancelled_between_chunks_leaves() -> None:
+    s = scheduler(max_prefill_tokens=50)
+    s.add(request("long", 120))
+    assert s.schedule().chunk[0].id == "long"
+    s.chunking.cancelled = True
+    plan = s.schedule()
+    assert names(plan.leaving) == ["long"] and plan.chunk is None and not s.has_work
 
 
 def test_queue_full_fails_fast() -> None:

@@ -1,0 +1,125 @@
+"""Prefix caching and chunked prefill through the engine, on the tiny model: what is computed, per step.
+
+Every forward the real tiny model runs outside a decode step is recorded with the engine step it ran in
+(a prefill group or a chunk), and its computed tokens are counted from its position ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from models import LoadedModel
+from server import metrics
+from server.engine import Engine
+from server.request import SamplingParams
+from server.scheduler import Budgets
+from tests.helpers import PrefillRecorder, Result, collect, run_with_engine
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def recorder(tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> PrefillRecorder:
+    recorder = PrefillRecorder()
+    monkeypatch.setattr(tiny.model, "forward", recorder.spy(tiny.model.forward))
+    return recorder
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+def one_by_one(tiny: LoadedModel, prompts: list[list[int]], n: int, cache_bytes: int | None, recorder: PrefillRecorder | None = None) -> list[Result]:
+    async def scenario(engine: Engine) -> list[Result]:
+        if recorder is not None:
+            recorder.watch(engine)
+        return [await collect(engine.submit(p, greedy(n))) for p in prompts]
+
+    return run_with_engine(tiny, scenario, prefix_cache_bytes=cache_bytes)
+
+
+def test_a_prompt_that_starts_like_an_earlier_one_computes_only_the_rest(tiny: LoadedModel, recorder: PrefillRecorder) -> None:
+    system = [(7 * i) % 500 + 1 for i in range(70)]  # 70 tokens: four whole blocks of 16 are cacheable
+    prompts = [system + [11, 12, 13], system + [21, 22], system + [31, 32, 33, 34]]
+    plain = one_by_one(tiny, prompts, 6, cache_bytes=0)
+    reused_before = metrics.PREFIX_CACHED_TOKENS._value.get()
+    cached = one_by_one(tiny, prompts, 6, cache_bytes=None, recorder=recorder)
+    assert [r.token_ids for r in cached] == [r.token_ids for r in plain]
+    reused = [r.events[-1].usage.cached_tokens for r in cached]
+    assert reused == [0, 64, 64]
+    assert metrics.PREFIX_CACHED_TOKENS._value.get() - reused_before == 128
+    assert sum(recorder.prefilled.values()) == sum(len(p) for p in prompts) - 128, "cached tokens are not computed"
+
+
+def test_a_conversation_reuses_its_earlier_turns_answers_included(tiny: LoadedModel) -> None:
+    first = list(range(1, 41))
+
+    async def scenario(engine: Engine) -> tuple[Result, Result]:
+        one = await collect(engine.submit(first, greedy(30)))
+        two = await collect(engine.submit(first + one.token_ids + [5, 6, 7], greedy(4)))
+        return one, two
+
+    _, two = run_with_engine(tiny, scenario)
+    # 40 prompt + 29 answer tokens have KV (the last answer token was never fed): 4 whole blocks.
+    assert two.events[-1].usage.cached_tokens == 64
+
+
+def test_no_step_prefills_more_than_the_budget_and_chunked_output_is_unchanged(tiny: LoadedModel, recorder: PrefillRecorder) -> None:
+    budget = 64
+    streams = [[(13 * i + j) % 500 + 1 for j in range(10 + i)] for i in range(16)]
+    long_prompt = [(17 * j) % 500 + 1 for j in range(300)]
+    alone = one_by_one(tiny, [long_prompt, *streams], 20, cache_bytes=0)
+    budgets = Budgets(max_batch_size=64, max_batch_tokens=65536, max_prefill_tokens=budget, max_waiting=256)
+
+    async def scenario(engine: Engine) -> tuple[Result, list[Result]]:
+        recorder.watch(engine)
+        running = [asyncio.create_task(collect(engine.submit(p, greedy(20)))) for p in streams]
+        while engine.num_running < len(streams):
+            await asyncio.sleep(0.001)
+        joined_at = engine.steps
+        long_result = await collect(engine.submit(long_prompt, greedy(20)))
+        assert engine.steps - joined_at >= 300 // budget, "the long prompt took several steps"
+        return long_result, [await task for task in running]
+
+    long_result, others = run_with_engine(tiny, scenario, budgets=budgets, prefix_cache_bytes=0)
+    assert long_result.token_ids == alone[0].token_ids
+    assert [r.token_ids for r in others] == [r.token_ids for r in alone[1:]]
+    assert max(recorder.prefilled.values()) <= budget, dict(recorder.prefilled)
+    assert sum(recorder.prefilled.values()) == 300 + sum(len(p) for p in streams)
+
+
+def test_cancelling_between_chunks_frees_everything(tiny: LoadedModel, recorder: PrefillRecorder) -> None:
+    budgets = Budgets(max_batch_size=64, max_batch_tokens=65536, max_prefill_tokens=32, max_waiting=256)
+    long_prompt = [(17 * j) % 500 + 1 for j in range(400)]
+
+    async def scenario(engine: Engine) -> dict[str, object]:
+        recorder.watch(engine)
+        runner, scheduler = engine._runner, engine._scheduler
+        stream = engine.submit(long_prompt, greedy(5), request_id="long")
+        reader = asyncio.create_task(collect(stream))
+        while recorder.prefill_calls < 2:
+            await asyncio.sleep(0.001)
+        mid = {"staging": len(runner._staging), "chunking": scheduler.chunking is not None}
+        engine.cancel("long")
+        result = await reader
+        after_steps = engine.steps
+        while engine.steps < after_steps + 2:  # let the loop go round once more, idle
+            engine._wake.set()
+            await asyncio.sleep(0.01)
+        freed = {
+            "mid": mid, "result": result, "staging": len(runner._staging),
+            "chunking": scheduler.chunking, "rows": len(runner.rows), "requests": engine.num_requests,
+            "generators": len(runner._generators), "calls": recorder.prefill_calls,
+        }  # fmt: skip
+        return {**freed, "again": await collect(engine.submit(long_prompt[:20], greedy(3)))}
+
+    outcome = run_with_engine(tiny, scenario, budgets=budgets, prefix_cache_bytes=0)
+    assert outcome["mid"] == {"staging": 1, "chunking": True}, "cancelled while its prompt was being read"
+    assert outcome["result"].finish_reason.value == "abort" and outcome["result"].token_ids == []
+    assert outcome["staging"] == 0 and outcome["chunking"] is None and outcome["rows"] == 0
+    assert outcome["requests"] == 0 and outcome["generators"] == 0
+    assert outcome["calls"] < 400 // 32, "the rest of the prompt was not read"
+    assert len(outcome["again"].token_ids) == 3
+
