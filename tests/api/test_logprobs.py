@@ -205,6 +205,24 @@ def stream_events(server: ServerProcess, path: str, body: dict) -> list[dict]:
     return [json.loads(line) for line in lines[:-1]]
 
 
+def assert_same_scores(a: object, b: object) -> None:
+    """Equal structure, tokens and bytes; logprobs equal within BATCH_TOLERANCE. The second of two identical
+    requests reads the first one's prompt from the prefix cache, and a prefill of fewer columns moves float32
+    scores by about 1e-7 (the tokens stay the same)."""
+    if isinstance(a, float) and isinstance(b, float):
+        assert abs(a - b) < BATCH_TOLERANCE, (a, b)
+    elif isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_same_scores(a[key], b[key])
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same_scores(x, y)
+    else:
+        assert a == b
+
+
 @pytest.mark.parametrize("stop", [None, "first"])
 def test_streamed_logprobs_concatenate_to_the_whole_answers(smol_server: ServerProcess, stop: str | None) -> None:
     messages = [{"role": "user", "content": "Write two sentences about the first ferry across a river."}]
@@ -216,7 +234,7 @@ def test_streamed_logprobs_concatenate_to_the_whole_answers(smol_server: ServerP
     whole = post(smol_server, CHAT, body)["choices"][0]
     chunks = stream_events(smol_server, CHAT, body)
     streamed = [e for chunk in chunks for c in chunk["choices"] if c["logprobs"] for e in c["logprobs"]["content"]]
-    assert streamed == whole["logprobs"]["content"]
+    assert_same_scores(streamed, whole["logprobs"]["content"])
     assert "".join(c["delta"].get("content", "") for chunk in chunks for c in chunk["choices"]) == whole["message"]["content"]
     if stop:
         assert whole["finish_reason"] == "stop" and stop not in whole["message"]["content"]
@@ -229,7 +247,7 @@ def test_streamed_logprobs_concatenate_to_the_whole_answers(smol_server: ServerP
         for choice in chunk["choices"]:
             for key, values in (choice["logprobs"] or {}).items():
                 joined[key] += values
-    assert joined == whole["logprobs"]
+    assert_same_scores(joined, whole["logprobs"])
     assert "".join(c["text"] for chunk in chunks for c in chunk["choices"]) == whole["text"]
 
 
