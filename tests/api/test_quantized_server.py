@@ -11,7 +11,10 @@ import pytest
 
 from bench.process import ServerProcess
 from models.loader import converted_gguf, default_gguf
-from tests.api.test_lm_eval import evaluate, task_dir  # noqa: F401 (task_dir is a fixture)
+from tests.api import test_lm_eval
+from tests.api.test_lm_eval import evaluate
+
+task_dir = test_lm_eval.task_dir  # the offline lm-eval tasks' fixture, shared
 
 
 @pytest.fixture(scope="module")
