@@ -38,19 +38,31 @@ def test_propose_continues_the_latest_occurrence_of_the_longest_tail() -> None:
     assert propose([1, 5, 2, 5], 3) == []  # one matching token is too weak a hint
 
 
+@dataclass
+class Row:
+    """A row as the runner and speculation read it."""
+
+    prompt_ids: list[int]
+    output_ids: list[int] = field(default_factory=list)
+    params: SamplingParams = field(default_factory=lambda: SamplingParams(max_tokens=64, temperature=0))
+
+    beam = None  # not part of a beam search
+
+    def suppressed_token_ids(self) -> frozenset[int]:
+        return frozenset({0}) if len(self.output_ids) < self.params.min_tokens else frozenset()
+
+    def allowed_tokens(self) -> None:
+        return None
+
+    def __hash__(self) -> int:
+        return id(self)
+
+
 def test_only_plain_greedy_rows_speculate() -> None:
-    class Row:
-        def __init__(self, **params: object) -> None:
-            self.params = SamplingParams(max_tokens=10, **params)
-            self.prompt_ids, self.output_ids, self.max_tokens = [1, 2], [3], 10
+    def row(**params: object) -> Row:
+        return Row([1, 2], [3], SamplingParams(max_tokens=10, **params))
 
-        def suppressed_token_ids(self) -> frozenset[int]:
-            return frozenset({0}) if len(self.output_ids) < self.params.min_tokens else frozenset()
-
-        def allowed_tokens(self) -> None:
-            return None
-
-    assert eligible(Row(temperature=0))
+    assert eligible(row(temperature=0))
     for params in (
         {"temperature": 0.7},
         {"temperature": 0, "repetition_penalty": 1.2},
@@ -59,7 +71,7 @@ def test_only_plain_greedy_rows_speculate() -> None:
         {"temperature": 0, "logprobs": 0},
         {"temperature": 0, "min_tokens": 5},
     ):
-        assert not eligible(Row(**params)), params
+        assert not eligible(row(**params)), params
 
 
 def test_extend_equals_decoding_one_token_at_a_time(tiny: LoadedModel) -> None:
@@ -101,26 +113,6 @@ def generate(loaded: LoadedModel, prompts: list[list[int]], max_tokens: int, bud
 
 def accepted_tokens() -> float:
     return metrics.SPECULATIVE_TOKENS.labels("accepted")._value.get()
-
-
-@dataclass
-class Row:
-    """A greedy row as the runner reads it."""
-
-    prompt_ids: list[int]
-    output_ids: list[int] = field(default_factory=list)
-    params: SamplingParams = field(default_factory=lambda: SamplingParams(max_tokens=64, temperature=0))
-
-    beam = None  # not part of a beam search
-
-    def suppressed_token_ids(self) -> frozenset[int]:
-        return frozenset()
-
-    def allowed_tokens(self) -> None:
-        return None
-
-    def __hash__(self) -> int:
-        return id(self)
 
 
 def test_verify_keeps_the_agreeing_prefix_and_the_models_own_next_token(tiny: LoadedModel) -> None:
