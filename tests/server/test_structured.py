@@ -154,24 +154,12 @@ def test_tool_calls_parse_only_complete_calls() -> None:
 # ---- random-logit walks: whatever the logits, the output is valid ----
 
 
-@dataclass
-class Params:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-
-
 @dataclass(eq=False)
 class Walk:
     """A sampler row driven by a grammar alone, as the engine drives a constrained request."""
 
     grammar: GrammarState
-    params: Params = field(default_factory=Params)
+    params: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=1.0))
     prompt_ids: list[int] = field(default_factory=list)
     output_ids: list[int] = field(default_factory=list)
 
