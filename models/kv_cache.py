@@ -53,11 +53,23 @@ class CacheShape:
         )
 
 
-class KVStore:
-    """Keys and values of every layer, each `[rows, kv_heads, cols, head_dim]`, zero where never written.
+def allocate(size: tuple[int, ...], shape: CacheShape) -> torch.Tensor:
+    """One layer's keys or values, uninitialised.
 
-    Zeros matter: a masked key still enters SDPA's product with weight 0, and 0 * NaN is NaN, so every
-    column that becomes live without being written must hold finite values.
+    torch.empty, not zeros: a store is sized for rows and columns it may never use (row capacity doubles,
+    columns keep headroom for decode growth), and zeroing it all would write every page of it, which at a
+    long prompt's join is seconds of memory traffic for nothing. Untouched pages cost no memory either.
+    """
+    return torch.empty(size, dtype=shape.dtype, device=shape.device)
+
+
+class KVStore:
+    """Keys and values of every layer, each `[rows, kv_heads, cols, head_dim]`, garbage where never written.
+
+    NOTE: the batch writes or clears (to zero) every column before it enters the live window, and nothing
+    reads outside that window. This matters: a masked key still enters SDPA's product with weight 0, and
+    0 * NaN is NaN, so a live column holding garbage could poison every row. Tests fill new stores with NaN
+    (tests/conftest.py) so that any column read unwritten shows.
     """
 
     def __init__(self, shape: CacheShape, rows: int, cols: int) -> None:
@@ -65,8 +77,8 @@ class KVStore:
         self.rows = rows
         self.cols = cols
         size = (rows, shape.kv_heads, cols, shape.head_dim)
-        self.keys = [torch.zeros(size, dtype=shape.dtype, device=shape.device) for _ in range(shape.num_layers)]
-        self.values = [torch.zeros(size, dtype=shape.dtype, device=shape.device) for _ in range(shape.num_layers)]
+        self.keys = [allocate(size, shape) for _ in range(shape.num_layers)]
+        self.values = [allocate(size, shape) for _ in range(shape.num_layers)]
 
     def window(self, rows: slice, start: int, write_at: int) -> Cache:
         """A transformers Cache over `rows`: new states land at column `write_at`, attention reads `[start, write_at + q)`."""
@@ -90,10 +102,10 @@ class KVStore:
             for buf in buffers:
                 buf[dst, :, cols] = buf[index, :, cols]  # the right side is a gathered copy
 
-    def clear(self, rows: slice, cols: slice) -> None:
+    def clear(self, rows: slice, cols: slice, layers: range | None = None) -> None:
         for buffers in (self.keys, self.values):
-            for buf in buffers:
-                buf[rows, :, cols] = 0
+            for i in range(self.shape.num_layers) if layers is None else layers:
+                buffers[i][rows, :, cols] = 0
 
     def copy_rows_to(self, other: KVStore, rows: int, src_cols: slice, dst_rows: slice, dst_start: int) -> None:
         """Copy this store's first `rows` rows, columns `src_cols`, into rows `dst_rows` of `other` at column

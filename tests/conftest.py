@@ -7,11 +7,23 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
-from models import LoadedModel, load
 from bench.process import ServerProcess
+from models import LoadedModel, kv_cache, load
 
 API_KEY = "test-key-123"
+
+
+@pytest.fixture(autouse=True)
+def kv_stores_start_as_nan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every KV store an in-process test allocates is NaN until written: a column that entered a live
+    window without being written or cleared would turn the outputs to NaN and fail the test."""
+
+    def poisoned(size: tuple[int, ...], shape: kv_cache.CacheShape) -> torch.Tensor:
+        return torch.full(size, float("nan"), dtype=shape.dtype, device=shape.device)
+
+    monkeypatch.setattr(kv_cache, "allocate", poisoned)
 
 
 @pytest.fixture(scope="session")
