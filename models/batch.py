@@ -194,6 +194,21 @@ class Batch(Generic[Key]):
         self.lengths.extend(other.lengths)
         other.keys, other.lengths, other.end, other._store = [], [], 0, None
 
+    def make_room(self, rows: int, width: int, layers: range) -> None:
+        """Ready the store, a share of its layers at a time, for a later `join` that brings the batch to `rows`
+        rows and a window `width` wide (a prompt prefilled in chunks).
+
+        The join writes zeros into every running row's columns that become its left padding. On memory never
+        touched before, those writes are page faults: a second or more for a long prompt joining a busy batch,
+        which every stream would feel as one stalled token. Written here ahead of time for `layers` (they are
+        outside the live window, so nothing reads them), they are warm when the join clears them again. The
+        store is reallocated at the first call if it must be (a copy of the live window only).
+        """
+        if not len(self):
+            return
+        self._reserve(rows=rows, width=width, right=0)
+        self._store.clear(slice(0, len(self)), slice(max(0, self.end - width), self.start), layers)
+
     def filter(self, leaving: Collection[Key]) -> None:
         """Drop the rows owned by `leaving`; survivors keep their cache, possibly in another row."""
         dropped = {i for i, key in enumerate(self.keys) if key in leaving}

@@ -96,6 +96,7 @@ class ModelRunner(Generic[R]):
         after `reused` tokens read from the prefix cache. After the last chunk the row joins the running
         batch and its first token is returned; before it, None. On failure the row is dropped."""
         staging = self._staging.get(row)
+        prompt = len(row.prompt_ids)
         try:
             if staging is None:
                 staging = self._staging[row] = Batch(self.batch.shape, max_rows=1)
@@ -103,11 +104,17 @@ class ModelRunner(Generic[R]):
                 forward = staging.prefill([row], [row.prompt_ids[: reused + tokens]], [reused])
                 if reused:
                     self._load(staging, 0, row.prompt_ids, reused)
+                before = 0
             else:
-                done = staging.lengths[0]
-                forward = staging.extend([row.prompt_ids[done : done + tokens]])
+                before = staging.lengths[0]
+                forward = staging.extend([row.prompt_ids[before : before + tokens]])
+            # Each chunk readies the share of the running batch's layers that it brings the prompt's share
+            # read to: from layer 0 at the first chunk (cached tokens included) to the last layer at the last.
+            layers = self.batch.shape.num_layers
+            share = range(layers * before // prompt, layers * staging.lengths[0] // prompt)
+            self.batch.make_room(len(self.batch) + 1, prompt, share)
             logits = self._forward(forward, every_position=False)
-            if staging.lengths[0] < len(row.prompt_ids):
+            if staging.lengths[0] < prompt:
                 return None
             sampled = self._sample(logits, [row], prompt_scores=False)[0]
             self.batch.join(staging)

@@ -239,3 +239,20 @@ def test_join_moves_another_batch_rows_in_right_aligned() -> None:
     assert forward.position_ids.tolist() == [[3], [4]]
     play(forward)
     assert cached_ids(running) == [[0, 1, 2, 3, 8], [4, 5, 6, 7, 9]]
+
+
+def test_make_room_readies_the_store_a_join_needs_without_touching_the_live_window() -> None:
+    running: Batch[str] = Batch(SHAPE, max_rows=4)
+    play(running.prefill(["a", "b"], [[1, 2], [3]]))
+    for layers, tokens in ((range(0, 1), [5, 6]), (range(1, 2), [7, 8])):  # a share per chunk, decoding between
+        running.make_room(rows=3, width=40, layers=layers)
+        play(running.decode(tokens))
+    assert cached_ids(running) == [[1, 2, 5, 7], [0, 3, 6, 8]]
+    capacity = running.capacity
+    for layer in range(SHAPE.num_layers):  # the columns that will be left padding hold zeros, not NaN, already
+        assert (running._store.keys[layer][:2, :, running.end - 40 : running.start] == 0).all()
+    staging: Batch[str] = Batch(SHAPE, max_rows=1)
+    play(staging.prefill(["c"], [list(range(10, 40))]))
+    running.join(staging)
+    assert running.capacity == capacity, "the join found its store ready"
+    assert cached_ids(running) == [[0] * 26 + [1, 2, 5, 7], [0] * 27 + [3, 6, 8], list(range(10, 40))]
