@@ -10,8 +10,10 @@
    one after another, against `--max-prefill-tokens CHUNK` and an unchunked server (a budget larger than
    any prompt). Reports the streams' inter-token latency p50 / p99 and the long prompts' prefill tokens/s
    (prompt tokens over time to first token).
-3. A burst: `burst` short requests arriving together, with the chunked budget and with 4096 prompt tokens
-   per step (the old default): time to first token p50 / p99 (first tokens leave after each group).
+3. A burst: `burst` short chat requests arriving together, with the chunked budget, with 4096 prompt tokens
+   per step (the old default), and against `transformers serve --continuous-batching` (bench/peers.py's
+   launcher, on the same converted model): time to first token p50 / p99 (first tokens leave after each
+   group). One server runs at a time.
 Each server is a real process on the default model; the figures are wall-clock and drift with the machine.
 """
 
@@ -28,8 +30,10 @@ from pathlib import Path
 
 import httpx
 
+from bench.peers import start, transformers_launcher
 from bench.process import ServerProcess
-from bench.serve import PASSAGE, make_workload, percentile, run_level
+from bench.serve import PASSAGE, chat_body, make_workload, percentile, run_level
+from models.loader import converted_gguf, default_gguf
 
 WORDS = (PASSAGE * 200).split()
 QUESTIONS = [
@@ -182,19 +186,38 @@ def main() -> None:
 
     if "burst" not in args.skip:
         lines += [
-            f"## {args.burst} requests arriving together ({args.max_tokens} new tokens each)",
+            f"## {args.burst} chat requests arriving together ({args.max_tokens} new tokens each)",
             "",
-            "| --max-prefill-tokens | TTFT p50 (s) | TTFT p99 (s) | output tok/s |",
+            "| server | TTFT p50 (s) | TTFT p99 (s) | output tok/s |",
             "| --- | --- | --- | --- |",
         ]
         workload = make_workload(args.burst, args.max_tokens)
-        for chunk in (args.chunk, 4096):
-            server = serve(args.out, "--max-prefill-tokens", str(chunk), "--prefix-cache-bytes", "0")
+        folder = converted_gguf(default_gguf())
+        # label: (flags, options) of bench.peers.start
+        launches: dict[str, tuple[tuple[str, ...], dict]] = {
+            f"tokenferry --max-prefill-tokens {chunk}": (
+                ("--log-level", "warning", "--max-prefill-tokens", str(chunk), "--prefix-cache-bytes", "0"), {}
+            )
+            for chunk in (args.chunk, 4096)
+        }
+        launches["transformers serve --continuous-batching"] = (
+            (), {"launcher": transformers_launcher(folder), "ready_path": "/health", "model": str(folder)}
+        )
+        ttft = {}
+        for label, (flags, options) in launches.items():
+            peer = start(label, args.out, *flags, **options)  # started, warmed, paused: one server runs at a time
+            if peer is None:
+                continue
+            peer.resume()
             try:
-                level = asyncio.run(run_level(server.url, None, workload, args.burst, args.burst, str(chunk)))
+                level = asyncio.run(run_level(peer.server.url, peer.model, workload, args.burst, args.burst, label, shape=chat_body))
             finally:
-                server.terminate()
-            lines.append(f"| {chunk} | {level.ttft(0.5):.2f} | {level.ttft(0.99):.2f} | {level.tokens_per_s:.1f} |")
+                peer.server.terminate()
+            ttft[label] = level.ttft(0.5)
+            lines.append(f"| {label} | {level.ttft(0.5):.2f} | {level.ttft(0.99):.2f} | {level.tokens_per_s:.1f} |")
+        ours, theirs = ttft.get(f"tokenferry --max-prefill-tokens {args.chunk}"), ttft.get("transformers serve --continuous-batching")
+        if ours and theirs:
+            lines.append(f"\nTTFT p50, transformers serve / tokenferry (chunk {args.chunk}): {theirs / ours:.2f}x")
     report = "\n".join(lines) + "\n"
     (args.out / "prefix.md").write_text(report)
     print(report)
