@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 from transformers import LlamaConfig, MistralConfig
 
-from models import LoadedModel, ModelLoadError, load
+from models import LoadedModel, ModelLoadError, load, loader
 from models.kv_cache import check_supported
 from models.loader import converted_gguf, default_gguf, resolve_device, resolve_dtype
 
@@ -66,3 +67,19 @@ def test_the_default_gguf_is_converted_once_and_cached(smol: LoadedModel) -> Non
     assert smol.info.context_length == 8192 and smol.info.vocab_size == 49152
     assert smol.info.eos_token_ids == (2,)
     assert smol.info.dtype == "float32" and smol.info.device == "cpu"
+
+
+def test_loading_runs_on_a_thread_that_has_ended_when_load_returns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenMP keeps worker threads for every thread that ran torch in parallel until it ends; a loader
+    thread that lived on would slow every parallel region of the engine thread (see `load`)."""
+    seen: list[threading.Thread] = []
+    real = loader._load
+
+    def spy(*args: object) -> object:
+        seen.append(threading.current_thread())
+        return real(*args)
+
+    monkeypatch.setattr(loader, "_load", spy)
+    loaded = loader.load("tiny")
+    assert loaded.info.name == "tiny"
+    assert seen and seen[0] is not threading.current_thread() and not seen[0].is_alive()
