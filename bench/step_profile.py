@@ -29,9 +29,13 @@ class _Row:
     prompt_ids: list[int]
     output_ids: list[int] = field(default_factory=list)
     params: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.0))
+    beam: None = None  # not part of a beam search
 
     def suppressed_token_ids(self) -> Sequence[int]:
         return ()
+
+    def allowed_tokens(self) -> None:  # no grammar
+        return None
 
 
 def profile(runner: ModelRunner[_Row], rows: list[_Row], steps: int) -> tuple[float, str]:
