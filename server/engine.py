@@ -8,8 +8,9 @@ plus read-only health facts. Every step of the loop thread:
   3. keep the new rows' prompt blocks in the prefix cache; retire rows that finished on their first token
   4. one decode step for every row                  (one token per row, KV reused)
   5. keep the blocks of rows that finished in the prefix cache
-and hands each request its events with one `call_soon_threadsafe` per event loop per phase (first
-tokens leave right after each prefill group or chunk, so neither later groups nor a decode step delay them).
+Each phase's samples become events in server/outputs.py, which hands them to their event loops after the
+phase (first tokens leave right after each prefill group or chunk, so neither later groups nor a decode
+step delay them).
 Blocks enter the prefix cache (and may evict others) only after the step's prefills, so a hit the scheduler
 planned is still cached when its group reads it.
 A failure in one request ends that request with an error event; the loop and the others go on.
@@ -23,20 +24,17 @@ import logging
 import threading
 import time
 import uuid
-from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import replace
 
 from models import LoadedModel, ModelRunner
 from models.kv_cache import CacheShape
 from models.prefix_cache import PrefixCache, chain_root, default_bytes
-from models.runner import Sampled
-from models.sampler import TokenLogprobs
 from server import metrics
-from server.beam import BeamRow, BeamSearch, owners, render, rows_of
+from server.beam import BeamSearch, owners, rows_of
 from server.detokenizer import Detokenizer
 from server.errors import ContextLengthExceeded, EngineUnavailable, InvalidRequest
-from server.request import Event, FinishReason, Hypothesis, Request, SamplingParams, Scored, Status
+from server.outputs import Outputs
+from server.request import Event, FinishReason, Request, SamplingParams, Status
 from server.scheduler import Budgets, Plan, Scheduler
 from server.structured import GrammarCompiler
 
@@ -68,7 +66,7 @@ class Engine:
         self._accepting = True
         self._stopping = False
         self._stopped = False  # the loop has ended, normally or not
-        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Request, Event]]] = defaultdict(list)
+        self._outputs = Outputs(self._tokenizer, self._runner.adopt, self._forget)
         self._thread = threading.Thread(target=self._loop, name="tokenferry-engine", daemon=True)
         self.heartbeat = time.monotonic()
         self.steps = 0
@@ -232,7 +230,7 @@ class Engine:
                 self._accepting = False
                 self._stopped = True
                 abandoned = list(self._requests.values())
-            self._fail(abandoned, "the engine stopped")
+            self._outputs.fail(abandoned, "the engine stopped")
             self._flush()
             log.info("engine loop stopped")
 
@@ -249,7 +247,7 @@ class Engine:
             except Exception:  # a bug outside any one request: fail everyone, keep serving
                 log.exception("engine step failed; failing all running requests")
                 rows = [*self._runner.rows, *self._runner.staged]
-                self._fail(owners(rows), "internal error in the engine loop")
+                self._outputs.fail(owners(rows), "internal error in the engine loop")
                 self._runner.drop(rows)
             self._flush()
             if busy:
@@ -260,7 +258,7 @@ class Engine:
 
     def _step(self, plan: Plan) -> None:
         for request in plan.aborted:
-            self._finish(request, FinishReason.ABORT)
+            self._outputs.finish(request, FinishReason.ABORT)
         self._retire(plan.leaving)
         joined = []
         if plan.chunk is not None:
@@ -301,7 +299,7 @@ class Engine:
         self._runner.drop(rows_of(leaving))
         for request in leaving:
             if not request.finished:
-                self._finish(request, FinishReason.ABORT)
+                self._outputs.finish(request, FinishReason.ABORT)
 
     def _prefill(self, joining: list[Request]) -> list[Request]:
         """Prefill one group; returns the rows that joined the batch."""
@@ -313,11 +311,11 @@ class Engine:
             samples = self._runner.prefill(rows, [r.cached_tokens for r in joining])
         except Exception:
             log.exception("prefill failed", extra={"request_ids": [r.id for r in joining]})
-            self._fail(joining, "the model failed while reading the prompt")
+            self._outputs.fail(joining, "the model failed while reading the prompt")
             return []
         metrics.STEP_TIME.labels("prefill").observe(time.monotonic() - started)
         metrics.PREFILL_TOKENS.inc(sum(len(r.prompt_ids) - r.cached_tokens for r in joining))
-        self._accept(rows, samples)
+        self._outputs.accept(rows, samples)
         return joining
 
     def _chunk(self, request: Request, tokens: int) -> list[Request]:
@@ -330,13 +328,13 @@ class Engine:
             sampled = self._runner.prefill_chunk(request, tokens, request.cached_tokens if first else 0)
         except Exception:
             log.exception("prefill failed", extra={"request_ids": [request.id]})
-            self._fail([request], "the model failed while reading the prompt")
+            self._outputs.fail([request], "the model failed while reading the prompt")
             return []
         metrics.STEP_TIME.labels("prefill").observe(time.monotonic() - started)
         metrics.PREFILL_TOKENS.inc(tokens)
         if sampled is None:
             return []
-        self._accept([request], [sampled])
+        self._outputs.accept([request], [sampled])
         return [request]
 
     def _started(self, request: Request, now: float) -> None:
@@ -356,151 +354,32 @@ class Engine:
             samples = self._runner.verify(draft) if draft else self._runner.decode()
         except Exception:
             log.exception("decode step failed", extra={"request_ids": [r.id for r in owners(rows)]})
-            self._fail(owners(rows), "the model failed during a decode step")
+            self._outputs.fail(owners(rows), "the model failed during a decode step")
             self._runner.drop(rows)
             return
         metrics.STEP_TIME.labels("decode").observe(time.monotonic() - started)
         width = max(r.num_tokens for r in rows)
         metrics.PADDING_RATIO.set(1 - sum(r.num_tokens for r in rows) / (len(rows) * width))
         if not draft:
-            self._accept(rows, samples)
+            self._outputs.accept(rows, samples)
             return
         metrics.SPECULATIVE_TOKENS.labels("drafted").inc(len(draft))
         metrics.SPECULATIVE_TOKENS.labels("accepted").inc(len(samples) - 1)
         for sampled in samples:  # in order; tokens after one that ends the request are dropped
-            self._accept(rows, [sampled])
+            self._outputs.accept(rows, [sampled])
 
-    def _accept(self, rows: Sequence[Request | BeamRow], samples: Sequence[Sampled]) -> None:
-        """Give each row its new token: detokenize, check for the end, queue the event."""
-        now = time.monotonic()
-        for row, sampled in zip(rows, samples, strict=True):
-            request = row.search.request if isinstance(row, BeamRow) else row
-            if request.finished:  # failed or finished earlier in this step (a search's other rows included)
-                continue
-            try:
-                if request.max_tokens == 0:  # only the prompt's scores were asked for: no token is kept
-                    self._finish(request, FinishReason.LENGTH, prompt_logprobs=sampled.prompt_logprobs)
-                elif request.search is not None:
-                    if row.slot == 0:  # every row of a search carries the same candidates: one step per search
-                        self._beam_step(request, request.search, sampled, now)
-                else:
-                    self._advance(request, sampled, now)
-            except Exception:
-                log.exception("request failed", extra={"request_id": request.id})
-                self._fail([request], "internal error while producing text")
-
-    def _advance(self, request: Request, sampled: Sampled, now: float) -> None:
-        token = sampled.token
-        metrics.GENERATED_TOKENS.inc()
-        prompt_logprobs = sampled.prompt_logprobs  # set on the first token only
-        if request.first_token_at is None:
-            request.first_token_at = now
-            metrics.TIME_TO_FIRST_TOKEN.observe(now - request.arrived_at)
-        else:
-            metrics.INTER_TOKEN_LATENCY.observe(now - request.last_token_at)
-        request.last_token_at = now
-        request.output_ids.append(token)
-        detokenizer = request.detokenizer
-        if sampled.logprobs is not None:
-            request.unsent_logprobs.append(Scored(sampled.logprobs, text_offset=detokenizer.decoded_chars))
-        reason = None
-        complete = self._advance_grammar(request, token)
-        if token in request.stop_token_ids or (complete and token in request.grammar.end_tokens):
-            text, reason = "", FinishReason.STOP  # a stop token's own text is never shown
-        else:
-            text = detokenizer.push(token)
-            if detokenizer.stopped or complete:
-                reason = FinishReason.STOP
-        if reason is None and len(request.output_ids) >= request.max_tokens:
-            reason = FinishReason.LENGTH
-        if reason is None:
-            logprobs = () if detokenizer.holding else _take_logprobs(request)
-            self._emit(request, Event(text=text, token_ids=(token,), logprobs=logprobs, prompt_logprobs=prompt_logprobs))
-        else:
-            text += detokenizer.flush()
-            self._finish(request, reason, text=text, token_ids=(token,), prompt_logprobs=prompt_logprobs)
-
-    def _advance_grammar(self, request: Request, token: int) -> bool:
-        """Walk a constrained request's grammar by its new token; True once the grammar is complete, which
-        ends the request ("stop"). A token the grammar refuses raises, failing this request alone."""
-        return request.grammar is not None and request.grammar.accept(token)
-
-    def _beam_step(self, request: Request, search: BeamSearch, sampled: Sampled, now: float) -> None:
-        """Advance a beam search by one step: its rows take their parents' caches, or it ends with its best."""
-        # Tokens the step computed for the search: one row's at its prefill, then each of its K rows'.
-        metrics.GENERATED_TOKENS.inc(len(search.rows) if request.first_token_at is not None else 1)
-        if request.first_token_at is None:
-            request.first_token_at = now
-            search.prompt_logprobs = sampled.prompt_logprobs
-        request.last_token_at = now
-        parents = search.step(sampled.candidates or ())
-        if parents is not None:
-            self._runner.adopt(search.rows, [search.rows[p] for p in parents])
-            return
-        scores = request.params.logprobs is not None
-        beams = tuple(
-            render(f, Detokenizer(self._tokenizer, request.params.stop), request.stop_token_ids, scores)
-            for f in search.best()
-        )
-        self._finish(
-            request, beams[0].finish_reason, prompt_logprobs=search.prompt_logprobs, beams=beams
-        )
-
-    def _finish(
-        self,
-        request: Request,
-        reason: FinishReason,
-        text: str = "",
-        token_ids: tuple[int, ...] = (),
-        error: str | None = None,
-        prompt_logprobs: tuple[TokenLogprobs, ...] | None = None,
-        beams: tuple[Hypothesis, ...] | None = None,
-    ) -> None:
-        """End a request with one final event carrying its last text and scores, the reason and the usage
-        (a beam search's: its returned sequences and their tokens)."""
+    def _forget(self, request: Request, reason: FinishReason) -> None:
+        """A request has ended (Outputs.finish): mark it, and stop tracking it."""
         with self._lock:
             request.status = Status.FINISHED
             request.finish_reason = reason
             self._requests.pop(request.id, None)
-        if request.first_token_at is not None:
-            metrics.E2E_LATENCY.observe(time.monotonic() - request.arrived_at)
-        usage = request.usage()
-        if beams is not None:
-            usage = replace(usage, completion_tokens=sum(len(b.token_ids) for b in beams))
-        event = Event(
-            text=text,
-            token_ids=token_ids,
-            logprobs=_take_logprobs(request),
-            prompt_logprobs=prompt_logprobs,
-            finish_reason=reason,
-            usage=usage,
-            error=error,
-            beams=beams,
-        )
-        self._emit(request, event)
-        log.debug(
-            "finished",
-            extra={"request_id": request.id, "reason": str(reason), "completion_tokens": len(request.output_ids)},
-        )
-
-    def _fail(self, requests: Sequence[Request], message: str) -> None:
-        for request in requests:
-            if not request.finished:
-                self._finish(request, FinishReason.ERROR, error=message)
-
-    def _emit(self, request: Request, event: Event) -> None:
-        self._outbox[request.loop].append((request, event))
 
     def _flush(self) -> None:
         """Hand this step's events to their event loops: one wake-up per loop, not one per token."""
         metrics.RUNNING.set(len(self._runner.rows))  # before anyone hears a token, the gauge counts its row
-        outbox, self._outbox = self._outbox, defaultdict(list)
-        for loop, items in outbox.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                for request, _ in items:
-                    self.cancel(request.id)
+        for request in self._outputs.flush():  # its event loop has closed: nobody is listening any more
+            self.cancel(request.id)
 
 
 def _prefix_cache(loaded: LoadedModel, max_bytes: int | None) -> PrefixCache | None:
@@ -508,21 +387,3 @@ def _prefix_cache(loaded: LoadedModel, max_bytes: int | None) -> PrefixCache | N
     max_bytes = default_bytes(shape.device) if max_bytes is None else max_bytes
     cache = PrefixCache(shape, max_bytes, chain_root(loaded.info.name, loaded.info.dtype))
     return cache if cache.capacity else None
-
-
-def _take_logprobs(request: Request) -> tuple[Scored, ...]:
-    """The scores waiting for their text to go out, now that it has.
-
-    NOTE: a token whose text a stop string cut off starts past the end of the released text: its offset
-    is clamped there, so every offset stays within the text the client receives.
-    """
-    end = request.detokenizer.released_chars
-    scored = tuple(replace(s, text_offset=min(s.text_offset, end)) for s in request.unsent_logprobs)
-    request.unsent_logprobs.clear()
-    return scored
-
-
-def _deliver(items: list[tuple[Request, Event]]) -> None:
-    for request, event in items:
-        request.events.put_nowait(event)
-

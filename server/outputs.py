@@ -1,0 +1,192 @@
+"""From a step's samples to each request's events: text, scores, stops, beam steps and the request's end.
+
+Runs on the engine's loop thread. `accept` gives each row its new token (detokenized, checked against
+stop tokens, stop strings, the grammar and max_tokens); a request ends in `finish`, with one final event
+carrying its last text and scores, the finish reason and the usage. Events wait in an outbox until
+`flush` hands them to their event loops: one `call_soon_threadsafe` per loop, not one per token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+from transformers import PreTrainedTokenizerBase
+
+from models.runner import Sampled
+from models.sampler import TokenLogprobs
+from server import metrics
+from server.beam import BeamRow, BeamSearch, render
+from server.detokenizer import Detokenizer
+from server.request import Event, FinishReason, Hypothesis, Request, Scored
+
+log = logging.getLogger(__name__)
+
+
+class Outputs:
+    """The loop thread's side of every request's event stream."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        adopt: Callable[[Sequence[BeamRow], Sequence[BeamRow]], None],
+        forget: Callable[[Request, FinishReason], None],
+    ) -> None:
+        """`tokenizer`: the loop thread's own; `adopt`: the runner's (beam rows take their parents' caches);
+        `forget`: the engine's, called as a request ends, to mark it finished and stop tracking it."""
+        self._tokenizer = tokenizer
+        self._adopt = adopt
+        self._forget = forget
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Request, Event]]] = defaultdict(list)
+
+    def accept(self, rows: Sequence[Request | BeamRow], samples: Sequence[Sampled]) -> None:
+        """Give each row its new token: detokenize, check for the end, queue the event."""
+        now = time.monotonic()
+        for row, sampled in zip(rows, samples, strict=True):
+            request = row.search.request if isinstance(row, BeamRow) else row
+            if request.finished:  # failed or finished earlier in this step (a search's other rows included)
+                continue
+            try:
+                if request.max_tokens == 0:  # only the prompt's scores were asked for: no token is kept
+                    self.finish(request, FinishReason.LENGTH, prompt_logprobs=sampled.prompt_logprobs)
+                elif request.search is not None:
+                    if row.slot == 0:  # every row of a search carries the same candidates: one step per search
+                        self._beam_step(request, request.search, sampled, now)
+                else:
+                    self._advance(request, sampled, now)
+            except Exception:
+                log.exception("request failed", extra={"request_id": request.id})
+                self.fail([request], "internal error while producing text")
+
+    def _advance(self, request: Request, sampled: Sampled, now: float) -> None:
+        token = sampled.token
+        metrics.GENERATED_TOKENS.inc()
+        prompt_logprobs = sampled.prompt_logprobs  # set on the first token only
+        if request.first_token_at is None:
+            request.first_token_at = now
+            metrics.TIME_TO_FIRST_TOKEN.observe(now - request.arrived_at)
+        else:
+            metrics.INTER_TOKEN_LATENCY.observe(now - request.last_token_at)
+        request.last_token_at = now
+        request.output_ids.append(token)
+        detokenizer = request.detokenizer
+        if sampled.logprobs is not None:
+            request.unsent_logprobs.append(Scored(sampled.logprobs, text_offset=detokenizer.decoded_chars))
+        reason = None
+        complete = self._advance_grammar(request, token)
+        if token in request.stop_token_ids or (complete and token in request.grammar.end_tokens):
+            text, reason = "", FinishReason.STOP  # a stop token's own text is never shown
+        else:
+            text = detokenizer.push(token)
+            if detokenizer.stopped or complete:
+                reason = FinishReason.STOP
+        if reason is None and len(request.output_ids) >= request.max_tokens:
+            reason = FinishReason.LENGTH
+        if reason is None:
+            logprobs = () if detokenizer.holding else _take_logprobs(request)
+            self._emit(request, Event(text=text, token_ids=(token,), logprobs=logprobs, prompt_logprobs=prompt_logprobs))
+        else:
+            text += detokenizer.flush()
+            self.finish(request, reason, text=text, token_ids=(token,), prompt_logprobs=prompt_logprobs)
+
+    def _advance_grammar(self, request: Request, token: int) -> bool:
+        """Walk a constrained request's grammar by its new token; True once the grammar is complete, which
+        ends the request ("stop"). A token the grammar refuses raises, failing this request alone."""
+        return request.grammar is not None and request.grammar.accept(token)
+
+    def _beam_step(self, request: Request, search: BeamSearch, sampled: Sampled, now: float) -> None:
+        """Advance a beam search by one step: its rows take their parents' caches, or it ends with its best."""
+        # Tokens the step computed for the search: one row's at its prefill, then each of its K rows'.
+        metrics.GENERATED_TOKENS.inc(len(search.rows) if request.first_token_at is not None else 1)
+        if request.first_token_at is None:
+            request.first_token_at = now
+            search.prompt_logprobs = sampled.prompt_logprobs
+        request.last_token_at = now
+        parents = search.step(sampled.candidates or ())
+        if parents is not None:
+            self._adopt(search.rows, [search.rows[p] for p in parents])
+            return
+        scores = request.params.logprobs is not None
+        beams = tuple(
+            render(f, Detokenizer(self._tokenizer, request.params.stop), request.stop_token_ids, scores)
+            for f in search.best()
+        )
+        self.finish(
+            request, beams[0].finish_reason, prompt_logprobs=search.prompt_logprobs, beams=beams
+        )
+
+    def finish(
+        self,
+        request: Request,
+        reason: FinishReason,
+        text: str = "",
+        token_ids: tuple[int, ...] = (),
+        error: str | None = None,
+        prompt_logprobs: tuple[TokenLogprobs, ...] | None = None,
+        beams: tuple[Hypothesis, ...] | None = None,
+    ) -> None:
+        """End a request with one final event carrying its last text and scores, the reason and the usage
+        (a beam search's: its returned sequences and their tokens)."""
+        self._forget(request, reason)
+        if request.first_token_at is not None:
+            metrics.E2E_LATENCY.observe(time.monotonic() - request.arrived_at)
+        usage = request.usage()
+        if beams is not None:
+            usage = replace(usage, completion_tokens=sum(len(b.token_ids) for b in beams))
+        event = Event(
+            text=text,
+            token_ids=token_ids,
+            logprobs=_take_logprobs(request),
+            prompt_logprobs=prompt_logprobs,
+            finish_reason=reason,
+            usage=usage,
+            error=error,
+            beams=beams,
+        )
+        self._emit(request, event)
+        log.debug(
+            "finished",
+            extra={"request_id": request.id, "reason": str(reason), "completion_tokens": len(request.output_ids)},
+        )
+
+    def fail(self, requests: Sequence[Request], message: str) -> None:
+        for request in requests:
+            if not request.finished:
+                self.finish(request, FinishReason.ERROR, error=message)
+
+    def _emit(self, request: Request, event: Event) -> None:
+        self._outbox[request.loop].append((request, event))
+
+
+    def flush(self) -> list[Request]:
+        """Hand the events so far to their event loops; returns the requests whose loop has closed (nobody
+        listens any more: the caller cancels them)."""
+        outbox, self._outbox = self._outbox, defaultdict(list)
+        orphans = []
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop is closed
+                orphans += [request for request, _ in items]
+        return orphans
+
+
+def _take_logprobs(request: Request) -> tuple[Scored, ...]:
+    """The scores waiting for their text to go out, now that it has.
+
+    NOTE: a token whose text a stop string cut off starts past the end of the released text: its offset
+    is clamped there, so every offset stays within the text the client receives.
+    """
+    end = request.detokenizer.released_chars
+    scored = tuple(replace(s, text_offset=min(s.text_offset, end)) for s in request.unsent_logprobs)
+    request.unsent_logprobs.clear()
+    return scored
+
+
+def _deliver(items: list[tuple[Request, Event]]) -> None:
+    for request, event in items:
+        request.events.put_nowait(event)
