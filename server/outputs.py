@@ -161,7 +161,6 @@ class Outputs:
     def _emit(self, request: Request, event: Event) -> None:
         self._outbox[request.loop].append((request, event))
 
-
     def flush(self) -> list[Request]:
         """Hand the events so far to their event loops; returns the requests whose loop has closed (nobody
         listens any more: the caller cancels them)."""
