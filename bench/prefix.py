@@ -48,6 +48,7 @@ class Turn:
     itl: list[float] = field(default_factory=list)
     tokens: int = 0
     cached: int = 0
+    prompt: int = 0
 
 
 def words(count: int, seed: int) -> str:
@@ -73,6 +74,7 @@ async def stream_chat(client: httpx.AsyncClient, body: dict) -> tuple[str, Turn]
     turn = Turn(ttft=arrivals[0] - sent, itl=[b - a for a, b in pairwise(arrivals)])
     turn.tokens = usage.get("completion_tokens", len(arrivals))
     turn.cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+    turn.prompt = usage.get("prompt_tokens", 0)
     return "".join(text), turn
 
 
@@ -109,10 +111,10 @@ async def long_prompts_joining(url: str, args: argparse.Namespace) -> tuple[list
         await asyncio.sleep(2.0)  # the streams are decoding
         rates = []
         for i in range(args.long_prompts):
-            # Each long prompt is new text, so the prefix cache has none of it.
-            body = {"messages": [{"role": "user", "content": words(args.long_tokens * 3 // 4, 100 + i)}], "max_tokens": 1}
+            # Each long prompt is new text, so the prefix cache has none of it (about 1.2 tokens a word).
+            body = {"messages": [{"role": "user", "content": words(args.long_tokens * 5 // 6, 100 + i)}], "max_tokens": 1}
             _, turn = await stream_chat(client, body)
-            rates.append(args.long_tokens / turn.ttft)
+            rates.append(turn.prompt / turn.ttft)
         gaps = [gap for task in streams for gap in await task]
         return gaps, rates
 

@@ -15,6 +15,8 @@ import torch
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 
+from models.attention import Part, Parts, Span, unflatten
+
 
 def check_supported(config: PretrainedConfig) -> None:
     """Refuse models whose cache is not a plain full-attention KV cache (sliding windows, recurrent state).
@@ -170,3 +172,45 @@ class _WindowLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return self._key_buffer.shape[-2] - self._start
+
+
+def flat_cache(windows: list[Cache], spans: list[Span]) -> Cache:
+    """One Cache over several windows (of one store or several) for a forward whose tokens are flattened into
+    one sequence: window i takes the keys and values of span i's tokens (models/attention.py)."""
+    layers = [_FlatLayer([window.layers[i] for window in windows], spans) for i in range(len(windows[0].layers))]
+    return Cache(layers=layers)
+
+
+class _FlatLayer(CacheLayerMixin):
+    """One layer of a flattened forward: each span's new states go to its own window, and the attention gets
+    every window's keys and values, with the span's mask, as `Parts`."""
+
+    is_sliding = False
+
+    def __init__(self, windows: list[CacheLayerMixin], spans: list[Span]) -> None:
+        super().__init__()
+        self._windows = windows
+        self._spans = spans
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Storage is preallocated by KVStore; nothing to do."""
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[Parts, Parts]:
+        # key_states, value_states: [1, kv_heads, tokens, head_dim], the spans' tokens one after another
+        parts = []
+        for window, span in zip(self._windows, self._spans, strict=True):
+            keys, values = window.update(unflatten(key_states, span), unflatten(value_states, span))
+            parts.append(Part(span, keys, values))
+        return Parts(tuple(parts)), Parts(tuple(parts))
+
+    def get_seq_length(self) -> int:
+        return 0  # positions come with the forward; a flattened sequence has no single length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        raise NotImplementedError("each part of a flattened forward brings its own mask")
+
+    def get_max_length(self) -> int:
+        return -1  # no single length either

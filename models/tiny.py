@@ -12,6 +12,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from models import attention
+
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 VOCAB_SIZE = 512
 CONTEXT_LENGTH = 1024
@@ -71,7 +73,7 @@ def build_model(vocab_size: int, seed: int = SEED) -> LlamaForCausalLM:
         initializer_range=0.5,
         eos_token_id=vocab_size - 1,
         tie_word_embeddings=False,
-        attn_implementation="sdpa",
+        attn_implementation=attention.NAME,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

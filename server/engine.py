@@ -261,12 +261,14 @@ class Engine:
             self._outputs.finish(request, FinishReason.ABORT)
         self._retire(plan.leaving)
         joined = []
-        if plan.chunk is not None:
-            joined += self._chunk(*plan.chunk)
-            self._flush()  # a first token leaves now, not after the groups or the decode step
         for group in plan.groups:
             joined += self._prefill(group)
+            self._flush()  # a group's first tokens leave now, not after the next group or the decode step
+        chunk = plan.chunk
+        if chunk is not None and not self._runner.rows:  # nothing to decode beside it: the chunk runs alone
+            joined += self._chunk(*chunk)
             self._flush()
+            chunk = None
         if joined:
             self._save(joined)
             with self._lock:
@@ -274,9 +276,10 @@ class Engine:
             self._retire(leaving)
         if self._runner.rows:
             rows = list(self._runner.rows)
-            self._decode(plan.draft)
+            joined = self._decode(plan.draft, chunk)
             # A finished request's prompt and answer stay cached for its next turn (beam rows are not kept).
-            self._save([r for r in rows if isinstance(r, Request) and r.finished and r.finish_reason is not FinishReason.ERROR])
+            done = [r for r in rows if isinstance(r, Request) and r.finished and r.finish_reason is not FinishReason.ERROR]
+            self._save(joined + done)
         self.steps += 1
 
     def _save(self, rows: list[Request]) -> None:
@@ -321,11 +324,8 @@ class Engine:
     def _chunk(self, request: Request, tokens: int) -> list[Request]:
         """Prefill one chunk of a long prompt; returns the request once its last chunk has joined the batch."""
         started = time.monotonic()
-        first = request.scheduled_at is None
-        if first:
-            self._started(request, started)
         try:
-            sampled = self._runner.prefill_chunk(request, tokens, request.cached_tokens if first else 0)
+            sampled = self._runner.prefill_chunk(request, tokens, self._reused(request, started))
         except Exception:
             log.exception("prefill failed", extra={"request_ids": [request.id]})
             self._outputs.fail([request], "the model failed while reading the prompt")
@@ -337,6 +337,13 @@ class Engine:
         self._outputs.accept([request], [sampled])
         return [request]
 
+    def _reused(self, request: Request, now: float) -> int:
+        """Prompt tokens a chunked request reads from the prefix cache: all at its first chunk, which starts it."""
+        if request.scheduled_at is not None:
+            return 0
+        self._started(request, now)
+        return request.cached_tokens
+
     def _started(self, request: Request, now: float) -> None:
         request.scheduled_at = now
         metrics.QUEUE_TIME.observe(now - request.arrived_at)
@@ -345,28 +352,42 @@ class Engine:
             metrics.PREFIX_CACHE_HITS.inc()
             metrics.PREFIX_CACHED_TOKENS.inc(request.cached_tokens)
 
-    def _decode(self, draft: list[int]) -> None:
+    def _decode(self, draft: list[int], chunk: tuple[Request, int] | None = None) -> list[Request]:
         """One decode step for every row; or, with a draft (for a lone greedy row), its verification, which
-        may give that row several tokens."""
+        may give that row several tokens; or, with a prompt's chunk, the step and the chunk in one forward.
+        Returns the chunked request if its last chunk made it join the batch."""
         started = time.monotonic()
         rows = list(self._runner.rows)
+        failing = owners(rows) + ([chunk[0]] if chunk else [])
         try:
-            samples = self._runner.verify(draft) if draft else self._runner.decode()
+            if chunk is not None:
+                request, tokens = chunk
+                samples, sampled = self._runner.decode_with_chunk(request, tokens, self._reused(request, started))
+            else:
+                samples = self._runner.verify(draft) if draft else self._runner.decode()
         except Exception:
-            log.exception("decode step failed", extra={"request_ids": [r.id for r in owners(rows)]})
-            self._outputs.fail(owners(rows), "the model failed during a decode step")
+            log.exception("decode step failed", extra={"request_ids": [r.id for r in failing]})
+            self._outputs.fail(failing, "the model failed during a decode step")
             self._runner.drop(rows)
-            return
+            return []
         metrics.STEP_TIME.labels("decode").observe(time.monotonic() - started)
         width = max(r.num_tokens for r in rows)
         metrics.PADDING_RATIO.set(1 - sum(r.num_tokens for r in rows) / (len(rows) * width))
+        if chunk is not None:
+            metrics.PREFILL_TOKENS.inc(tokens)
+            if sampled is None:
+                self._outputs.accept(rows, samples)
+                return []
+            self._outputs.accept([*rows, request], [*samples, sampled])
+            return [request]
         if not draft:
             self._outputs.accept(rows, samples)
-            return
+            return []
         metrics.SPECULATIVE_TOKENS.labels("drafted").inc(len(draft))
         metrics.SPECULATIVE_TOKENS.labels("accepted").inc(len(samples) - 1)
         for sampled in samples:  # in order; tokens after one that ends the request are dropped
             self._outputs.accept(rows, [sampled])
+        return []
 
     def _forget(self, request: Request, reason: FinishReason) -> None:
         """A request has ended (Outputs.finish): mark it, and stop tracking it."""

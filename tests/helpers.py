@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from models import LoadedModel
@@ -77,19 +77,40 @@ def generate_together(loaded: LoadedModel, prompts: Sequence[Sequence[int]], par
     return run_with_engine(loaded, scenario)
 
 
+@dataclass(eq=False)
+class Row:
+    """A row as the runner and speculation read it: a prompt, its output so far, its parameters."""
+
+    prompt_ids: list[int]
+    output_ids: list[int] = field(default_factory=list)
+    params: SamplingParams = field(default_factory=lambda: SamplingParams(max_tokens=64, temperature=0))
+
+    beam = None  # not part of a beam search
+
+    def suppressed_token_ids(self) -> frozenset[int]:
+        return frozenset({0}) if len(self.output_ids) < self.params.min_tokens else frozenset()
+
+    def allowed_tokens(self) -> None:
+        return None
+
+
 class PrefillRecorder:
     """Prompt tokens each engine step computes: every forward but a decode step's, counted from its position
-    ids (a row's last position less its first, plus one: pads sit at 0 before its real positions)."""
+    ids (a row's last position less its first, plus one: pads sit at 0 before its real positions). A forward
+    that carries a decode step and a prompt's chunk (`decode_with_chunk`) puts the decode rows' tokens first,
+    one each: they are left out."""
 
     def __init__(self) -> None:
         self.engine: Engine | None = None
         self.decoding = False
+        self.decode_rows = 0  # during a decode step with a chunk: its decode tokens, which come first
         self.prefilled: dict[int, int] = defaultdict(int)
         self.prefill_calls = 0
 
     def watch(self, engine: Engine) -> None:
         """Record this engine's prefills: every forward but those its runner's decode step makes."""
-        decode = engine._runner.decode
+        runner = engine._runner
+        decode, decode_with_chunk = runner.decode, runner.decode_with_chunk
 
         def marked() -> object:
             self.decoding = True
@@ -98,7 +119,14 @@ class PrefillRecorder:
             finally:
                 self.decoding = False
 
-        engine._runner.decode = marked
+        def marked_with_chunk(*args: object) -> object:
+            self.decode_rows = len(runner.rows)
+            try:
+                return decode_with_chunk(*args)
+            finally:
+                self.decode_rows = 0
+
+        runner.decode, runner.decode_with_chunk = marked, marked_with_chunk
         self.engine = engine
 
     def spy(self, forward: Callable[..., object]) -> Callable[..., object]:
@@ -112,6 +140,8 @@ class PrefillRecorder:
 
     def record(self, kwargs: dict) -> None:
         positions = kwargs["position_ids"]  # [rows, q]; pads sit at 0 before a row's real positions
+        if self.decode_rows:
+            positions = positions[:, self.decode_rows :]  # [1, decode rows + chunk] -> the chunk's
         if self.engine is not None and not self.decoding:
             self.prefill_calls += 1
             self.prefilled[self.engine.steps] += int((positions[:, -1] - positions[:, 0] + 1).sum())

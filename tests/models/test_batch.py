@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.batch import Batch, Forward
+from models.attention import Parts
+from models.batch import Batch, Forward, flatten
 from models.kv_cache import CacheShape
 
 T, F = True, False
@@ -256,3 +257,26 @@ def test_make_room_readies_the_store_a_join_needs_without_touching_the_live_wind
     running.join(staging)
     assert running.capacity == capacity, "the join found its store ready"
     assert cached_ids(running) == [[0] * 26 + [1, 2, 5, 7], [0] * 27 + [3, 6, 8], list(range(10, 40))]
+
+
+def test_a_flattened_forward_writes_each_part_where_its_own_forward_would_and_attends_to_it_alone() -> None:
+    running: Batch[str] = Batch(SHAPE, max_rows=2)
+    play(running.prefill(["a", "b"], [[1, 2], [3]]))
+    staging: Batch[str] = Batch(SHAPE, max_rows=1)
+    play(staging.prefill(["c"], [[10, 11]]))
+    decode, chunk = running.decode([4, 5]), staging.extend([[12, 13, 14]])
+    forward = flatten([decode, chunk])
+    assert forward.input_ids.tolist() == [[4, 5, 12, 13, 14]]
+    assert forward.position_ids.tolist() == [[2, 1, 2, 3, 4]]
+    assert forward.last.tolist() == [0, 1, 4], "each row's last token: the decode rows', then the chunk's"
+    assert forward.real_tokens == 5
+    states = forward.input_ids.float()[:, None, :, None].expand(-1, SHAPE.kv_heads, -1, SHAPE.head_dim)
+    for layer in range(SHAPE.num_layers):
+        keys, values = forward.cache.update(states, -states, layer)
+        assert isinstance(keys, Parts) and isinstance(values, Parts)
+        (mine, theirs) = keys.parts
+        assert torch.equal(mine.span.mask, decode.attention_mask) and torch.equal(theirs.span.mask, chunk.attention_mask)
+        assert mine.keys[:, 0, :, 0].tolist() == [[1, 2, 4], [0, 3, 5]]
+        assert theirs.keys[:, 0, :, 0].tolist() == [[10, 11, 12, 13, 14]]
+    assert cached_ids(running) == [[1, 2, 4], [0, 3, 5]]
+    assert cached_ids(staging) == [[10, 11, 12, 13, 14]]

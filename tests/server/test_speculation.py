@@ -7,7 +7,7 @@ model over prompts where lookup pays (summaries, edits) and where it does not (o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,7 +19,7 @@ from models.runner import ModelRunner
 from server import metrics
 from server.request import SamplingParams
 from server.speculation import eligible, propose
-from tests.helpers import BUDGETS, Result, collect, run_with_engine
+from tests.helpers import BUDGETS, Result, Row, collect, run_with_engine
 
 SPECULATING = replace(BUDGETS, speculative_tokens=5)
 
@@ -36,26 +36,6 @@ def test_propose_continues_the_latest_occurrence_of_the_longest_tail() -> None:
     assert propose(tokens, 0) == []
     assert propose([7, 7, 7], 3) == [7]  # overlapping the tail itself
     assert propose([1, 5, 2, 5], 3) == []  # one matching token is too weak a hint
-
-
-@dataclass
-class Row:
-    """A row as the runner and speculation read it."""
-
-    prompt_ids: list[int]
-    output_ids: list[int] = field(default_factory=list)
-    params: SamplingParams = field(default_factory=lambda: SamplingParams(max_tokens=64, temperature=0))
-
-    beam = None  # not part of a beam search
-
-    def suppressed_token_ids(self) -> frozenset[int]:
-        return frozenset({0}) if len(self.output_ids) < self.params.min_tokens else frozenset()
-
-    def allowed_tokens(self) -> None:
-        return None
-
-    def __hash__(self) -> int:
-        return id(self)
 
 
 def test_only_plain_greedy_rows_speculate() -> None:
