@@ -136,7 +136,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=256, help="--max-prefill-tokens of the chunked server")
     parser.add_argument("--burst", type=int, default=32, help="requests arriving together")
     parser.add_argument("--skip", choices=("chat", "chunks", "burst"), action="append", default=[], help="leave a part out (repeatable)")
-    parser.add_argument("--out", type=Path, default=Path("bench-prefix"))
+    parser.add_argument("--out", type=Path, default=Path("bench/reports") / time.strftime("prefix-%Y%m%d-%H%M%S"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     lines = [f"# Long conversations ({time.strftime('%Y-%m-%d %H:%M')})", "", f"`{vars(args)}`", ""]

@@ -110,7 +110,11 @@ class Batch(Generic[Key]):
         return self.end - self.lengths[row]
 
     def prefill(
-        self, keys: Sequence[Key], prompts: Sequence[Sequence[int]], reused: Sequence[int] | None = None
+        self,
+        keys: Sequence[Key],
+        prompts: Sequence[Sequence[int]],
+        reused: Sequence[int] | None = None,
+        room: int = 0,
     ) -> Forward:
         """Append one row per prompt and return the inputs that prefill them as one left-padded group.
 
@@ -123,6 +127,7 @@ class Batch(Generic[Key]):
         NOTE: every row computes exactly its last min(len(p), q) tokens, so a row that reuses KV has no
         padding inside the computed columns: a pad written there would overwrite its reused tokens. Hence
         `reused[i]` must be 0 or `len(p) - q`, and at most `len(p) - 1` (the last token yields the logits).
+        `room`: columns to keep free right of the group, for `extend`s to come (the rest of a chunked prompt).
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("prefill needs at least one prompt, each of at least one token")
@@ -135,7 +140,7 @@ class Batch(Generic[Key]):
                 raise ValueError(f"a row reusing {r} of {length} tokens must compute the group's {q} columns")
         group = max(lengths)  # the group's window; its forward computes the last q columns
         width = max(self.width, group)
-        self._reserve(rows=n + k, width=width, right=0)
+        self._reserve(rows=n + k, width=width, right=room)
         start = self.end - width
         # Columns that enter the window unwritten must hold zeros (see KVStore): the old rows' new left
         # columns, and the new rows' columns left of their computed ones (reused columns are then loaded).

@@ -48,6 +48,7 @@ class ModelRunner(Generic[R]):
 
     A prompt prefilled in chunks lives in a batch of its own (same layout, own store) until its last chunk,
     then moves into the running batch with one column copy: the running rows never hold a half-read prompt.
+    Its chunks ride in the running rows' decode forward (`decode_with_chunk`).
     """
 
     def __init__(self, model: PreTrainedModel, max_rows: int, prefix_cache: PrefixCache | None = None) -> None:
@@ -127,7 +128,8 @@ class ModelRunner(Generic[R]):
         if staging is None:
             staging = self._staging[row] = Batch(self.batch.shape, max_rows=1)
             self._generators[row] = make_generator(row.params.seed)
-            forward = staging.prefill([row], [row.prompt_ids[: reused + tokens]], [reused])
+            # The staging store is sized for the whole prompt at once: growing it chunk by chunk would copy it.
+            forward = staging.prefill([row], [row.prompt_ids[: reused + tokens]], [reused], room=prompt - reused - tokens)
             if reused:
                 self._load(staging, 0, row.prompt_ids, reused)
             before = 0

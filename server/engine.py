@@ -322,7 +322,8 @@ class Engine:
         return joining
 
     def _chunk(self, request: Request, tokens: int) -> list[Request]:
-        """Prefill one chunk of a long prompt; returns the request once its last chunk has joined the batch."""
+        """Prefill one chunk of a long prompt while no row runs (else it rides in `_decode`); returns the request
+        once its last chunk has joined the batch."""
         started = time.monotonic()
         try:
             sampled = self._runner.prefill_chunk(request, tokens, self._reused(request, started))

@@ -20,8 +20,8 @@ def kv_stores_start_as_nan(request: pytest.FixtureRequest, monkeypatch: pytest.M
     """Every KV store an in-process test allocates is NaN until written: a column that entered a live
     window without being written or cleared would turn the outputs to NaN and fail the test.
 
-    Not for the real model's tests: filling their stores (up to gigabytes of headroom and spare rows) costs
-    minutes of page faults, and the tiny model's tests already walk every path that writes a store."""
+    Not for the real model's tests: filling their stores (up to gigabytes of headroom and spare rows) cost
+    about a minute of page faults in CI, and the tiny model's tests already walk every path that writes a store."""
     if request.node.get_closest_marker("slow"):
         return
 

@@ -225,6 +225,16 @@ def test_extend_feeds_several_tokens_per_row_after_its_past() -> None:
     assert cached_ids(batch) == [[1, 2, 3, 4, 5]]
 
 
+def test_a_prefill_with_room_takes_its_later_extends_without_growing() -> None:
+    batch: Batch[str] = Batch(SHAPE, max_rows=1)
+    play(batch.prefill(["a"], [[1, 2]], room=300))
+    capacity = batch.capacity
+    for start in range(3, 303, 100):
+        play(batch.extend([list(range(start, start + 100))]))
+    assert batch.capacity == capacity, "no reallocation: the store was sized for the whole prompt"
+    assert cached_ids(batch) == [[1, 2, *range(3, 303)]]
+
+
 def test_join_moves_another_batch_rows_in_right_aligned() -> None:
     running: Batch[str] = Batch(SHAPE, max_rows=4)
     play(running.prefill(["a"], [[1, 2]]))
