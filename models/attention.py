@@ -4,7 +4,7 @@ A decode step and a chunk of a long prompt are different shapes (running rows of
 of many queries, each over its own cached columns), but their matrix products need not be: flattened into
 one sequence of tokens, every projection and MLP reads the weights once for both. Only attention must keep
 them apart. `Parts` is what a flattened forward's cache hands the attention (models/kv_cache.py,
-`FlatLayer`): each part's keys, values and mask, as SDPA would get them alone; `attend` runs each part's
+`flat_cache`): each part's keys, values and mask, as SDPA would get them alone; `attend` runs each part's
 SDPA on its own queries, so every part computes exactly what it would in a forward of its own.
 """
 

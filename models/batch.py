@@ -237,8 +237,9 @@ class Batch(Generic[Key]):
         """
         if not len(self):
             return
+        width = max(width, self.width)  # a newcomer shorter than the running rows is padded, not them
         self._reserve(rows=rows, width=width, right=0)
-        self._store.clear(slice(0, len(self)), slice(max(0, self.end - width), self.start), layers)
+        self._store.clear(slice(0, len(self)), slice(self.end - width, self.start), layers)
 
     def filter(self, leaving: Collection[Key]) -> None:
         """Drop the rows owned by `leaving`; survivors keep their cache, possibly in another row."""

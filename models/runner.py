@@ -110,7 +110,7 @@ class ModelRunner(Generic[R]):
         chunk (it joins the batch after the step's rows), else None. On failure the chunked row is dropped."""
         rows = list(self.rows)
         try:
-            chunk = self._chunk(row, tokens, reused)
+            chunk = self._chunk(row, tokens, reused)  # first: readying the running store may reallocate it
             decode = self.batch.decode([r.output_ids[-1] for r in rows])
             logits = self._forward(flatten([decode, chunk]), every_position=False)  # [rows + 1, 1, vocab]
             if self._chunk_read(row):

@@ -90,6 +90,25 @@ def test_no_step_prefills_more_than_the_budget_and_chunked_output_is_unchanged(t
     assert sum(recorder.prefilled.values()) == 300 + sum(len(p) for p in streams)
 
 
+def test_a_chunked_prompt_shorter_than_a_running_row_joins_it(tiny: LoadedModel, recorder: PrefillRecorder) -> None:
+    """The running batch is wider than the newcomer: readying room for its join must not shrink the window."""
+    budgets = Budgets(max_batch_size=64, max_batch_tokens=65536, max_prefill_tokens=32, max_waiting=256)
+    longer = [(17 * j) % 500 + 1 for j in range(200)]
+    shorter = [(19 * j) % 500 + 1 for j in range(90)]
+    alone = one_by_one(tiny, [longer, shorter], 30, cache_bytes=0)
+
+    async def scenario(engine: Engine) -> list[Result]:
+        recorder.watch(engine)
+        first = asyncio.create_task(collect(engine.submit(longer, greedy(30))))
+        while engine.num_running < 1:
+            await asyncio.sleep(0.001)
+        return [await collect(engine.submit(shorter, greedy(30))), await first]
+
+    second, first = run_with_engine(tiny, scenario, budgets=budgets, prefix_cache_bytes=0)
+    assert first.token_ids == alone[0].token_ids and second.token_ids == alone[1].token_ids
+    assert max(recorder.prefilled.values()) <= 32, "both prompts were read in chunks"
+
+
 def test_cancelling_between_chunks_frees_everything(tiny: LoadedModel, recorder: PrefillRecorder) -> None:
     budgets = Budgets(max_batch_size=64, max_batch_tokens=65536, max_prefill_tokens=32, max_waiting=256)
     long_prompt = [(17 * j) % 500 + 1 for j in range(400)]
