@@ -135,10 +135,21 @@ class KVStore:
 _RELEASED = torch.empty(0)
 
 
-class _WindowLayer(CacheLayerMixin):
-    """One layer of a window: writes in place and returns views, never concatenates."""
+class _StoreLayer(CacheLayerMixin):
+    """A transformers cache layer over storage KVStore has already allocated."""
 
     is_sliding = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Storage is preallocated by KVStore; nothing to do."""
+
+
+class _WindowLayer(_StoreLayer):
+    """One layer of a window: writes in place and returns views, never concatenates."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: slice, start: int, write_at: int) -> None:
         super().__init__()
@@ -147,10 +158,6 @@ class _WindowLayer(CacheLayerMixin):
         self._rows = rows
         self._start = start
         self._write_at = write_at
-        self.is_initialized = True
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Storage is preallocated by KVStore; nothing to do."""
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
@@ -181,20 +188,14 @@ def flat_cache(windows: list[Cache], spans: list[Span]) -> Cache:
     return Cache(layers=layers)
 
 
-class _FlatLayer(CacheLayerMixin):
+class _FlatLayer(_StoreLayer):
     """One layer of a flattened forward: each span's new states go to its own window, and the attention gets
     every window's keys and values, with the span's mask, as `Parts`."""
-
-    is_sliding = False
 
     def __init__(self, windows: list[CacheLayerMixin], spans: list[Span]) -> None:
         super().__init__()
         self._windows = windows
         self._spans = spans
-        self.is_initialized = True
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Storage is preallocated by KVStore; nothing to do."""
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
