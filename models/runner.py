@@ -33,6 +33,10 @@ from models.sampler import (
 R = TypeVar("R", bound=Row)
 
 
+class ChunkFailed(Exception):
+    """A prompt's chunk, or the forward that carried it, failed; the running rows are as they were."""
+
+
 @dataclass(frozen=True)
 class Sampled:
     """What one step made of one row."""
@@ -107,12 +111,24 @@ class ModelRunner(Generic[R]):
         """One decode step for every running row and the next chunk of `row`'s prompt (as `prefill_chunk`), in
         one forward: the decode rows' tokens ride in the chunk's matrix products, so the step reads the weights
         once, not twice. Returns the running rows' samples, then the chunked row's first token after its last
-        chunk (it joins the batch after the step's rows), else None. On failure the chunked row is dropped."""
+        chunk (it joins the batch after the step's rows), else None.
+
+        Raises ChunkFailed, with the chunked row dropped and the running rows as they were before the call,
+        if the chunk or the forward carrying it fails: the caller can still decode them alone."""
         rows = list(self.rows)
         try:
             chunk = self._chunk(row, tokens, reused)  # first: readying the running store may reallocate it
-            decode = self.batch.decode([r.output_ids[-1] for r in rows])
+        except Exception as exc:
+            self.drop([row])
+            raise ChunkFailed from exc
+        decode = self.batch.decode([r.output_ids[-1] for r in rows])
+        try:
             logits = self._forward(flatten([decode, chunk]), every_position=False)  # [rows + 1, 1, vocab]
+        except Exception as exc:
+            self.batch.rewind(1)  # the step's column, possibly half written, is written again by the next step
+            self.drop([row])
+            raise ChunkFailed from exc
+        try:
             if self._chunk_read(row):
                 samples = self._chunk_done(row, logits, rows)
                 return samples[:-1], samples[-1]

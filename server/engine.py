@@ -27,6 +27,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 
 from models import LoadedModel, ModelRunner
+from models.runner import ChunkFailed, Sampled
 from models.kv_cache import CacheShape
 from models.prefix_cache import PrefixCache, chain_root, default_bytes
 from server import metrics
@@ -356,17 +357,20 @@ class Engine:
     def _decode(self, draft: list[int], chunk: tuple[Request, int] | None = None) -> list[Request]:
         """One decode step for every row; or, with a draft (for a lone greedy row), its verification, which
         may give that row several tokens; or, with a prompt's chunk, the step and the chunk in one forward.
-        Returns the chunked request if its last chunk made it join the batch."""
+        Returns the chunked request if its last chunk made it join the batch. A decode step that fails fails
+        every row in it."""
         started = time.monotonic()
         rows = list(self._runner.rows)
-        failing = owners(rows) + ([chunk[0]] if chunk else [])
         try:
-            if chunk is not None:
-                request, tokens = chunk
-                samples, sampled = self._runner.decode_with_chunk(request, tokens, self._reused(request, started))
+            carried = self._decode_with_chunk(*chunk, started) if chunk is not None else None
+            if carried is not None:
+                samples, first = carried
             else:
-                samples = self._runner.verify(draft) if draft else self._runner.decode()
+                samples, first = self._runner.verify(draft) if draft else self._runner.decode(), None
         except Exception:
+            failing = owners(rows)
+            if chunk is not None and not chunk[0].finished:  # its chunk was in the failed step
+                failing.append(chunk[0])
             log.exception("decode step failed", extra={"request_ids": [r.id for r in failing]})
             self._outputs.fail(failing, "the model failed during a decode step")
             self._runner.drop(rows)
@@ -374,12 +378,9 @@ class Engine:
         metrics.STEP_TIME.labels("decode").observe(time.monotonic() - started)
         width = max(r.num_tokens for r in rows)
         metrics.PADDING_RATIO.set(1 - sum(r.num_tokens for r in rows) / (len(rows) * width))
-        if chunk is not None:
-            metrics.PREFILL_TOKENS.inc(tokens)
-            if sampled is None:
-                self._outputs.accept(rows, samples)
-                return []
-            self._outputs.accept([*rows, request], [*samples, sampled])
+        if first is not None:
+            request = chunk[0]
+            self._outputs.accept([*rows, request], [*samples, first])
             return [request]
         if not draft:
             self._outputs.accept(rows, samples)
@@ -389,6 +390,18 @@ class Engine:
         for sampled in samples:  # in order; tokens after one that ends the request are dropped
             self._outputs.accept(rows, [sampled])
         return []
+
+    def _decode_with_chunk(self, request: Request, tokens: int, now: float) -> tuple[list[Sampled], Sampled | None] | None:
+        """The decode step carrying `request`'s next chunk; None if the chunk failed, which fails its request
+        alone (the runner leaves the running rows as they were, to be decoded without it)."""
+        try:
+            carried = self._runner.decode_with_chunk(request, tokens, self._reused(request, now))
+        except ChunkFailed:
+            log.exception("prefill failed", extra={"request_ids": [request.id]})
+            self._outputs.fail([request], "the model failed while reading the prompt")
+            return None
+        metrics.PREFILL_TOKENS.inc(tokens)
+        return carried
 
     def _forget(self, request: Request, reason: FinishReason) -> None:
         """A request has ended (Outputs.finish): mark it, and stop tracking it."""

@@ -13,7 +13,7 @@ import pytest
 from models import LoadedModel
 from server import metrics
 from server.engine import Engine
-from server.request import SamplingParams
+from server.request import FinishReason, SamplingParams
 from server.scheduler import Budgets
 from tests.helpers import PrefillRecorder, Result, collect, run_with_engine
 
@@ -107,6 +107,38 @@ def test_a_chunked_prompt_shorter_than_a_running_row_joins_it(tiny: LoadedModel,
     second, first = run_with_engine(tiny, scenario, budgets=budgets, prefix_cache_bytes=0)
     assert first.token_ids == alone[0].token_ids and second.token_ids == alone[1].token_ids
     assert max(recorder.prefilled.values()) <= 32, "both prompts were read in chunks"
+
+
+def test_a_chunk_that_breaks_the_model_fails_alone(tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chunk rides in the running rows' decode forward; when that forward fails, the step is taken again
+    without the chunk, so only the chunked request fails."""
+    budgets = Budgets(max_batch_size=64, max_batch_tokens=65536, max_prefill_tokens=32, max_waiting=256)
+    streams = [[(13 * i + j) % 500 + 1 for j in range(10 + i)] for i in range(2)]
+    alone = one_by_one(tiny, streams, 30, cache_bytes=0)
+    poison = 77
+    doomed_prompt = [(17 * j) % 500 + 1 for j in range(100)]
+    doomed_prompt[40:44] = [poison] * 4  # in the second chunk, so in a forward with the running rows
+    forward = tiny.model.forward
+
+    def faulty(*args: object, **kwargs: object) -> object:
+        if (kwargs["input_ids"] == poison).sum() >= 3:  # two running rows cannot make three in one step
+            raise RuntimeError("injected forward failure")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(tiny.model, "forward", faulty)
+
+    async def scenario(engine: Engine) -> tuple[list[Result], Result, Result, int]:
+        running = [asyncio.create_task(collect(engine.submit(p, greedy(30)))) for p in streams]
+        while engine.num_running < len(streams):
+            await asyncio.sleep(0.001)
+        doomed = await collect(engine.submit(doomed_prompt, greedy(5)))
+        after = await collect(engine.submit(streams[0], greedy(4)))
+        return [await t for t in running], doomed, after, len(engine._runner._staging)
+
+    running, doomed, after, staged = run_with_engine(tiny, scenario, budgets=budgets, prefix_cache_bytes=0)
+    assert doomed.finish_reason is FinishReason.ERROR and doomed.token_ids == []
+    assert [r.token_ids for r in running] == [r.token_ids for r in alone], "the running rows never noticed"
+    assert after.token_ids == alone[0].token_ids[:4] and staged == 0
 
 
 def test_cancelling_between_chunks_frees_everything(tiny: LoadedModel, recorder: PrefillRecorder) -> None:
