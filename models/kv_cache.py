@@ -211,7 +211,9 @@ class _FlatLayer(_StoreLayer):
         return 0  # positions come with the forward; a flattened sequence has no single length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        raise NotImplementedError("each part of a flattened forward brings its own mask")
+        # Only asked when transformers builds a mask itself, which `flatten`'s 4-D attention_mask prevents:
+        # one mask over the flattened tokens would let every part attend to the others.
+        raise RuntimeError("a flattened forward needs its parts' own masks: pass the 4-D mask `flatten` makes")
 
     def get_max_length(self) -> int:
         return -1  # no single length either

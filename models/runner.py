@@ -116,16 +116,14 @@ class ModelRunner(Generic[R]):
         Raises ChunkFailed, with the chunked row dropped and the running rows as they were before the call,
         if the chunk or the forward carrying it fails: the caller can still decode them alone."""
         rows = list(self.rows)
+        decode = None
         try:
             chunk = self._chunk(row, tokens, reused)  # first: readying the running store may reallocate it
-        except Exception as exc:
-            self.drop([row])
-            raise ChunkFailed from exc
-        decode = self.batch.decode([r.output_ids[-1] for r in rows])
-        try:
+            decode = self.batch.decode([r.output_ids[-1] for r in rows])
             logits = self._forward(flatten([decode, chunk]), every_position=False)  # [rows + 1, 1, vocab]
         except Exception as exc:
-            self.batch.rewind(1)  # the step's column, possibly half written, is written again by the next step
+            if decode is not None:  # the step's column, possibly half written, is written again by the next step
+                self.batch.rewind(1)
             self.drop([row])
             raise ChunkFailed from exc
         try:

@@ -277,10 +277,10 @@ class Engine:
             self._retire(leaving)
         if self._runner.rows:
             rows = list(self._runner.rows)
-            joined = self._decode(plan.draft, chunk)
+            chunked = self._decode(plan.draft, chunk)
             # A finished request's prompt and answer stay cached for its next turn (beam rows are not kept).
             done = [r for r in rows if isinstance(r, Request) and r.finished and r.finish_reason is not FinishReason.ERROR]
-            self._save(joined + done)
+            self._save(chunked + done)
         self.steps += 1
 
     def _save(self, rows: list[Request]) -> None:
