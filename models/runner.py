@@ -50,27 +50,29 @@ class Sampled:
 class ModelRunner(Generic[R]):
     """Owns the model, the running batch, the prefix cache and each row's random generator.
 
-    A prompt prefilled in chunks lives in a batch of its own (same layout, own store) until its last chunk,
-    then moves into the running batch with one column copy: the running rows never hold a half-read prompt.
-    Its chunks ride in the running rows' decode forward (`decode_with_chunk`).
+    A prompt prefilled in chunks lives in a batch of its own (same layout, own store) while it is read; its
+    chunks ride in the running rows' decode forward (`decode_with_chunk`). After its last chunk it counts as
+    running, but moves into the running batch (one column copy) only at its next decode step: the running rows
+    never hold a half-read prompt, and one whose first token ended it, dropped before then, never widens them.
     """
 
     def __init__(self, model: PreTrainedModel, max_rows: int, prefix_cache: PrefixCache | None = None) -> None:
         self.model = model
         self.batch: Batch[R] = Batch(CacheShape.of(model), max_rows)
         self.prefix_cache = prefix_cache
-        self._staging: dict[R, Batch[R]] = {}  # rows being prefilled in chunks
+        self._staging: dict[R, Batch[R]] = {}  # rows being prefilled in chunks, or read and not joined yet
         self._generators: dict[R, torch.Generator] = {}
 
     @property
     def rows(self) -> list[R]:
-        """The running rows in batch order."""
-        return self.batch.keys
+        """The running rows in the order of their samples: the batch's, then rows read in chunks that join it
+        at their next decode step."""
+        return [*self.batch.keys, *(row for row in self._staging if self._chunk_read(row))]
 
     @property
     def staged(self) -> list[R]:
-        """Rows whose prompts are being prefilled in chunks, not yet in the batch."""
-        return list(self._staging)
+        """Rows whose prompts are being prefilled in chunks."""
+        return [row for row in self._staging if not self._chunk_read(row)]
 
     def prefill(self, rows: Sequence[R], reused: Sequence[int] | None = None) -> list[Sampled]:
         """Add `rows` to the batch, prefill their prompts as one group, return each one's first token.
@@ -96,29 +98,35 @@ class ModelRunner(Generic[R]):
             self.drop(rows)
             raise
 
-    def prefill_chunk(self, row: R, tokens: int, reused: int = 0) -> Sampled | None:
+    def prefill_chunk(self, row: R, tokens: int, reused: int = 0, decodes: bool = True) -> Sampled | None:
         """Prefill the next `tokens` prompt tokens of `row` in its own staging batch; the first chunk starts
-        after `reused` tokens read from the prefix cache. After the last chunk the row joins the running
-        batch and its first token is returned; before it, None. On failure the row is dropped."""
+        after `reused` tokens read from the prefix cache. After the last chunk the row is running and its
+        first token is returned; before it, None. On failure the row is dropped.
+
+        `decodes=False` says the row ends at its first token (max_tokens 1): the running batch is then not
+        readied for a join that will not come."""
         try:
-            logits = self._forward(self._chunk(row, tokens, reused), every_position=False)
+            logits = self._forward(self._chunk(row, tokens, reused, decodes), every_position=False)
             return self._chunk_done(row, logits, [])[0] if self._chunk_read(row) else None
         except BaseException:
             self.drop([row])
             raise
 
-    def decode_with_chunk(self, row: R, tokens: int, reused: int = 0) -> tuple[list[Sampled], Sampled | None]:
+    def decode_with_chunk(
+        self, row: R, tokens: int, reused: int = 0, decodes: bool = True
+    ) -> tuple[list[Sampled], Sampled | None]:
         """One decode step for every running row and the next chunk of `row`'s prompt (as `prefill_chunk`), in
         one forward: the decode rows' tokens ride in the chunk's matrix products, so the step reads the weights
         once, not twice. Returns the running rows' samples, then the chunked row's first token after its last
-        chunk (it joins the batch after the step's rows), else None.
+        chunk (it then runs after the step's rows), else None.
 
         Raises ChunkFailed, with the chunked row dropped and the running rows as they were before the call,
         if the chunk or the forward carrying it fails: the caller can still decode them alone."""
+        self._join_read()
         rows = list(self.rows)
         decode = None
         try:
-            chunk = self._chunk(row, tokens, reused)  # first: readying the running store may reallocate it
+            chunk = self._chunk(row, tokens, reused, decodes)  # first: readying the running store may reallocate it
             decode = self.batch.decode([r.output_ids[-1] for r in rows])
             logits = self._forward(flatten([decode, chunk]), every_position=False)  # [rows + 1, 1, vocab]
         except Exception as exc:
@@ -135,7 +143,7 @@ class ModelRunner(Generic[R]):
             self.drop([row])
             raise
 
-    def _chunk(self, row: R, tokens: int, reused: int) -> Forward:
+    def _chunk(self, row: R, tokens: int, reused: int, decodes: bool) -> Forward:
         """The forward of `row`'s next chunk in its staging batch (made at the first chunk)."""
         staging = self._staging.get(row)
         prompt = len(row.prompt_ids)
@@ -152,9 +160,10 @@ class ModelRunner(Generic[R]):
             forward = staging.extend([row.prompt_ids[before : before + tokens]])
         # Each chunk readies the share of the running batch's layers that it brings the prompt's share
         # read to: from layer 0 at the first chunk (cached tokens included) to the last layer at the last.
-        layers = self.batch.shape.num_layers
-        share = range(layers * before // prompt, layers * staging.lengths[0] // prompt)
-        self.batch.make_room(len(self.batch) + 1, prompt, share)
+        if decodes:
+            layers = self.batch.shape.num_layers
+            share = range(layers * before // prompt, layers * staging.lengths[0] // prompt)
+            self.batch.make_room(len(self.batch) + 1, prompt, share)
         return forward
 
     def _chunk_read(self, row: R) -> bool:
@@ -162,11 +171,13 @@ class ModelRunner(Generic[R]):
         return self._staging[row].lengths[0] == len(row.prompt_ids)
 
     def _chunk_done(self, row: R, logits: torch.Tensor, rows: Sequence[R]) -> list[Sampled]:
-        """Sample `rows` and then the chunked `row` from `logits` (one per row, in that order), and move `row`
-        from its staging batch into the running one, after `rows`."""
-        samples = self._sample(logits, [*rows, row], prompt_scores=False)
-        self.batch.join(self._staging.pop(row))
-        return samples
+        """Sample `rows` and then the chunked `row` from `logits` (one per row, in that order)."""
+        return self._sample(logits, [*rows, row], prompt_scores=False)
+
+    def _join_read(self) -> None:
+        """Move the rows whose prompts have been read from their staging batches into the running one."""
+        for row in [row for row in self._staging if self._chunk_read(row)]:
+            self.batch.join(self._staging.pop(row))
 
     def save(self, rows: Collection[R]) -> int:
         """Keep the full blocks of these running rows' cached tokens (prompt, then output) in the prefix cache;
@@ -175,21 +186,25 @@ class ModelRunner(Generic[R]):
         if cache is None:
             return 0
         new, rows = 0, set(rows)
-        for i, key in enumerate(self.batch.keys):
-            if key in rows:
-                length = self.batch.lengths[i]  # the last sampled token is not fed yet: no KV
-                tokens = [*key.prompt_ids, *key.output_ids][:length]
-                new += cache.save(self.batch.store, i, self.batch.first_column(i), cache.keys_of(tokens))
+        places = [(self.batch, i) for i, key in enumerate(self.batch.keys) if key in rows]
+        places += [(self._staging[row], 0) for row in rows if row in self._staging and self._chunk_read(row)]
+        for batch, i in places:
+            key = batch.keys[i]
+            length = batch.lengths[i]  # the last sampled token is not fed yet: no KV
+            tokens = [*key.prompt_ids, *key.output_ids][:length]
+            new += cache.save(batch.store, i, batch.first_column(i), cache.keys_of(tokens))
         return new
 
     def decode(self) -> list[Sampled]:
         """One step for every row: feed its last sampled token, return its next one."""
+        self._join_read()
         rows = self.rows
         forward = self.batch.decode([row.output_ids[-1] for row in rows])
         return self._sample(self._forward(forward, every_position=False), rows, prompt_scores=False)
 
     def adopt(self, children: Sequence[R], parents: Sequence[R]) -> None:
         """Beam search: row `children[i]` continues from row `parents[i]`'s cache (new children are added)."""
+        self._join_read()
         self.batch.adopt(children, parents)
 
     def verify(self, draft: Sequence[int]) -> list[Sampled]:
@@ -199,6 +214,7 @@ class ModelRunner(Generic[R]):
 
         Only for rows that take the plain argmax of the raw logits (server/speculation.py `eligible`).
         """
+        self._join_read()
         (row,) = self.rows
         forward = self.batch.extend([[row.output_ids[-1], *draft]])
         logits = self._forward(forward, every_position=True)  # [1, 1 + len(draft), vocab]

@@ -3,10 +3,12 @@
 Public face: `submit` (validate and queue; returns the request's event stream), `cancel`, `shutdown`,
 plus read-only health facts. Every step of the loop thread:
   1. retire finished and cancelled rows            (scheduler.schedule, runner.drop)
-  2. prefill the next chunk of a long prompt, then the newcomers the scheduler chose (left-padded groups of
-     similar length, written into the batch; prompt tokens the prefix cache holds are copied, not computed)
+  2. prefill the newcomers the scheduler chose (left-padded groups of similar length, written into the
+     batch; prompt tokens the prefix cache holds are copied, not computed)
   3. keep the new rows' prompt blocks in the prefix cache; retire rows that finished on their first token
-  4. one decode step for every row                  (one token per row, KV reused)
+  4. one decode step for every row (one token per row, KV reused), carrying the next chunk of a long prompt
+     read in chunks, if any (it runs alone when no row does); a prompt read to its end decodes from the
+     next step on, and one that its first token ended never enters the batch
   5. keep the blocks of rows that finished in the prefix cache
 Each phase's samples become events in server/outputs.py, which hands them to their event loops after the
 phase (first tokens leave right after each prefill group or chunk, so neither later groups nor a decode
@@ -324,10 +326,10 @@ class Engine:
 
     def _chunk(self, request: Request, tokens: int) -> list[Request]:
         """Prefill one chunk of a long prompt while no row runs (else it rides in `_decode`); returns the request
-        once its last chunk has joined the batch."""
+        once its last chunk has been read (it then runs)."""
         started = time.monotonic()
         try:
-            sampled = self._runner.prefill_chunk(request, tokens, self._reused(request, started))
+            sampled = self._runner.prefill_chunk(request, tokens, self._reused(request, started), request.max_tokens > 1)
         except Exception:
             log.exception("prefill failed", extra={"request_ids": [request.id]})
             self._outputs.fail([request], "the model failed while reading the prompt")
@@ -357,7 +359,7 @@ class Engine:
     def _decode(self, draft: list[int], chunk: tuple[Request, int] | None = None) -> list[Request]:
         """One decode step for every row; or, with a draft (for a lone greedy row), its verification, which
         may give that row several tokens; or, with a prompt's chunk, the step and the chunk in one forward.
-        Returns the chunked request if its last chunk made it join the batch. A decode step that fails fails
+        Returns the chunked request if its last chunk was read (it then runs). A decode step that fails fails
         every row in it."""
         started = time.monotonic()
         rows = list(self._runner.rows)
@@ -395,7 +397,7 @@ class Engine:
         """The decode step carrying `request`'s next chunk; None if the chunk failed, which fails its request
         alone (the runner leaves the running rows as they were, to be decoded without it)."""
         try:
-            carried = self._runner.decode_with_chunk(request, tokens, self._reused(request, now))
+            carried = self._runner.decode_with_chunk(request, tokens, self._reused(request, now), request.max_tokens > 1)
         except ChunkFailed:
             log.exception("prefill failed", extra={"request_ids": [request.id]})
             self._outputs.fail([request], "the model failed while reading the prompt")

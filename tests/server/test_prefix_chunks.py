@@ -11,6 +11,7 @@ import asyncio
 import pytest
 
 from models import LoadedModel
+from models.batch import Batch
 from server import metrics
 from server.engine import Engine
 from server.request import FinishReason, SamplingParams
@@ -107,6 +108,51 @@ def test_a_chunked_prompt_shorter_than_a_running_row_joins_it(tiny: LoadedModel,
     second, first = run_with_engine(tiny, scenario, budgets=budgets, prefix_cache_bytes=0)
     assert first.token_ids == alone[0].token_ids and second.token_ids == alone[1].token_ids
     assert max(recorder.prefilled.values()) <= 32, "both prompts were read in chunks"
+
+
+def test_a_chunked_prompt_that_its_first_token_ends_never_enters_the_running_batch(
+    tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long prompt asking for one token (a classification, a score) ends with its last chunk: its KV is never
+    copied into the running batch, nor room made there for it, yet its blocks are cached. One asking for two
+    tokens joins, once. Every answer equals its alone answer."""
+    budgets = Budgets(max_batch_size=64, max_batch_tokens=65536, max_prefill_tokens=32, max_waiting=256)
+    streams = [[(13 * i + j) % 500 + 1 for j in range(10 + i)] for i in range(3)]
+    long_prompt, other_prompt = [(17 * j) % 500 + 1 for j in range(150)], [(19 * j) % 500 + 1 for j in range(150)]
+    alone = one_by_one(tiny, [long_prompt, other_prompt, *streams], 40, cache_bytes=0)
+    calls = {"join": 0, "make_room": 0}
+    for name in calls:
+        method = getattr(Batch, name)
+
+        def counted(batch: Batch, *args: object, _method=method, _name=name) -> None:
+            if batch.keys:  # the running batch: staging batches hold one row and never take these calls
+                calls[_name] += 1
+            return _method(batch, *args)
+
+        monkeypatch.setattr(Batch, name, counted)
+
+    async def scenario(engine: Engine) -> tuple[list[Result], Result, dict[str, int], Result, Result, dict[str, int]]:
+        running = [asyncio.create_task(collect(engine.submit(p, greedy(40)))) for p in streams]
+        while engine.num_running < len(streams):
+            await asyncio.sleep(0.001)
+        settled = engine.steps + 2
+        while engine.steps < settled:  # a stream read in chunks joins at its first decode step
+            await asyncio.sleep(0.001)
+        base = dict(calls)
+        one = await collect(engine.submit(long_prompt, greedy(1)))
+        after_one = {name: calls[name] - base[name] for name in calls}
+        again = await collect(engine.submit(long_prompt, greedy(1)))
+        two = await collect(engine.submit(other_prompt, greedy(2)))
+        after_two = {name: calls[name] - base[name] for name in calls}
+        return [await t for t in running], one, after_one, again, two, after_two
+
+    running, one, after_one, again, two, after_two = run_with_engine(tiny, scenario, budgets=budgets)
+    assert [r.token_ids for r in running] == [r.token_ids for r in alone[2:]]
+    assert one.token_ids == alone[0].token_ids[:1]
+    assert after_one == {"join": 0, "make_room": 0}, "the one-token prompt was never readied for nor joined"
+    assert again.events[-1].usage.cached_tokens == 144, "its blocks were cached from its staging batch"
+    assert after_two["join"] == 1 and after_two["make_room"] > 0, "a prompt that decodes on joins"
+    assert two.token_ids == alone[1].token_ids[:2]
 
 
 def test_a_chunk_that_breaks_the_model_fails_alone(tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
