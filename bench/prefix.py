@@ -9,7 +9,8 @@
 2. Long prompts joining: `streams` streams decode while `long_prompts` prompts of `long_tokens` tokens join
    one after another, against `--max-prefill-tokens CHUNK` and an unchunked server (a budget larger than
    any prompt). Reports the streams' inter-token latency p50 / p99 and the long prompts' prefill tokens/s
-   (prompt tokens over time to first token).
+   (prompt tokens over time to first token). A long prompt asks for `long_answer` tokens: with 1 it ends at
+   its first token and never enters the decoding batch; with more it joins the streams.
 3. A burst: `burst` short chat requests arriving together, with the chunked budget, with 4096 prompt tokens
    per step (the old default), and against `transformers serve --continuous-batching` (bench/peers.py's
    launcher, on the same converted model): time to first token p50 / p99 (first tokens leave after each
@@ -112,7 +113,7 @@ async def long_prompts_joining(url: str, args: argparse.Namespace) -> tuple[list
         rates = []
         for i in range(args.long_prompts):
             # Each long prompt is new text, so the prefix cache has none of it (about 1.2 tokens a word).
-            body = {"messages": [{"role": "user", "content": words(args.long_tokens * 5 // 6, 100 + i)}], "max_tokens": 1}
+            body = {"messages": [{"role": "user", "content": words(args.long_tokens * 5 // 6, 100 + i)}], "max_tokens": args.long_answer}
             _, turn = await stream_chat(client, body)
             rates.append(turn.prompt / turn.ttft)
         gaps = [gap for task in streams for gap in await task]
@@ -133,6 +134,7 @@ def main() -> None:
     parser.add_argument("--stream-tokens", type=int, default=96)
     parser.add_argument("--long-prompts", type=int, default=2)
     parser.add_argument("--long-tokens", type=int, default=1500)
+    parser.add_argument("--long-answer", type=int, default=1, help="tokens each long prompt asks for (1: it never joins the decoding rows)")
     parser.add_argument("--chunk", type=int, default=256, help="--max-prefill-tokens of the chunked server")
     parser.add_argument("--burst", type=int, default=32, help="requests arriving together")
     parser.add_argument("--skip", choices=("chat", "chunks", "burst"), action="append", default=[], help="leave a part out (repeatable)")
@@ -171,7 +173,7 @@ def main() -> None:
 
     if "chunks" not in args.skip:
         lines += [
-            f"## {args.streams} streams while {args.long_prompts} prompts of {args.long_tokens} tokens join",
+            f"## {args.streams} streams while {args.long_prompts} prompts of {args.long_tokens} tokens join ({args.long_answer} new tokens each)",
             "",
             "| server | stream ITL p50 (s) | stream ITL p99 (s) | long prompt prefill tok/s |",
             "| --- | --- | --- | --- |",

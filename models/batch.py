@@ -68,6 +68,18 @@ def flatten(forwards: Sequence[Forward]) -> Forward:
     )
 
 
+@dataclass
+class _Zeroed:
+    """Columns `[left, right)` of rows `[0, rows)` of the batch's store hold zeros in layers `[0, layers)`: what
+    `make_room` cleared, less what has been written since, so that the join after it need not clear it again.
+    Forgotten whenever the store is replaced."""
+
+    rows: int
+    left: int
+    right: int
+    layers: int
+
+
 class Batch(Generic[Key]):
     """The running rows, each owned by a key (the engine's request), in row order."""
 
@@ -78,6 +90,7 @@ class Batch(Generic[Key]):
         self.lengths: list[int] = []  # real tokens cached per row
         self.end = 0  # column where the next decode step writes
         self._store: KVStore | None = None
+        self._zeroed: _Zeroed | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -216,7 +229,14 @@ class Batch(Generic[Key]):
         width = max(self.width, other.width)
         self._reserve(rows=n + k, width=width, right=0)
         start = self.end - width
-        self._store.clear(slice(0, n), slice(start, self.start))
+        # NOTE: rows [0, n) need zeros in [start, self.start), their new left padding; make_room has usually
+        # written them already, and only what it has not (or what was written since) is cleared here.
+        zeroed, self._zeroed = self._zeroed, None
+        if zeroed is None or zeroed.rows < n or zeroed.layers < self.shape.num_layers:
+            self._store.clear(slice(0, n), slice(start, self.start))
+        else:
+            self._store.clear(slice(0, n), slice(start, min(self.start, zeroed.left)))
+            self._store.clear(slice(0, n), slice(max(start, zeroed.right), self.start))
         self._store.clear(slice(n, n + k), slice(start, self.end - other.width))
         other._store.copy_rows_to(
             self._store, k, slice(other.start, other.end), dst_rows=slice(n, n + k), dst_start=self.end - other.width
@@ -232,14 +252,24 @@ class Batch(Generic[Key]):
         The join writes zeros into every running row's columns that become its left padding. On memory never
         touched before, those writes are page faults: a second or more for a long prompt joining a busy batch,
         which every stream would feel as one stalled token. Written here ahead of time for `layers` (they are
-        outside the live window, so nothing reads them), they are warm when the join clears them again. The
-        store is reallocated at the first call if it must be (a copy of the live window only).
+        outside the live window, so nothing reads them), they need no clearing at the join unless written since
+        (a filter moving rows), and rows appended since are cleared there. The store is reallocated at the first
+        call if it must be (a copy of the live window only).
         """
         if not len(self):
             return
         width = max(width, self.width)  # a newcomer shorter than the running rows is padded, not them
         self._reserve(rows=rows, width=width, right=0)
-        self._store.clear(slice(0, len(self)), slice(self.end - width, self.start), layers)
+        left = self.end - width
+        self._store.clear(slice(0, len(self)), slice(left, self.start), layers)
+        zeroed = self._zeroed
+        if layers.start == 0:
+            self._zeroed = _Zeroed(len(self), left, self.start, layers.stop)
+        elif zeroed is not None and zeroed.layers == layers.start:
+            zeroed.rows, zeroed.layers = min(zeroed.rows, len(self)), layers.stop
+            zeroed.left, zeroed.right = max(zeroed.left, left), min(zeroed.right, self.start)
+        else:  # shares out of order: claim nothing
+            self._zeroed = None
 
     def filter(self, leaving: Collection[Key]) -> None:
         """Drop the rows owned by `leaving`; survivors keep their cache, possibly in another row."""
@@ -248,7 +278,7 @@ class Batch(Generic[Key]):
             return
         kept = len(self) - len(dropped)
         if kept == 0:
-            self.keys, self.lengths, self.end, self._store = [], [], 0, None
+            self.keys, self.lengths, self.end, self._store, self._zeroed = [], [], 0, None, None
             return
         # NOTE: rows [0, kept) will be the survivors. Dropped rows below `kept` are holes and kept rows at
         # or above `kept` are movers; there are exactly as many of each, so moving each mover into a hole
@@ -260,6 +290,9 @@ class Batch(Generic[Key]):
         del self.keys[kept:], self.lengths[kept:]
         if movers:
             self._store.move_rows(movers, holes, slice(self.start, self.end))
+            self._written(self.start)
+        if self._zeroed is not None:  # rows appended later take the indices from `kept` on
+            self._zeroed.rows = min(self._zeroed.rows, kept)
 
     def adopt(self, children: Sequence[Key], parents: Sequence[Key]) -> None:
         """Row `children[i]` becomes a copy of row `parents[i]`, cache and length (beam search forks and reorders).
@@ -286,6 +319,12 @@ class Batch(Generic[Key]):
             self.lengths[d] = length
         if moves:
             self._store.gather_rows([s for s, _ in moves], [d for _, d in moves], slice(self.start, self.end))
+            self._written(self.start)
+
+    def _written(self, column: int) -> None:
+        """Running rows were written from `column` on (not only at `end`): those columns are zeros no more."""
+        if self._zeroed is not None:
+            self._zeroed.right = min(self._zeroed.right, column)
 
     def _mask(self, start: int, stop: int) -> torch.Tensor:
         device = self.shape.device
@@ -303,4 +342,4 @@ class Batch(Generic[Key]):
         new = KVStore(self.shape, row_capacity, end + max(right, MIN_HEADROOM, end // 2))
         if store is not None and len(self):
             store.copy_to(new, len(self), slice(self.start, self.end), dst_start=end - self.width)
-        self._store, self.end = new, end
+        self._store, self.end, self._zeroed = new, end, None
