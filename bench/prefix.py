@@ -8,9 +8,10 @@
    per turn and output tokens/s.
 2. Long prompts joining: `streams` streams decode while `long_prompts` prompts of `long_tokens` tokens join
    one after another, against `--max-prefill-tokens CHUNK` and an unchunked server (a budget larger than
-   any prompt). Reports the streams' inter-token latency p50 / p99 and the long prompts' prefill tokens/s
-   (prompt tokens over time to first token). A long prompt asks for `long_answer` tokens: with 1 it ends at
-   its first token and never enters the decoding batch; with more it joins the streams.
+   any prompt), `chunk_runs` times, alternating. Reports the streams' inter-token latency p50 / p99 and the
+   long prompts' prefill tokens/s (prompt tokens over time to first token) per run, and the medians. A long
+   prompt asks for `long_answer` tokens: with 1 it ends at its first token and never enters the decoding
+   batch; with more it joins the streams.
 3. A burst: `burst` short chat requests arriving together, with the chunked budget, with 4096 prompt tokens
    per step (the old default), and against `transformers serve --continuous-batching` (bench/peers.py's
    launcher, on the same converted model): time to first token p50 / p99 (first tokens leave after each
@@ -24,6 +25,7 @@ import argparse
 import asyncio
 import json
 import random
+import statistics
 import time
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -136,6 +138,7 @@ def main() -> None:
     parser.add_argument("--long-tokens", type=int, default=1500)
     parser.add_argument("--long-answer", type=int, default=1, help="tokens each long prompt asks for (1: it never joins the decoding rows)")
     parser.add_argument("--chunk", type=int, default=256, help="--max-prefill-tokens of the chunked server")
+    parser.add_argument("--chunk-runs", type=int, default=3, help="chunked and unchunked runs of part 2, alternating")
     parser.add_argument("--burst", type=int, default=32, help="requests arriving together")
     parser.add_argument("--skip", choices=("chat", "chunks", "burst"), action="append", default=[], help="leave a part out (repeatable)")
     parser.add_argument("--out", type=Path, default=Path("bench/reports") / time.strftime("prefix-%Y%m%d-%H%M%S"))
@@ -175,17 +178,29 @@ def main() -> None:
         lines += [
             f"## {args.streams} streams while {args.long_prompts} prompts of {args.long_tokens} tokens join ({args.long_answer} new tokens each)",
             "",
-            "| server | stream ITL p50 (s) | stream ITL p99 (s) | long prompt prefill tok/s |",
-            "| --- | --- | --- | --- |",
+            "| run | server | stream ITL p50 (s) | stream ITL p99 (s) | long prompt prefill tok/s |",
+            "| --- | --- | --- | --- | --- |",
         ]
-        for label, chunk in ((f"chunked ({args.chunk})", args.chunk), ("unchunked", 1_000_000)):
-            server = serve(args.out, "--max-prefill-tokens", str(chunk), "--prefix-cache-bytes", "0")
-            try:
-                gaps, rates = asyncio.run(long_prompts_joining(server.url, args))
-            finally:
-                server.terminate()
-            rate = sum(rates) / len(rates)
-            lines.append(f"| {label} | {percentile(gaps, 0.5):.3f} | {percentile(gaps, 0.99):.3f} | {rate:.0f} |")
+        p99s: dict[str, list[float]] = {}
+        ratios = []  # chunked prefill tok/s over unchunked, within one run
+        for run in range(1, args.chunk_runs + 1):  # alternating, so that machine drift hits both alike
+            rates = {}
+            for label, chunk in ((f"chunked ({args.chunk})", args.chunk), ("unchunked", 1_000_000)):
+                server = serve(args.out, "--max-prefill-tokens", str(chunk), "--prefix-cache-bytes", "0")
+                try:
+                    gaps, prefill = asyncio.run(long_prompts_joining(server.url, args))
+                finally:
+                    server.terminate()
+                rates[label] = sum(prefill) / len(prefill)
+                p99s.setdefault(label, []).append(percentile(gaps, 0.99))
+                lines.append(f"| {run} | {label} | {percentile(gaps, 0.5):.3f} | {p99s[label][-1]:.3f} | {rates[label]:.0f} |")
+            ratios.append(rates[f"chunked ({args.chunk})"] / rates["unchunked"])
+        for label, values in p99s.items():
+            lines.append(f"\n{label}: ITL p99 median {statistics.median(values):.3f} s (runs: {', '.join(f'{v:.3f}' for v in values)})")
+        lines.append(
+            f"\nprefill tok/s chunked / unchunked: median {statistics.median(ratios):.0%} "
+            f"(runs: {', '.join(f'{r:.0%}' for r in ratios)})"
+        )
         lines.append("")
 
     if "burst" not in args.skip:
