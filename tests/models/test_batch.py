@@ -292,6 +292,20 @@ def test_a_flattened_forward_writes_each_part_where_its_own_forward_would_and_at
     assert cached_ids(staging) == [[10, 11, 12, 13, 14]]
 
 
+def join_thirty_tokens(running: Batch[str]) -> list[slice]:
+    """Join a 30-token row "d" to `running`; return the columns the join cleared in the running rows."""
+    n, cleared = len(running), []
+    clear = running._store.clear
+    running._store.clear = lambda rows, cols, layers=None: (cleared.append((rows, cols)), clear(rows, cols, layers))
+    staging: Batch[str] = Batch(SHAPE, max_rows=1)
+    play(staging.prefill(["d"], [list(range(10, 40))]))
+    running.join(staging)
+    for layer in range(SHAPE.num_layers):
+        window = running._store.keys[layer][: len(running), 0, running.start : running.end, 0]
+        assert (window[~running.attention_mask()] == 0).all(), "every pad of the window holds zero"
+    return [cols for rows, cols in cleared if rows == slice(0, n)]
+
+
 def test_a_join_clears_only_what_make_room_has_not_zeroed_or_what_was_written_since() -> None:
     """make_room zeroes the running rows' future left padding ahead of the join, which then skips it; but a row
     moved by a filter since has written there, and what it left must still be cleared."""
@@ -303,18 +317,9 @@ def test_a_join_clears_only_what_make_room_has_not_zeroed_or_what_was_written_si
     play(running.prefill(["e"], [list(range(50, 60))]))  # longer than the rows: the window widens
     running.filter({"a"})  # e moves into row 0, its tokens from the window's start on
     running.filter({"e"})  # c moves into row 0; e's tokens there fall left of the window
-    cleared: list[tuple[slice, slice]] = []
-    clear = running._store.clear
-    running._store.clear = lambda rows, cols, layers=None: (cleared.append((rows, cols)), clear(rows, cols, layers))
-    staging: Batch[str] = Batch(SHAPE, max_rows=1)
-    play(staging.prefill(["d"], [list(range(10, 40))]))
-    running.join(staging)
-    for layer in range(SHAPE.num_layers):
-        window = running._store.keys[layer][: len(running), 0, running.start : running.end, 0]
-        assert (window[~running.attention_mask()] == 0).all(), "every pad of the window holds zero"
+    cleared = join_thirty_tokens(running)
     assert cached_ids(running) == [[0] * 27 + [6, 7, 10], [0] * 28 + [5, 9], list(range(10, 40))]
-    running_rows = [cols for rows, cols in cleared if rows == slice(0, 2)]
-    assert sum(max(0, c.stop - c.start) for c in running_rows) < running.width - 3, "make_room's zeros were kept"
+    assert sum(max(0, c.stop - c.start) for c in cleared) < running.width - 3, "make_room's zeros were kept"
 
 
 def test_a_join_clears_a_row_appended_after_make_room_in_the_slot_of_one_that_left() -> None:
@@ -326,9 +331,4 @@ def test_a_join_clears_a_row_appended_after_make_room_in_the_slot_of_one_that_le
     play(running.prefill(["e"], [list(range(50, 60))]))  # in c's slot, writing over make_room's zeros
     running.filter({"e"})
     play(running.prefill(["f"], [[11, 12]]))  # in the same slot: e's tokens now lie left of the window
-    staging: Batch[str] = Batch(SHAPE, max_rows=1)
-    play(staging.prefill(["d"], [list(range(10, 40))]))
-    running.join(staging)
-    for layer in range(SHAPE.num_layers):
-        window = running._store.keys[layer][: len(running), 0, running.start : running.end, 0]
-        assert (window[~running.attention_mask()] == 0).all(), "every pad of the window holds zero"
+    join_thirty_tokens(running)
