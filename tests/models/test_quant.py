@@ -213,6 +213,15 @@ def test_int4_serves_the_gguf_files_own_blocks(smol: LoadedModel) -> None:
 
 
 @pytest.mark.slow
+def test_a_bfloat16_model_serves_the_gguf_files_own_blocks_too() -> None:
+    """The load checks the file's blocks against transformers' copy of the weights, which `--dtype bfloat16`
+    has rounded: the check allows for that rounding instead of refusing the file."""
+    bf16 = load("default", dtype="bfloat16", quantization="int4").model.model.layers[3].self_attn.k_proj
+    fp32 = load("default", quantization="int4").model.model.layers[3].self_attn.k_proj
+    assert torch.equal(bf16.packed, fp32.packed) and torch.equal(bf16.scale_zeros, fp32.scale_zeros)
+
+
+@pytest.mark.slow
 def test_real_model_batched_is_close_to_alone_but_not_token_exact(quantized: LoadedModel, questions: list[list[int]]) -> None:
     """What is true in quantized modes: batched greedy output is NOT always token for token the output alone.
 
