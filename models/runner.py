@@ -67,7 +67,7 @@ class ModelRunner(Generic[R]):
     def rows(self) -> list[R]:
         """The running rows in the order of their samples: the batch's, then rows read in chunks that join it
         at their next decode step."""
-        return [*self.batch.keys, *(row for row in self._staging if self._chunk_read(row))]
+        return [*self.batch.keys, *self._read()]
 
     @property
     def staged(self) -> list[R]:
@@ -174,9 +174,13 @@ class ModelRunner(Generic[R]):
         """Sample `rows` and then the chunked `row` from `logits` (one per row, in that order)."""
         return self._sample(logits, [*rows, row], prompt_scores=False)
 
+    def _read(self) -> list[R]:
+        """Rows whose prompts have been read in chunks and that have not joined the running batch yet."""
+        return [row for row in self._staging if self._chunk_read(row)]
+
     def _join_read(self) -> None:
         """Move the rows whose prompts have been read from their staging batches into the running one."""
-        for row in [row for row in self._staging if self._chunk_read(row)]:
+        for row in self._read():
             self.batch.join(self._staging.pop(row))
 
     def save(self, rows: Collection[R]) -> int:
@@ -187,7 +191,7 @@ class ModelRunner(Generic[R]):
             return 0
         new, rows = 0, set(rows)
         places = [(self.batch, i) for i, key in enumerate(self.batch.keys) if key in rows]
-        places += [(self._staging[row], 0) for row in rows if row in self._staging and self._chunk_read(row)]
+        places += [(self._staging[row], 0) for row in self._read() if row in rows]
         for batch, i in places:
             key = batch.keys[i]
             length = batch.lengths[i]  # the last sampled token is not fed yet: no KV

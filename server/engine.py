@@ -316,8 +316,7 @@ class Engine:
         try:
             samples = self._runner.prefill(rows, [r.cached_tokens for r in joining])
         except Exception:
-            log.exception("prefill failed", extra={"request_ids": [r.id for r in joining]})
-            self._outputs.fail(joining, "the model failed while reading the prompt")
+            self._prefill_failed(joining)
             return []
         metrics.STEP_TIME.labels("prefill").observe(time.monotonic() - started)
         metrics.PREFILL_TOKENS.inc(sum(len(r.prompt_ids) - r.cached_tokens for r in joining))
@@ -331,8 +330,7 @@ class Engine:
         try:
             sampled = self._runner.prefill_chunk(request, tokens, self._reused(request, started), request.max_tokens > 1)
         except Exception:
-            log.exception("prefill failed", extra={"request_ids": [request.id]})
-            self._outputs.fail([request], "the model failed while reading the prompt")
+            self._prefill_failed([request])
             return []
         metrics.STEP_TIME.labels("prefill").observe(time.monotonic() - started)
         metrics.PREFILL_TOKENS.inc(tokens)
@@ -340,6 +338,11 @@ class Engine:
             return []
         self._outputs.accept([request], [sampled])
         return [request]
+
+    def _prefill_failed(self, requests: list[Request]) -> None:
+        """Inside an `except`: log the failure with its traceback and end these requests with an error."""
+        log.exception("prefill failed", extra={"request_ids": [r.id for r in requests]})
+        self._outputs.fail(requests, "the model failed while reading the prompt")
 
     def _reused(self, request: Request, now: float) -> int:
         """Prompt tokens a chunked request reads from the prefix cache: all at its first chunk, which starts it."""
@@ -399,8 +402,7 @@ class Engine:
         try:
             carried = self._runner.decode_with_chunk(request, tokens, self._reused(request, now), request.max_tokens > 1)
         except ChunkFailed:
-            log.exception("prefill failed", extra={"request_ids": [request.id]})
-            self._outputs.fail([request], "the model failed while reading the prompt")
+            self._prefill_failed([request])
             return None
         metrics.PREFILL_TOKENS.inc(tokens)
         return carried
