@@ -1,14 +1,19 @@
 """Where one decode step's time goes: torch.profiler over `ModelRunner.decode`, the engine's own step.
 
-    python -m bench.step_profile [--batch 1,32] [--quantization none] [--steps 8]
+    python -m bench.step_profile [--batch 1,32] [--quantization none] [--steps 8] [--against-transformers]
 
 Prefills `batch` rows of 20 to 51 prompt tokens, warms up, then prints the wall time per step and the
 operators by self CPU time. Figures are per machine and drift with its load: read them as shares.
+
+`--against-transformers` (quantized modes): also loads the model with its projections apart, which
+transformers' forward runs instead of models/decoder.py's, and times the two in alternating rounds, each
+over its own copy of the same rows; prints both medians and their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,23 +43,31 @@ class _Row:
         return None
 
 
-def profile(runner: ModelRunner[_Row], rows: list[_Row], steps: int) -> tuple[float, str]:
-    def step() -> None:
-        for row, sampled in zip(rows, runner.decode(), strict=True):
+class _Stepper:
+    """`batch` rows prefilled in a runner of their own, then decoded a step at a time."""
+
+    def __init__(self, model: torch.nn.Module, words: list[int], batch: int) -> None:
+        self.runner: ModelRunner[_Row] = ModelRunner(model, batch)
+        self.rows = [_Row(words[i : i + 20 + i]) for i in range(batch)]
+        for row, sampled in zip(self.rows, self.runner.prefill(self.rows), strict=True):
+            row.output_ids.append(sampled.token)
+        self.seconds_per_step(3)  # warm up
+
+    def step(self) -> None:
+        for row, sampled in zip(self.rows, self.runner.decode(), strict=True):
             row.output_ids.append(sampled.token)
 
-    for row, sampled in zip(rows, runner.prefill(rows), strict=True):
-        row.output_ids.append(sampled.token)
-    for _ in range(3):
-        step()
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    seconds = (time.perf_counter() - started) / steps
-    with torch.profiler.profile() as prof:
+    def seconds_per_step(self, steps: int) -> float:
+        started = time.perf_counter()
         for _ in range(steps):
-            step()
-    return seconds, prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+            self.step()
+        return (time.perf_counter() - started) / steps
+
+    def table(self, steps: int) -> str:
+        with torch.profiler.profile() as prof:
+            for _ in range(steps):
+                self.step()
+        return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
 
 
 def main() -> None:
@@ -63,16 +76,26 @@ def main() -> None:
     parser.add_argument("--quantization", default="none")
     parser.add_argument("--batch", default="1,32")
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--against-transformers", action="store_true", help="quantized modes: time transformers' forward too")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of --against-transformers")
     args = parser.parse_args()
     loaded = load(args.model, quantization=args.quantization)
+    apart = load(args.model, quantization=args.quantization, fuse=False) if args.against_transformers else None
     words = loaded.tokenizer.encode(TEXT)
     for batch in (int(b) for b in args.batch.split(",") if b):
-        runner: ModelRunner[_Row] = ModelRunner(loaded.model, batch)
-        rows = [_Row(words[i : i + 20 + i]) for i in range(batch)]
-        seconds, table = profile(runner, rows, args.steps)
-        print(f"{loaded.info.name}, {args.quantization}, batch {batch}: {seconds * 1e3:.1f} ms per step, "
-              f"{torch.get_num_threads()} threads")  # fmt: skip
-        print(table)
+        stepper = _Stepper(loaded.model, words, batch)
+        print(f"{loaded.info.name}, {args.quantization}, batch {batch}: {stepper.seconds_per_step(args.steps) * 1e3:.1f} ms "
+              f"per step, {torch.get_num_threads()} threads")  # fmt: skip
+        if apart is not None:
+            baseline = _Stepper(apart.model, words, batch)
+            ours, theirs = [], []
+            for _ in range(args.rounds):
+                ours.append(stepper.seconds_per_step(args.steps))
+                theirs.append(baseline.seconds_per_step(args.steps))
+            ours_ms, theirs_ms = statistics.median(ours) * 1e3, statistics.median(theirs) * 1e3
+            print(f"  medians of {args.rounds} alternating rounds: this forward {ours_ms:.1f} ms, transformers' "
+                  f"{theirs_ms:.1f} ms: {theirs_ms / ours_ms:.2f}x")  # fmt: skip
+        print(stepper.table(args.steps))
 
 
 if __name__ == "__main__":

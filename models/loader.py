@@ -23,7 +23,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from models import attention, kv_cache, quant, tiny
+from models import attention, decoder, kv_cache, quant, tiny
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +104,15 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "tokenferry")
 
 
-def load(spec: str = "default", device: str = "auto", dtype: str = "auto", quantization: str = "none") -> LoadedModel:
+def load(
+    spec: str = "default", device: str = "auto", dtype: str = "auto", quantization: str = "none", fuse: bool = True
+) -> LoadedModel:
     """Load a model for serving: weights on `device` in `dtype`, eval mode, SDPA attention.
 
     With `quantization` int8 or int4 the Linear layers (decoder and LM head) run weight-only quantized
-    kernels on bfloat16 activations; everything else stays in `dtype`.
+    kernels on bfloat16 activations; everything else stays in `dtype`. A quantized Llama then runs
+    models/decoder.py's forward, with its projections fused; `fuse=False` keeps them apart, so that
+    transformers' forward runs it (tests and benchmarks compare the two).
 
     The work runs on a thread of its own that ends before this returns. PyTorch's CPU kernels parallelise
     with OpenMP (libgomp), which keeps a team of worker threads for every thread that ever ran a parallel
@@ -118,10 +122,10 @@ def load(spec: str = "default", device: str = "auto", dtype: str = "auto", quant
     loaded on a thread that lived on (asyncio's executor, or the main thread), and 49 ms otherwise.
     """
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenferry-load") as loader:
-        return loader.submit(_load, spec, device, dtype, quantization).result()
+        return loader.submit(_load, spec, device, dtype, quantization, fuse).result()
 
 
-def _load(spec: str, device: str, dtype: str, quantization: str) -> LoadedModel:
+def _load(spec: str, device: str, dtype: str, quantization: str, fuse: bool) -> LoadedModel:
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     try:
@@ -155,7 +159,7 @@ def _load(spec: str, device: str, dtype: str, quantization: str) -> LoadedModel:
         raise ModelLoadError(f"{source}: {exc}") from None
     model.to(device=torch_device, dtype=torch_dtype).eval()
     # After the move: `.to(dtype)` would cast the quantized layers' bfloat16 scales.
-    _quantize(model, quantization, gguf_file, quant_cache, source)
+    _quantize(model, quantization, gguf_file, quant_cache, source, fuse)
     info = ModelInfo(
         name=name,
         source=source,
@@ -169,13 +173,16 @@ def _load(spec: str, device: str, dtype: str, quantization: str) -> LoadedModel:
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
 
 
-def _quantize(model: PreTrainedModel, mode: str, gguf_file: Path | None, cache: Path | None, source: str) -> None:
+def _quantize(
+    model: PreTrainedModel, mode: str, gguf_file: Path | None, cache: Path | None, source: str, fuse: bool
+) -> None:
     if mode == "none":
         return
     started = time.monotonic()
     try:
         blocks = quant.gguf_int4_blocks(gguf_file, model) if gguf_file is not None and mode == "int4" else None
-        outcome = quant.quantize(model, mode, file_blocks=blocks, cache_file=cache)
+        fusions = decoder.fusions(model) if fuse else None
+        outcome = quant.quantize(model, mode, file_blocks=blocks, cache_file=cache, fuse=fusions)
     except quant.QuantizationError as exc:
         raise ModelLoadError(f"{source}: {exc}") from None
     log.info(
@@ -185,6 +192,7 @@ def _quantize(model: PreTrainedModel, mode: str, gguf_file: Path | None, cache: 
             "layers": outcome.layers,
             "from_file": outcome.from_file,  # int4 layers served with the GGUF file's own 4-bit blocks
             "from_cache": outcome.from_cache,
+            "forward": "models.decoder" if decoder.fused(model) else "transformers",
             "weights_mb": round(outcome.bytes / 1e6, 1),
             "seconds": round(time.monotonic() - started, 2),
         },

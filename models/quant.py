@@ -10,6 +10,9 @@ lookup still reads the float table. In int4 mode the head is int8 (a 4-bit head 
 Both kernels compute each output row from its own input row alone (checked in tests/models/test_quant.py),
 so batched greedy output still equals greedy output alone.
 
+`quantize` can also fuse Linears that read one input (q, k and v; gate and up) into one module, whose one
+kernel call computes their outputs side by side: models/decoder.py's forward reads them so.
+
 Where the weights come from, best first: a GGUF file's own Q4_0 / Q4_1 blocks (int4: the file's 4-bit codes
 served as they are), a cache file written by an earlier start, or quantizing the float weights now.
 """
@@ -19,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +34,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 MODES = ("none", "int8", "int4")
+ACTIVATION_DTYPE = torch.bfloat16  # what both kernels multiply their weights with
 GROUP_SIZE = 32  # int4: inputs sharing one scale and offset, as in GGUF's Q4 blocks
 INT4_OFFSET = 8  # the int4 kernel dequantizes code q as (q - 8) * scale + zero
 _INNER_K_TILES = 2  # layout argument of the int4 packing; any K that is a multiple of 32 accepts it
@@ -55,6 +59,13 @@ class Int4Weight:
         zeros = self.zeros.to(torch.bfloat16).float().repeat_interleave(GROUP_SIZE, dim=1)
         return (self.codes.float() - INT4_OFFSET) * scales + zeros  # [out, in]
 
+    @staticmethod
+    def stack(weights: Sequence[Int4Weight]) -> Int4Weight:
+        """One weight whose output rows are `weights`' rows, one after another."""
+        return Int4Weight(
+            torch.cat([w.codes for w in weights]), torch.cat([w.scales for w in weights]), torch.cat([w.zeros for w in weights])
+        )
+
 
 @dataclass(frozen=True)
 class Int8Weight:
@@ -62,6 +73,11 @@ class Int8Weight:
 
     codes: torch.Tensor  # [out, in] int8
     scales: torch.Tensor  # [out] float32
+
+    @staticmethod
+    def stack(weights: Sequence[Int8Weight]) -> Int8Weight:
+        """One weight whose output rows are `weights`' rows, one after another."""
+        return Int8Weight(torch.cat([w.codes for w in weights]), torch.cat([w.scales for w in weights]))
 
 
 class Int8Linear(nn.Module):
@@ -75,9 +91,11 @@ class Int8Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)  # [tokens, in]
-        out = torch.ops.aten._weight_int8pack_mm(flat, self.codes, self.scales)  # [tokens, out]
-        return _finish(out, x, self.out_features, self.bias)
+        return _finish(self.matmul(x.reshape(-1, self.in_features).to(ACTIVATION_DTYPE)), x, self.out_features, self.bias)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """The kernel alone: x [tokens, in] bfloat16 -> x W^T [tokens, out] bfloat16, no bias."""
+        return torch.ops.aten._weight_int8pack_mm(x, self.codes, self.scales)
 
 
 class Int4Linear(nn.Module):
@@ -94,9 +112,11 @@ class Int4Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)  # [tokens, in]
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP_SIZE, self.scale_zeros)  # [tokens, out]
-        return _finish(out, x, self.out_features, self.bias)
+        return _finish(self.matmul(x.reshape(-1, self.in_features).to(ACTIVATION_DTYPE)), x, self.out_features, self.bias)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """The kernel alone: x [tokens, in] bfloat16 -> x W^T [tokens, out] bfloat16, no bias."""
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP_SIZE, self.scale_zeros)
 
 
 def _finish(out: torch.Tensor, x: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
@@ -160,6 +180,7 @@ def quantize(
     mode: str,
     file_blocks: dict[str, Int4Weight] | None = None,
     cache_file: Path | None = None,
+    fuse: Mapping[str, Sequence[str]] | None = None,
 ) -> Outcome:
     """Replace every Linear of `model` (decoder and LM head) by its `mode` version, in place.
 
@@ -168,6 +189,10 @@ def quantize(
     or more for the same reason. `file_blocks` (int4 only) maps module names to a GGUF file's own 4-bit
     weights, used as they are; the other layers are quantized now, or read from `cache_file` when an earlier
     start wrote it.
+
+    `fuse` maps a new module name to Linears of one input whose outputs it computes side by side, in one
+    kernel call (models/decoder.py's q, k, v and gate, up): those are replaced by the one module. The kernels
+    compute each output column from its own weight row, so a fused module's outputs equal its parts'.
     """
     if mode == "none":
         return Outcome(mode, 0, 0, False, 0)
@@ -189,9 +214,18 @@ def quantize(
         {name: kinds[name] for name in rest},
     )
     weights: dict[str, Int4Weight | Int8Weight] = {**file_blocks, **made}
+    biases: dict[str, torch.Tensor | None] = {name: linear.bias for name, linear in targets.items()}
+    for fused, parts in (fuse or {}).items():
+        if len({_kind(weights[part]) for part in parts}) != 1 or any(biases[part] is not None for part in parts):
+            raise QuantizationError(f"{fused}: only Linears of one kind and without bias fuse, not {', '.join(parts)}")
+        stacked = [weights.pop(part) for part in parts]
+        weights[fused] = type(stacked[0]).stack(stacked)
+        biases[fused] = None
+        for part in parts:
+            _set_module(model, part, None)
     served = 0
-    for name, linear in targets.items():
-        replacement = _module(weights[name], linear.bias)
+    for name, weight in weights.items():
+        replacement = _module(weight, biases[name])
         _set_module(model, name, replacement)
         served += sum(b.numel() * b.element_size() for b in replacement.buffers())
     return Outcome(mode, len(targets), len(file_blocks), from_cache, served)
@@ -214,9 +248,14 @@ def _module(weight: Int4Weight | Int8Weight, bias: torch.Tensor | None) -> nn.Mo
     return Int4Linear(weight, bias) if isinstance(weight, Int4Weight) else Int8Linear(weight, bias)
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def _set_module(model: nn.Module, name: str, module: nn.Module | None) -> None:
+    """Put `module` at `name`, or with None remove what is there."""
     parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
+    owner = model.get_submodule(parent) if parent else model
+    if module is None:
+        delattr(owner, child)
+    else:
+        setattr(owner, child, module)
 
 
 def cache_name(mode: str) -> str:

@@ -14,6 +14,7 @@ from typing import Generic, TypeVar
 import torch
 from transformers import PreTrainedModel
 
+from models import decoder
 from models.batch import Batch, Forward, flatten
 from models.kv_cache import CacheShape
 from models.prefix_cache import PrefixCache
@@ -60,6 +61,7 @@ class ModelRunner(Generic[R]):
         self.model = model
         self.batch: Batch[R] = Batch(CacheShape.of(model), max_rows)
         self.prefix_cache = prefix_cache
+        self._fused = decoder.fused(model)  # quantized Llama: models/decoder.py's forward, not transformers'
         self._staging: dict[R, Batch[R]] = {}  # rows being prefilled in chunks, or read and not joined yet
         self._generators: dict[R, torch.Generator] = {}
 
@@ -249,6 +251,8 @@ class ModelRunner(Generic[R]):
     @torch.inference_mode()
     def _forward(self, forward: Forward, every_position: bool) -> torch.Tensor:
         """logits [rows, q or 1, vocab]; a flattened forward gives each row's last token's only."""
+        if self._fused:
+            return decoder.forward(self.model, forward, every_position)
         flat = forward.last is not None
         output = self.model(
             input_ids=forward.input_ids,

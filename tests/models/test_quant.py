@@ -204,8 +204,10 @@ def test_int4_serves_the_gguf_files_own_blocks(smol: LoadedModel) -> None:
     loaded = load("default", quantization="int4")
     blocks = quant.gguf_int4_blocks(default_gguf(), smol.model)
     assert len(blocks) == 30 * 7  # every decoder Linear of the file is Q4_1
-    layer = loaded.model.model.layers[3].self_attn.k_proj  # a permuted one
-    served = _served_weight(layer)
+    # k (a permuted one) is served as rows [q, q + k) of the layer's fused q/k/v module (models/decoder.py).
+    config = smol.model.config
+    queries, keys = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    served = _served_weight(loaded.model.model.layers[3].self_attn.qkv_proj)[queries : queries + keys]
     float_weight = smol.model.model.layers[3].self_attn.k_proj.weight
     # The file's weights, up to the kernel's bfloat16 scale and zero (2^-9 relative) and its bf16 output.
     assert (served - float_weight).abs().max() <= 2**-7 * float_weight.abs().max()
@@ -216,8 +218,8 @@ def test_int4_serves_the_gguf_files_own_blocks(smol: LoadedModel) -> None:
 def test_a_bfloat16_model_serves_the_gguf_files_own_blocks_too() -> None:
     """The load checks the file's blocks against transformers' copy of the weights, which `--dtype bfloat16`
     has rounded: the check allows for that rounding instead of refusing the file."""
-    bf16 = load("default", dtype="bfloat16", quantization="int4").model.model.layers[3].self_attn.k_proj
-    fp32 = load("default", quantization="int4").model.model.layers[3].self_attn.k_proj
+    bf16 = load("default", dtype="bfloat16", quantization="int4").model.model.layers[3].self_attn.qkv_proj
+    fp32 = load("default", quantization="int4").model.model.layers[3].self_attn.qkv_proj
     assert torch.equal(bf16.packed, fp32.packed) and torch.equal(bf16.scale_zeros, fp32.scale_zeros)
 
 

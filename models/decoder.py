@@ -1,0 +1,118 @@
+"""The Llama decoder written out for the quantized modes: a batch's inputs in, its kept positions' logits out.
+
+With 4-bit weights, transformers' forward spends more time around the matrix products than in them: at batch
+1 on 2 cores, SmolLM2-135M's int4 and int8 kernels take about 14 ms of a 40 ms decode step, and the rest is
+small operations, each a few microseconds: seven casts to bfloat16 and seven back per layer, rotary
+embeddings turned for q and k apart, modules called through hooks and keyword plumbing. This forward computes
+the same function over the same weights and the same KV store, bit for bit, with fewer, larger operations:
+- q, k and v are one matmul, and gate and up another (the modules `quantize` fuses as `fusions` says): one
+  cast of the input to bfloat16 and one kernel call each;
+- rotary embeddings turn q and k in one go;
+- the final norm and the head run on the kept positions alone.
+
+Only quantized Llama-family models take it (`fusions` is empty for others). Float32 mode keeps transformers'
+forward: its outputs are the exact default and must not move by an ulp. Computing what transformers' forward
+computes, this one keeps its row independence too (tests/models/test_decoder.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaForCausalLM
+
+from models.attention import attend
+from models.batch import Forward
+from models.quant import ACTIVATION_DTYPE
+
+QKV = "qkv_proj"  # a fused module's name in each layer's self_attn: q, k and v side by side
+GATE_UP = "gate_up_proj"  # in each layer's mlp: gate and up side by side
+
+
+def fusions(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """For `quant.quantize`: fused module name -> the Linears it replaces; empty when this forward does not
+    compute the model (not a Llama, or one with biases, another activation or tensor-parallel slices)."""
+    config = model.config
+    plain = not (config.attention_bias or config.mlp_bias) and config.hidden_act == "silu"
+    if not isinstance(model, LlamaForCausalLM) or not plain or getattr(config, "pretraining_tp", 1) != 1:
+        return {}
+    fused = {}
+    for i in range(config.num_hidden_layers):
+        attention, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+        fused[f"{attention}.{QKV}"] = (f"{attention}.q_proj", f"{attention}.k_proj", f"{attention}.v_proj")
+        fused[f"{mlp}.{GATE_UP}"] = (f"{mlp}.gate_proj", f"{mlp}.up_proj")
+    return fused
+
+
+def fused(model: nn.Module) -> bool:
+    """Whether the model's projections were fused: then `forward` is the only way to run it."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    return bool(layers) and hasattr(layers[0].self_attn, QKV)
+
+
+def forward(model: LlamaForCausalLM, inputs: Forward, every_position: bool) -> torch.Tensor:
+    """Logits [rows, q or 1, vocab] as `ModelRunner._forward` gives them: every position's, the last one's,
+    or for a flattened forward each row's last token's ([rows, 1, vocab])."""
+    decoder = model.model
+    rows, q = inputs.input_ids.shape
+    hidden = decoder.embed_tokens(inputs.input_ids)  # [rows, q, hidden]
+    cos, sin = decoder.rotary_emb(hidden, inputs.position_ids)  # [rows, q, head_dim]
+    rotary = cos[:, :, None], sin[:, :, None]  # [rows, q, 1, head_dim]: the same for every head
+    dtype = hidden.dtype
+    for i, layer in enumerate(decoder.layers):
+        attended = _attention(layer.self_attn, _norm(hidden, layer.input_layernorm), rotary, inputs, i, dtype)
+        hidden = hidden + attended.to(dtype).view(rows, q, -1)
+        hidden = hidden + _mlp(layer.mlp, _norm(hidden, layer.post_attention_layernorm), dtype).view(rows, q, -1)
+    if inputs.last is not None:
+        hidden = hidden[0, inputs.last][:, None]  # [rows, 1, hidden]
+    elif not every_position:
+        hidden = hidden[:, -1:]
+    logits = model.lm_head.matmul(_norm(hidden, decoder.norm)).to(dtype)  # [kept rows * kept q, vocab]
+    return logits.view(*hidden.shape[:2], -1)
+
+
+def _norm(hidden: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """RMSNorm, bit for bit as transformers' LlamaRMSNorm, cast for the kernels: [tokens, hidden] bfloat16.
+
+    In float32 PyTorch's fused rms_norm computes exactly that in one operation; in other dtypes LlamaRMSNorm
+    rounds to the dtype before it scales, which only the module itself does."""
+    if hidden.dtype == torch.float32:
+        normed = F.rms_norm(hidden, hidden.shape[-1:], norm.weight, norm.variance_epsilon)
+    else:
+        normed = norm(hidden)
+    return normed.reshape(-1, hidden.shape[-1]).to(ACTIVATION_DTYPE)
+
+
+def _attention(
+    attention: nn.Module,
+    x: torch.Tensor,
+    rotary: tuple[torch.Tensor, torch.Tensor],
+    inputs: Forward,
+    layer: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """x [tokens, hidden] bfloat16 -> the attention block's output [tokens, hidden] bfloat16."""
+    rows, q = inputs.input_ids.shape
+    config = attention.config
+    heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, attention.head_dim
+    qkv = attention.qkv_proj.matmul(x).to(dtype).view(rows, q, heads + 2 * kv_heads, dim)
+    turned = _rotate(qkv[:, :, : heads + kv_heads], *rotary)  # [rows, q, heads + kv_heads, dim]
+    query = turned[:, :, :heads].transpose(1, 2)  # [rows, heads, q, dim]
+    new_keys = turned[:, :, heads:].transpose(1, 2)  # [rows, kv_heads, q, dim]
+    keys, values = inputs.cache.layers[layer].update(new_keys, qkv[:, :, heads + kv_heads :].transpose(1, 2))
+    # The attention transformers' forward calls (each part apart in a flattened forward), so the two agree bit for bit.
+    out, _ = attend(attention, query, keys, values, inputs.attention_mask, dropout=0.0, scaling=attention.scaling)
+    return attention.o_proj.matmul(out.reshape(rows * q, heads * dim).to(ACTIVATION_DTYPE))  # out: [rows, q, heads, dim]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, as transformers' apply_rotary_pos_emb: x cos + rotate_half(x) sin."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+def _mlp(mlp: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x [tokens, hidden] bfloat16 -> down(silu(gate x) * up x) [tokens, hidden] in `dtype`."""
+    gate, up = mlp.gate_up_proj.matmul(x).to(dtype).chunk(2, dim=-1)
+    return mlp.down_proj.matmul((F.silu(gate) * up).to(ACTIVATION_DTYPE)).to(dtype)

@@ -1,0 +1,93 @@
+"""models/decoder.py, the Llama forward written out for the quantized modes, computes what transformers' forward
+computes over the same quantized weights, bit for bit: at prefill, at decode, in a decode step carrying a prompt's chunk, and
+in a draft's verification (every position's logits)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from models import LoadedModel, decoder, load
+from models.runner import ModelRunner
+from tests.helpers import Row
+
+
+def every_forwards_logits(loaded: LoadedModel) -> list[torch.Tensor]:
+    """The logits of each forward of one fixed scenario. Inputs are forced (token 40 + step), not sampled, so
+    that both forwards see the same inputs even where a near-tie would make them choose apart."""
+    logits: list[torch.Tensor] = []
+
+    def runner(rows: int) -> ModelRunner[Row]:
+        made: ModelRunner[Row] = ModelRunner(loaded.model, max_rows=rows)
+        forward = made._forward
+        made._forward = lambda inputs, every_position: logits.append(forward(inputs, every_position)) or logits[-1]
+        return made
+
+    def feed(rows: list[Row]) -> None:
+        for row in rows:
+            row.output_ids.append(40 + len(row.output_ids))
+
+    running = runner(8)
+    rows = [Row([5, 6, 7, 8, 9]), Row([10, 11]), Row([12, 13, 14])]  # three lengths: left padding
+    running.prefill(rows)
+    feed(rows)
+    for _ in range(3):
+        running.decode()
+        feed(rows)
+    long = Row([20 + i % 50 for i in range(30)])
+    running.prefill_chunk(long, 10)
+    for _ in range(2):  # a flattened forward: the decode step and the chunk's tokens in one sequence
+        running.decode_with_chunk(long, 10)
+        feed(rows)
+    feed([long])
+    for _ in range(2):
+        running.decode()
+        feed([*rows, long])
+    alone = runner(1)
+    row = Row([7, 8, 9, 10])
+    alone.prefill([row])
+    feed([row])
+    alone.verify([50, 51, 52])
+    return logits
+
+
+@pytest.mark.parametrize(
+    ("model", "mode", "dtype"),
+    [
+        ("tiny", "int8", "float32"),
+        ("tiny", "int4", "float32"),
+        ("tiny", "int4", "bfloat16"),
+        pytest.param("default", "int4", "float32", marks=pytest.mark.slow),
+    ],
+)
+def test_the_written_out_forward_computes_what_transformers_forward_does(model: str, mode: str, dtype: str) -> None:
+    written = load(model, dtype=dtype, quantization=mode)
+    apart = load(model, dtype=dtype, quantization=mode, fuse=False)
+    assert decoder.fused(written.model) and not decoder.fused(apart.model)
+    got, expected = every_forwards_logits(written), every_forwards_logits(apart)
+    assert [t.shape for t in got] == [t.shape for t in expected] and len(got) == 1 + 3 + 1 + 2 + 2 + 2
+    for step, (mine, theirs) in enumerate(zip(got, expected, strict=True)):
+        assert torch.equal(mine, theirs), f"forward {step}"  # the same operations on the same values: bit for bit
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_norm_rounds_as_transformers_does(dtype: torch.dtype) -> None:
+    """In bfloat16 PyTorch's fused rms_norm rounds otherwise than LlamaRMSNorm (the tiny model's values happen
+    not to show it; SmolLM2's do), so the written-out forward keeps the module there."""
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(576, eps=1e-5).to(dtype)
+    torch.nn.init.normal_(norm.weight)
+    hidden = (torch.randn(4, 3, 576) * 3).to(dtype)  # [rows, q, hidden]
+    assert torch.equal(decoder._norm(hidden, norm), norm(hidden).reshape(12, 576).to(torch.bfloat16))
+
+
+def test_only_a_plain_llama_is_fused() -> None:
+    """Biases are not in the written-out forward: such a model keeps transformers' forward."""
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, attention_bias=True,
+    )  # fmt: skip
+    assert decoder.fusions(LlamaForCausalLM(config)) == {}
+    assert len(decoder.fusions(LlamaForCausalLM(LlamaConfig(**{**config.to_dict(), "attention_bias": False})))) == 4
