@@ -80,48 +80,49 @@ class Int8Weight:
         return Int8Weight(torch.cat([w.codes for w in weights]), torch.cat([w.scales for w in weights]))
 
 
-class Int8Linear(nn.Module):
-    """y = x W^T + b with W in int8, one scale per output channel."""
+class QuantizedLinear(nn.Module):
+    """y = x W^T + b with W weight-only quantized: the kernel reads bfloat16 inputs, the output is cast back."""
 
-    def __init__(self, weight: Int8Weight, bias: torch.Tensor | None) -> None:
+    def __init__(self, out_features: int, in_features: int, bias: torch.Tensor | None) -> None:
         super().__init__()
-        self.out_features, self.in_features = weight.codes.shape
-        self.register_buffer("codes", weight.codes.contiguous())  # [out, in] int8
-        self.register_buffer("scales", weight.scales.to(torch.bfloat16))  # [out]
+        self.out_features, self.in_features = out_features, in_features
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _finish(self.matmul(x.reshape(-1, self.in_features).to(ACTIVATION_DTYPE)), x, self.out_features, self.bias)
+        out = self.matmul(x.reshape(-1, self.in_features).to(ACTIVATION_DTYPE)).to(x.dtype)
+        out = out.reshape(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """The kernel alone: x [tokens, in] bfloat16 -> x W^T [tokens, out] bfloat16, no bias."""
+        raise NotImplementedError
+
+
+class Int8Linear(QuantizedLinear):
+    """W in int8, one scale per output channel."""
+
+    def __init__(self, weight: Int8Weight, bias: torch.Tensor | None) -> None:
+        super().__init__(*weight.codes.shape, bias)
+        self.register_buffer("codes", weight.codes.contiguous())  # [out, in] int8
+        self.register_buffer("scales", weight.scales.to(torch.bfloat16))  # [out]
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(x, self.codes, self.scales)
 
 
-class Int4Linear(nn.Module):
-    """y = x W^T + b with W in int4, one scale and zero per group of 32 inputs."""
+class Int4Linear(QuantizedLinear):
+    """W in int4, one scale and zero per group of 32 inputs."""
 
     def __init__(self, weight: Int4Weight, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.out_features, self.in_features = weight.codes.shape
+        super().__init__(*weight.codes.shape, bias)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.codes.to(torch.int32), _INNER_K_TILES)
         self.register_buffer("packed", packed)
         # The kernel's layout: [in / 32, out, 2], scale then zero.
         scale_zeros = torch.stack([weight.scales.t(), weight.zeros.t()], dim=-1)
         self.register_buffer("scale_zeros", scale_zeros.to(torch.bfloat16).contiguous())
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _finish(self.matmul(x.reshape(-1, self.in_features).to(ACTIVATION_DTYPE)), x, self.out_features, self.bias)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """The kernel alone: x [tokens, in] bfloat16 -> x W^T [tokens, out] bfloat16, no bias."""
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP_SIZE, self.scale_zeros)
-
-
-def _finish(out: torch.Tensor, x: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
-    out = out.to(x.dtype).reshape(*x.shape[:-1], out_features)
-    return out if bias is None else out + bias
 
 
 def quantize_int8(weight: torch.Tensor) -> Int8Weight:
@@ -244,7 +245,7 @@ def _quantize_one(kind: str, weight: torch.Tensor) -> Int4Weight | Int8Weight:
     return quantize_int4(weight) if kind == "int4" else quantize_int8(weight)
 
 
-def _module(weight: Int4Weight | Int8Weight, bias: torch.Tensor | None) -> nn.Module:
+def _module(weight: Int4Weight | Int8Weight, bias: torch.Tensor | None) -> QuantizedLinear:
     return Int4Linear(weight, bias) if isinstance(weight, Int4Weight) else Int8Linear(weight, bias)
 
 
