@@ -1,4 +1,5 @@
-"""The only caller of `model.forward`: prefill newcomers, decode every row, sample one token per row.
+"""The only code that runs the model (transformers' forward, or models/decoder.py's for a quantized Llama):
+prefill newcomers, decode every row, sample one token per row.
 
 The engine thread drives it with its own request objects as row keys; `prefill` and `decode` each run
 one forward under `torch.inference_mode` and return plain Python values after one device-to-host copy:
