@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,8 +81,9 @@ class Int8Weight:
         return Int8Weight(torch.cat([w.codes for w in weights]), torch.cat([w.scales for w in weights]))
 
 
-class QuantizedLinear(nn.Module):
-    """y = x W^T + b with W weight-only quantized: the kernel reads bfloat16 inputs, the output is cast back."""
+class QuantizedLinear(nn.Module, ABC):
+    """y = x W^T + b with W weight-only quantized: the kernel reads bfloat16 inputs, the output is cast back.
+    Each kind of weight (Int8Linear, Int4Linear) brings its kernel as `matmul`."""
 
     def __init__(self, out_features: int, in_features: int, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -93,9 +95,9 @@ class QuantizedLinear(nn.Module):
         out = out.reshape(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
 
+    @abstractmethod
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """The kernel alone: x [tokens, in] bfloat16 -> x W^T [tokens, out] bfloat16, no bias."""
-        raise NotImplementedError
 
 
 class Int8Linear(QuantizedLinear):
