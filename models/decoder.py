@@ -62,7 +62,7 @@ def forward(model: LlamaForCausalLM, inputs: Forward, every_position: bool) -> t
     dtype = hidden.dtype
     for i, layer in enumerate(decoder.layers):
         attended = _attention(layer.self_attn, _norm(hidden, layer.input_layernorm), rotary, inputs, i, dtype)
-        hidden = hidden + attended.to(dtype).view(rows, q, -1)
+        hidden = hidden + attended.view(rows, q, -1)
         hidden = hidden + _mlp(layer.mlp, _norm(hidden, layer.post_attention_layernorm), dtype).view(rows, q, -1)
     if inputs.last is not None:
         hidden = hidden[0, inputs.last][:, None]  # [rows, 1, hidden]
@@ -92,7 +92,7 @@ def _attention(
     layer: int,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """x [tokens, hidden] bfloat16 -> the attention block's output [tokens, hidden] bfloat16."""
+    """x [tokens, hidden] bfloat16 -> the attention block's output [tokens, hidden] in `dtype`."""
     rows, q = inputs.input_ids.shape
     config = attention.config
     heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, attention.head_dim
@@ -103,7 +103,8 @@ def _attention(
     keys, values = inputs.cache.layers[layer].update(new_keys, qkv[:, :, heads + kv_heads :].transpose(1, 2))
     # The attention transformers' forward calls (each part apart in a flattened forward), so the two agree bit for bit.
     out, _ = attend(attention, query, keys, values, inputs.attention_mask, dropout=0.0, scaling=attention.scaling)
-    return attention.o_proj.matmul(out.reshape(rows * q, heads * dim).to(ACTIVATION_DTYPE))  # out: [rows, q, heads, dim]
+    out = out.reshape(rows * q, heads * dim)  # from [rows, q, heads, dim]
+    return attention.o_proj.matmul(out.to(ACTIVATION_DTYPE)).to(dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
