@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from bench.serve import percentile
-from models import LoadedModel, load
+from models import LoadedModel, decoder, load
 from server.engine import Engine
 from server.request import SamplingParams
 from server.scheduler import Budgets
@@ -185,9 +185,11 @@ def main() -> None:
 
     modes = [m for m in args.quantization.split(",") if m]
     models = {mode: load(args.model, device=args.device, dtype=args.dtype, quantization=mode) for mode in modes}
-    # The static baselines run on the first mode's weights, through transformers' forward (a quantized Llama's
-    # fused projections only run in models/decoder.py's).
-    loaded = load(args.model, device=args.device, dtype=args.dtype, quantization=modes[0], fuse=False)
+    # The static baselines run on the first mode's weights through transformers' forward: a quantized Llama's
+    # fused projections only run in models/decoder.py's, so that mode is loaded again with them apart.
+    loaded = models[modes[0]]
+    if decoder.fused(loaded.model):
+        loaded = load(args.model, device=args.device, dtype=args.dtype, quantization=modes[0], fuse=False)
     low, high = (int(x) for x in args.prompt_tokens.split("-"))
     jobs = make_jobs(loaded, args.requests, min_prompt=low, max_prompt=high)
     alone_jobs = jobs[: args.alone_requests]
