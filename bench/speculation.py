@@ -1,11 +1,12 @@
 """Prompt-lookup speculation: one chat stream with `--speculative-tokens` against the same server without, in one run.
 
-    python -m bench.speculation [--tokens 5] [--requests 6] [--max-tokens 128] [--rounds 2] [--flags ...]
+    python -m bench.speculation [--tokens 3,5] [--requests 6] [--max-tokens 128] [--rounds 2] [--flags ...]
 
-Two servers, started first, the idle one SIGSTOPped; they alternate, workload by workload, for `--rounds`
-rounds. Two workloads: prompts whose answers copy from the prompt (summaries, edits, extraction), where
-lookup pays, and open questions, where drafts are rare and it should cost nothing. Prints tok/s, ITL and
-the ratio per workload, and the share of drafted tokens the model accepted (from /metrics).
+A server without lookup and one per draft length in `--tokens`, started first, the idle ones SIGSTOPped;
+they alternate, workload by workload, for `--rounds` rounds. Two workloads: prompts whose answers copy
+from the prompt (summaries, edits, extraction), where lookup pays, and open questions, where drafts are
+rare and it should cost nothing. Prints tok/s, ITL and the ratio per workload and draft length, and for
+each draft length the share of drafted tokens the model accepted (from /metrics).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def accepted_share(peer: Peer) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=5, help="--speculative-tokens of the speculating server")
+    parser.add_argument("--tokens", default="5", help="--speculative-tokens of the speculating servers, comma-separated")
     parser.add_argument("--requests", type=int, default=6, help="requests per workload and round, one at a time")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
@@ -61,16 +62,21 @@ def main() -> None:
     args = parser.parse_args()
     logs = args.out / "logs"
     flags = ["--log-level", "warning", *args.flags.split()]
+    drafts = [int(k) for k in args.tokens.split(",")]
     plain = start("plain", logs, *flags)
-    lookup = start(f"lookup k={args.tokens}", logs, *flags, "--speculative-tokens", str(args.tokens))
-    if plain is None or lookup is None:
+    lookups = [start(f"lookup k={k}", logs, *flags, "--speculative-tokens", str(k)) for k in drafts]
+    peers = [plain, *lookups]
+    if None in peers:
+        for peer in peers:
+            if peer is not None:
+                peer.server.terminate()
         raise SystemExit("a server did not start")
     workloads = {"copying": Workload(COPYING[: args.requests], args.max_tokens), "open": Workload(OPEN[: args.requests], args.max_tokens)}
     levels: list[Level] = []
     try:
         for round_ in range(args.rounds):
             for name, workload in workloads.items():
-                for peer in (plain, lookup):
+                for peer in peers:
                     peer.resume()
                     try:
                         level = asyncio.run(run_level(peer.server.url, None, workload, 1, len(workload.prompts),
@@ -80,20 +86,26 @@ def main() -> None:
                     levels.append(level)
                     print(f"  round {round_ + 1} {level.label}: {level.tokens_per_s:.1f} tok/s, "
                           f"ITL p50 {level.itl(0.5):.4f} s", flush=True)  # fmt: skip
-        lookup.resume()
-        drafted, accepted = accepted_share(lookup)
+        shares = []
+        for lookup in lookups:
+            lookup.resume()
+            shares.append(accepted_share(lookup))
     finally:
-        for peer in (plain, lookup):
+        for peer in peers:
             peer.resume()
             peer.server.terminate()
     merged = {level.label: level for level in merge_rounds(levels)}
-    lines = ["", "## Ratios (one stream, rounds merged)", "", "| workload | lookup / plain tok/s | plain | lookup |", "| --- | --- | --- | --- |"]
+    lines = ["", "## Ratios (one stream, rounds merged)", "", "| workload | k | lookup / plain tok/s | plain | lookup |", "| --- | --- | --- | --- | --- |"]
     for name in workloads:
-        a, b = merged[f"{lookup.label}, {name}"], merged[f"plain, {name}"]
-        lines.append(f"| {name} | {a.tokens_per_s / b.tokens_per_s:.2f}x | {b.tokens_per_s:.1f} | {a.tokens_per_s:.1f} |")
-    share = accepted / drafted if drafted else 0.0
-    lines.append(f"\nDrafted {drafted:.0f} tokens, accepted {accepted:.0f} ({share:.0%}).\n")
-    path = write(list(merged.values()), args.out, f"prompt lookup k={args.tokens}, {args.max_tokens} new tokens", "\n".join(lines))
+        b = merged[f"plain, {name}"]
+        for k, lookup in zip(drafts, lookups):
+            a = merged[f"{lookup.label}, {name}"]
+            lines.append(f"| {name} | {k} | {a.tokens_per_s / b.tokens_per_s:.2f}x | {b.tokens_per_s:.1f} | {a.tokens_per_s:.1f} |")
+    lines.append("")
+    for k, (drafted, accepted) in zip(drafts, shares):
+        share = accepted / drafted if drafted else 0.0
+        lines.append(f"k={k}: drafted {drafted:.0f} tokens, accepted {accepted:.0f} ({share:.0%}).")
+    path = write(list(merged.values()), args.out, f"prompt lookup k={args.tokens}, {args.max_tokens} new tokens", "\n".join(lines) + "\n")
     print(path.read_text())
 
 
