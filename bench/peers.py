@@ -53,6 +53,10 @@ class Peer:
     def resume(self) -> None:
         self.server.process.send_signal(signal.SIGCONT)
 
+    def stop(self) -> None:
+        self.resume()  # a stopped process never sees SIGTERM
+        self.server.terminate()
+
 
 def llama_cpp_python(build: bool) -> Path | None:
     """The interpreter of the virtual environment holding llama-cpp-python's server, built on first use."""
@@ -184,8 +188,7 @@ def main() -> None:
                           f"errors {level.errors}", flush=True)  # fmt: skip
     finally:
         for peer in peers:
-            peer.resume()  # a stopped process never sees SIGTERM
-            peer.server.terminate()
+            peer.stop()
     title = f"tokenferry and its peers, chat streams of {args.max_tokens} tokens, {args.rounds} alternating rounds"
     merged = merge_rounds(levels)
     path = write(merged, args.out, title, ratios(merged))

@@ -69,7 +69,7 @@ def main() -> None:
     if None in peers:
         for peer in peers:
             if peer is not None:
-                peer.server.terminate()
+                peer.stop()
         raise SystemExit("a server did not start")
     workloads = {"copying": Workload(COPYING[: args.requests], args.max_tokens), "open": Workload(OPEN[: args.requests], args.max_tokens)}
     levels: list[Level] = []
@@ -92,8 +92,7 @@ def main() -> None:
             shares.append(accepted_share(lookup))
     finally:
         for peer in peers:
-            peer.resume()
-            peer.server.terminate()
+            peer.stop()
     merged = {level.label: level for level in merge_rounds(levels)}
     lines = ["", "## Ratios (one stream, rounds merged)", "", "| workload | k | lookup / plain tok/s | plain | lookup |", "| --- | --- | --- | --- | --- |"]
     for name in workloads:
