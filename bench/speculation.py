@@ -1,12 +1,14 @@
 """Prompt-lookup speculation: one chat stream with `--speculative-tokens` against the same server without, in one run.
 
-    python -m bench.speculation [--tokens 3,5] [--requests 6] [--max-tokens 128] [--rounds 2] [--flags ...]
+    python -m bench.speculation [--tokens 3,5] [--requests 6] [--max-tokens 128] [--rounds 2] [--flags ...] [--llama-cpp]
 
 A server without lookup and one per draft length in `--tokens`, started first, the idle ones SIGSTOPped;
 they alternate, workload by workload, for `--rounds` rounds. Two workloads: prompts whose answers copy
 from the prompt (summaries, edits, extraction), where lookup pays, and open questions, where drafts are
 rare and it should cost nothing. Prints tok/s, ITL and the ratio per workload and draft length, and for
-each draft length the share of drafted tokens the model accepted (from /metrics).
+each draft length the share of drafted tokens the model accepted (from /metrics). `--llama-cpp` puts
+llama.cpp's server on the same GGUF in the rotation too (as bench.peers starts it; built by a bench.peers
+run), for the ratio the one-stream target is stated in.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import asyncio
 import time
 from pathlib import Path
 
-from bench.peers import Peer, merge_rounds, start
+from bench.peers import Peer, llama_cpp_launcher, llama_cpp_python, merge_rounds, start
 from bench.process import metric_total
 from bench.serve import Level, Workload, chat_body, run_level, write
 
@@ -58,6 +60,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--flags", default="", help="more server flags for both, e.g. '--quantization int4'")
+    parser.add_argument("--llama-cpp", action="store_true", help="also llama.cpp's server, if bench.peers built it")
     parser.add_argument("--out", type=Path, default=Path("bench/reports") / time.strftime("speculation-%Y%m%d-%H%M%S"))
     args = parser.parse_args()
     logs = args.out / "logs"
@@ -66,6 +69,14 @@ def main() -> None:
     plain = start("plain", logs, *flags)
     lookups = [start(f"lookup k={k}", logs, *flags, "--speculative-tokens", str(k)) for k in drafts]
     peers = [plain, *lookups]
+    llama_cpp = None
+    if args.llama_cpp:
+        python = llama_cpp_python(build=False)
+        if python is None:
+            print("  llama.cpp: not built (bench.peers builds it); skipped", flush=True)
+        else:
+            llama_cpp = start("llama.cpp", logs, launcher=llama_cpp_launcher(python), ready_path="/v1/models")
+            peers += [llama_cpp] if llama_cpp else []  # one that does not start is skipped, as in bench.peers
     if None in peers:
         for peer in peers:
             if peer is not None:
@@ -94,12 +105,15 @@ def main() -> None:
         for peer in peers:
             peer.stop()
     merged = {level.label: level for level in merge_rounds(levels)}
-    lines = ["", "## Ratios (one stream, rounds merged)", "", "| workload | k | lookup / plain tok/s | plain | lookup |", "| --- | --- | --- | --- | --- |"]
+    lines = ["", "## Ratios (one stream, rounds merged; tok/s)", "",
+             "| workload | k | plain | lookup | lookup / plain | llama.cpp | lookup / llama.cpp |", "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for name in workloads:
         b = merged[f"plain, {name}"]
+        c = merged[f"{llama_cpp.label}, {name}"] if llama_cpp else None
         for k, lookup in zip(drafts, lookups):
             a = merged[f"{lookup.label}, {name}"]
-            lines.append(f"| {name} | {k} | {a.tokens_per_s / b.tokens_per_s:.2f}x | {b.tokens_per_s:.1f} | {a.tokens_per_s:.1f} |")
+            theirs = f"{c.tokens_per_s:.1f} | {a.tokens_per_s / c.tokens_per_s:.2f}x" if c else "- | -"
+            lines.append(f"| {name} | {k} | {b.tokens_per_s:.1f} | {a.tokens_per_s:.1f} | {a.tokens_per_s / b.tokens_per_s:.2f}x | {theirs} |")
     lines.append("")
     for k, (drafted, accepted) in zip(drafts, shares):
         share = accepted / drafted if drafted else 0.0
