@@ -24,7 +24,7 @@ import os
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -60,13 +60,6 @@ class Int4Weight:
         zeros = self.zeros.to(torch.bfloat16).float().repeat_interleave(GROUP_SIZE, dim=1)
         return (self.codes.float() - INT4_OFFSET) * scales + zeros  # [out, in]
 
-    @staticmethod
-    def stack(weights: Sequence[Int4Weight]) -> Int4Weight:
-        """One weight whose output rows are `weights`' rows, one after another."""
-        return Int4Weight(
-            torch.cat([w.codes for w in weights]), torch.cat([w.scales for w in weights]), torch.cat([w.zeros for w in weights])
-        )
-
 
 @dataclass(frozen=True)
 class Int8Weight:
@@ -74,11 +67,6 @@ class Int8Weight:
 
     codes: torch.Tensor  # [out, in] int8
     scales: torch.Tensor  # [out] float32
-
-    @staticmethod
-    def stack(weights: Sequence[Int8Weight]) -> Int8Weight:
-        """One weight whose output rows are `weights`' rows, one after another."""
-        return Int8Weight(torch.cat([w.codes for w in weights]), torch.cat([w.scales for w in weights]))
 
 
 class QuantizedLinear(nn.Module, ABC):
@@ -221,8 +209,7 @@ def quantize(
     for fused, parts in (fuse or {}).items():
         if len({_kind(weights[part]) for part in parts}) != 1 or any(biases[part] is not None for part in parts):
             raise QuantizationError(f"{fused}: only Linears of one kind and without bias fuse, not {', '.join(parts)}")
-        stacked = [weights.pop(part) for part in parts]
-        weights[fused] = type(stacked[0]).stack(stacked)
+        weights[fused] = _stack([weights.pop(part) for part in parts])
         biases[fused] = None
         for part in parts:
             _set_module(model, part, None)
@@ -237,6 +224,13 @@ def quantize(
 def _head_name(model: nn.Module) -> str | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return next((name for name, module in model.named_modules() if module is head), None)
+
+
+def _stack(weights: Sequence[Int4Weight | Int8Weight]) -> Int4Weight | Int8Weight:
+    """One weight of `weights`' kind whose output rows are theirs, one after another: every field of both kinds
+    is indexed by output row first."""
+    kind = type(weights[0])
+    return kind(*(torch.cat([getattr(w, f.name) for w in weights]) for f in fields(kind)))
 
 
 def _kind(weight: Int4Weight | Int8Weight) -> str:
