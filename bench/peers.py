@@ -106,6 +106,16 @@ def start(label: str, logs: Path, *flags: str, model: str | None = None, **optio
     return peer
 
 
+def start_llama_cpp(logs: Path, build: bool) -> Peer | None:
+    """llama.cpp's server on the default GGUF, started as `start` starts a peer (built first if `build`); None,
+    and why, when it is not built or does not start."""
+    python = llama_cpp_python(build)
+    if python is None:
+        print("  llama.cpp: not built (bench.peers without --no-build builds it); skipped", flush=True)
+        return None
+    return start("llama.cpp", logs, launcher=llama_cpp_launcher(python), ready_path="/v1/models")
+
+
 def merge_rounds(levels: list[Level]) -> list[Level]:
     """One level per server and concurrency: its rounds' samples together, over their summed time."""
     keys = dict.fromkeys((level.label, level.concurrency) for level in levels)
@@ -158,11 +168,7 @@ def main() -> None:
     candidates: list[Peer | None] = [start("tokenferry float32", logs, "--log-level", "warning")]
     for mode in filter(None, args.modes.split(",")):
         candidates.append(start(f"tokenferry {mode}", logs, "--log-level", "warning", "--quantization", mode))
-    python = llama_cpp_python(build=not args.no_build)
-    if python is None:
-        print("  llama.cpp: not built (run without --no-build); skipped", flush=True)
-    else:
-        candidates.append(start("llama.cpp", logs, launcher=llama_cpp_launcher(python), ready_path="/v1/models"))
+    candidates.append(start_llama_cpp(logs, build=not args.no_build))
     folder = converted_gguf(default_gguf())
     candidates.append(
         start("transformers serve", logs, launcher=transformers_launcher(folder), ready_path="/health", model=str(folder))

@@ -18,7 +18,7 @@ import asyncio
 import time
 from pathlib import Path
 
-from bench.peers import Peer, llama_cpp_launcher, llama_cpp_python, merge_rounds, start
+from bench.peers import Peer, merge_rounds, start, start_llama_cpp
 from bench.process import metric_total
 from bench.serve import Level, Workload, chat_body, run_level, write
 
@@ -69,14 +69,8 @@ def main() -> None:
     plain = start("plain", logs, *flags)
     lookups = [start(f"lookup k={k}", logs, *flags, "--speculative-tokens", str(k)) for k in drafts]
     peers = [plain, *lookups]
-    llama_cpp = None
-    if args.llama_cpp:
-        python = llama_cpp_python(build=False)
-        if python is None:
-            print("  llama.cpp: not built (bench.peers builds it); skipped", flush=True)
-        else:
-            llama_cpp = start("llama.cpp", logs, launcher=llama_cpp_launcher(python), ready_path="/v1/models")
-            peers += [llama_cpp] if llama_cpp else []  # one that does not start is skipped, as in bench.peers
+    llama_cpp = start_llama_cpp(logs, build=False) if args.llama_cpp else None
+    peers += [llama_cpp] if llama_cpp else []  # one that is not there is skipped, as in bench.peers
     if None in peers:
         for peer in peers:
             if peer is not None:
