@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -40,6 +41,9 @@ GROUP_SIZE = 32  # int4: inputs sharing one scale and offset, as in GGUF's Q4 bl
 INT4_OFFSET = 8  # the int4 kernel dequantizes code q as (q - 8) * scale + zero
 _INNER_K_TILES = 2  # layout argument of the int4 packing; any K that is a multiple of 32 accepts it
 _CACHE_VERSION = 2  # bump when the cached layout changes
+KERNEL_ALIGNMENT = 64  # bytes: where every buffer a kernel reads starts (a cache line, an AVX-512 register)
+INT4_OUT_MULTIPLE = 16  # int4: output sizes the kernel's packing accepts
+INT8_WIDTH_MULTIPLE = 16  # int8: input widths padded to this, so every weight and input row stays aligned
 
 
 class QuantizationError(ValueError):
@@ -71,7 +75,8 @@ class Int8Weight:
 
 class QuantizedLinear(nn.Module, ABC):
     """y = x W^T + b with W weight-only quantized: the kernel reads bfloat16 inputs, the output is cast back.
-    Each kind of weight (Int8Linear, Int4Linear) brings its kernel as `matmul`."""
+    Each kind of weight (Int8Linear, Int4Linear) brings its kernel as `_kernel` and holds what it reads with
+    `_hold`; `matmul` hands the kernel inputs it can read on every CPU."""
 
     def __init__(self, out_features: int, in_features: int, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -83,20 +88,38 @@ class QuantizedLinear(nn.Module, ABC):
         out = out.reshape(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
 
-    @abstractmethod
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """The kernel alone: x [tokens, in] bfloat16 -> x W^T [tokens, out] bfloat16, no bias."""
+        return self._kernel(kernel_buffer(x))
+
+    def _hold(self, name: str, tensor: torch.Tensor) -> None:
+        """Register a buffer the kernel reads, in storage it can read (`kernel_buffer`)."""
+        self.register_buffer(name, kernel_buffer(tensor))
+
+    @abstractmethod
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """The bare kernel call on an input `kernel_buffer` has made safe."""
 
 
 class Int8Linear(QuantizedLinear):
-    """W in int8, one scale per output channel."""
+    """W in int8, one scale per output channel.
+
+    NOTE: with 4 or more input rows the kernel's AVX-512 path (not its AVX2 one) reads 16 weight bytes and 16
+    bfloat16 inputs at a time with aligned loads: every row of both must start on a 16- and a 32-byte boundary,
+    or the process dies (SIGSEGV). `kernel_buffer` aligns where each buffer starts; rows stay aligned when
+    `in` is a multiple of 16, so other widths are padded with zero columns (zero codes times zero inputs add
+    nothing)."""
 
     def __init__(self, weight: Int8Weight, bias: torch.Tensor | None) -> None:
         super().__init__(*weight.codes.shape, bias)
-        self.register_buffer("codes", weight.codes.contiguous())  # [out, in] int8
-        self.register_buffer("scales", weight.scales.to(torch.bfloat16))  # [out]
+        self.padding = -self.in_features % INT8_WIDTH_MULTIPLE
+        codes = F.pad(weight.codes, (0, self.padding)) if self.padding else weight.codes
+        self._hold("codes", codes)  # [out, in + padding] int8
+        self._hold("scales", weight.scales.to(torch.bfloat16))  # [out]
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding:
+            x = F.pad(x, (0, self.padding))  # a fresh tensor: aligned
         return torch.ops.aten._weight_int8pack_mm(x, self.codes, self.scales)
 
 
@@ -106,13 +129,31 @@ class Int4Linear(QuantizedLinear):
     def __init__(self, weight: Int4Weight, bias: torch.Tensor | None) -> None:
         super().__init__(*weight.codes.shape, bias)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.codes.to(torch.int32), _INNER_K_TILES)
-        self.register_buffer("packed", packed)
+        self._hold("packed", packed)
         # The kernel's layout: [in / 32, out, 2], scale then zero.
         scale_zeros = torch.stack([weight.scales.t(), weight.zeros.t()], dim=-1)
-        self.register_buffer("scale_zeros", scale_zeros.to(torch.bfloat16).contiguous())
+        self._hold("scale_zeros", scale_zeros.to(torch.bfloat16))
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP_SIZE, self.scale_zeros)
+
+
+def kernel_buffer(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, or a copy of it, contiguous and alone in storage that starts on a KERNEL_ALIGNMENT boundary.
+
+    Every buffer and input a quantized kernel reads passes through here. A view into a larger buffer (a
+    safetensors file mapped at an offset, a slice of a wider tensor) can start anywhere, and `.contiguous()`
+    keeps that address; a fresh allocation starts where PyTorch's CPU allocator puts it, which is 64-byte
+    aligned. The check after the copy fails loudly on every CPU if that ever stops being true, instead of
+    crashing on the CPUs whose kernel paths use aligned loads.
+    """
+    nbytes = tensor.numel() * tensor.element_size()
+    alone = tensor.storage_offset() == 0 and tensor.untyped_storage().nbytes() == nbytes
+    if not (tensor.is_contiguous() and alone and tensor.data_ptr() % KERNEL_ALIGNMENT == 0):
+        tensor = tensor.clone(memory_format=torch.contiguous_format)
+    if tensor.data_ptr() % KERNEL_ALIGNMENT:
+        raise RuntimeError(f"a fresh {nbytes}-byte buffer starts at {tensor.data_ptr():#x}, not on a {KERNEL_ALIGNMENT}-byte boundary")
+    return tensor
 
 
 def quantize_int8(weight: torch.Tensor) -> Int8Weight:
@@ -199,6 +240,8 @@ def quantize(
     for name, linear in rest.items():
         if kinds[name] == "int4" and linear.in_features % GROUP_SIZE:
             raise QuantizationError(f"{name}: int4 needs input sizes that are multiples of {GROUP_SIZE}, got {linear.in_features}")
+        if kinds[name] == "int4" and linear.out_features % INT4_OUT_MULTIPLE:
+            raise QuantizationError(f"{name}: int4 needs output sizes that are multiples of {INT4_OUT_MULTIPLE}, got {linear.out_features}")
     made, from_cache = _cached(
         cache_file,
         lambda: {name: _quantize_one(kinds[name], linear.weight) for name, linear in rest.items()},

@@ -3,6 +3,9 @@ on the lm-eval tasks as float32 does."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +18,14 @@ from tests.api import test_lm_eval
 from tests.api.test_lm_eval import evaluate
 
 task_dir = test_lm_eval.task_dir  # the offline lm-eval tasks' fixture, shared
+
+
+@pytest.fixture(scope="module")
+def smol_quantized_server(request: pytest.FixtureRequest, server_logs: Path) -> Iterator[ServerProcess]:
+    """The default model served in the mode the test names (indirect parametrization)."""
+    server = ServerProcess("--log-level", "warning", "--quantization", request.param, log_dir=server_logs).wait_ready()
+    yield server
+    server.terminate()
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +46,44 @@ def test_the_mode_is_in_the_load_log_and_the_model_card(int8_server: ServerProce
     assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] >= 1
 
 
+async def _stream(client: httpx.AsyncClient, index: int) -> tuple[int, str | None, bool]:
+    """One chat stream read to the end: tokens seen, the finish reason, whether [DONE] came."""
+    body = {"messages": [{"role": "user", "content": f"Count from {index} upwards."}], "max_tokens": 16,
+            "ignore_eos": True, "stream": True}  # fmt: skip
+    tokens, finish, done = 0, None, False
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line == "data: [DONE]":
+                done = True
+            elif line.startswith("data: "):
+                choice = json.loads(line[6:])["choices"][0]
+                tokens += bool(choice["delta"].get("content"))
+                finish = choice["finish_reason"] or finish
+    return tokens, finish, done
+
+
 @pytest.mark.slow
-def test_int4_scores_within_two_points_of_float32(smol_server: ServerProcess, task_dir: Path, server_logs: Path) -> None:
+@pytest.mark.parametrize("smol_quantized_server", ["int8", "int4"], indirect=True)
+def test_a_quantized_server_answers_32_concurrent_streams(smol_quantized_server: ServerProcess) -> None:
+    """On AVX-512 CPUs the int8 head used to crash the whole server on the first batch of 4 or more rows."""
+    server = smol_quantized_server
+    before = server.outcomes()
+
+    async def streams() -> list[tuple[int, str | None, bool]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
+            return await asyncio.gather(*(_stream(client, i) for i in range(32)))
+
+    results = asyncio.run(streams())
+    assert all(finish == "length" and done and tokens >= 1 for tokens, finish, done in results), results
+    assert server.process.poll() is None
+    assert server.counted_since(before, 32) == Counter({"length": 32})
+    assert not any(server.settle().values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("smol_quantized_server", ["int4"], indirect=True)
+def test_int4_scores_within_two_points_of_float32(smol_server: ServerProcess, smol_quantized_server: ServerProcess, task_dir: Path) -> None:
     """The lm-eval tasks of test_lm_eval, served in float32 and in int4: accuracy within 2 points.
 
     Measured: the same accuracy in every mode (last word 0.667, choice 0.70), perplexity of the last word
@@ -46,11 +93,7 @@ def test_int4_scores_within_two_points_of_float32(smol_server: ServerProcess, ta
     args = "model=SmolLM2-135M-Instruct,base_url={url}/v1/completions,tokenizer_backend=huggingface,"
     args += f"tokenizer={folder},tokenized_requests=True,num_concurrent=4,max_retries=1"
     reference = evaluate("local-completions", args.format(url=smol_server.url), task_dir)
-    server = ServerProcess("--log-level", "warning", "--quantization", "int4", log_dir=server_logs).wait_ready()
-    try:
-        quantized = evaluate("local-completions", args.format(url=server.url), task_dir)
-    finally:
-        server.terminate()
+    quantized = evaluate("local-completions", args.format(url=smol_quantized_server.url), task_dir)
     for task, metrics in reference.items():
         for metric in ("acc", "acc_norm"):
             if metric in metrics:

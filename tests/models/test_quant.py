@@ -3,6 +3,7 @@ int8 and int4 mode, on the tiny model (fast) and on SmolLM2-135M (slow, marked).
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from gguf.quants import quantize as gguf_quantize
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
-from models import LoadedModel, ModelLoadError, load, quant
+from models import LoadedModel, ModelLoadError, decoder, load, loader, quant
 from models.loader import default_gguf
 from server.request import SamplingParams
 from tests.helpers import generate_alone, generate_together
@@ -88,6 +89,82 @@ def test_the_kernels_compute_each_row_alone(mode: str) -> None:
         assert torch.equal(module(x[:rows]), alone[:rows]), f"{rows} rows"
 
 
+# --- what the kernels read: alignment -------------------------------------------------------------------
+# On AVX-512 CPUs the int8 kernel's path for 4 or more rows crashes the process (SIGSEGV) on a weight or an
+# input row that does not start on a 16- or 32-byte boundary; AVX2 CPUs take another path and never crash.
+# These tests fail on every CPU when a buffer is misplaced, and run each kernel on 1, 4, 8 and 16 rows.
+
+
+def _misaligned(tensor: torch.Tensor, offset: int = 8) -> torch.Tensor:
+    """A copy of `tensor` that starts `offset` bytes past a 64-byte boundary: a view into a larger buffer, as
+    a memory-mapped safetensors file or a slice gives."""
+    nbytes = tensor.numel() * tensor.element_size()
+    raw = torch.empty(nbytes + 128, dtype=torch.uint8)
+    start = -raw.data_ptr() % 64 + offset
+    view = raw[start : start + nbytes].view(tensor.dtype).view(tensor.shape)
+    view.copy_(tensor)
+    assert view.data_ptr() % 64 == offset
+    return view
+
+
+def assert_kernel_ready(model: torch.nn.Module) -> int:
+    """Every buffer of every quantized module is contiguous, alone in its storage, and starts on a 64-byte
+    boundary; int8 rows are a multiple of 16 bytes wide. Returns how many modules were checked."""
+    modules = [(name, m) for name, m in model.named_modules() if isinstance(m, quant.QuantizedLinear)]
+    for name, module in modules:
+        for buffer_name, buffer in module.named_buffers(recurse=False):
+            where = f"{name}.{buffer_name}"
+            assert buffer.is_contiguous() and buffer.storage_offset() == 0, where
+            assert buffer.untyped_storage().nbytes() == buffer.numel() * buffer.element_size(), where
+            assert buffer.data_ptr() % quant.KERNEL_ALIGNMENT == 0, f"{where} starts at {buffer.data_ptr() % 64} mod 64"
+        if isinstance(module, quant.Int8Linear):
+            assert module.codes.shape[1] % quant.INT8_WIDTH_MULTIPLE == 0, name
+    return len(modules)
+
+
+def test_kernel_buffer_copies_whatever_does_not_start_alone_on_a_boundary() -> None:
+    owned = torch.randn(4, 64)
+    assert quant.kernel_buffer(owned) is owned  # the common case costs nothing
+    for view in (_misaligned(owned), torch.randn(8, 64)[:4], torch.randn(4, 128)[:, :64]):
+        copy = quant.kernel_buffer(view)
+        assert copy.data_ptr() % 64 == 0 and copy.is_contiguous() and copy.storage_offset() == 0
+        assert torch.equal(copy, view)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 8, 16])
+@pytest.mark.parametrize(("mode", "width"), [("int8", 576), ("int8", 72), ("int4", 576), ("int4", 96)])
+def test_each_kernel_reads_misplaced_weights_and_inputs_safely(mode: str, width: int, rows: int) -> None:
+    """Weights handed over as misaligned views (as the cache file's are) and inputs that are misaligned
+    views, at widths the int8 kernel cannot read row-aligned (72): the module's own buffers are placed where
+    the kernel can read them, and its output is the dequantized weight's."""
+    linear = _linear(64, width, seed=2)
+    if mode == "int8":
+        w = quant.quantize_int8(linear.weight)
+        module = quant.Int8Linear(quant.Int8Weight(_misaligned(w.codes), _misaligned(w.scales, 16)), None)
+        weight = w.codes.float() * w.scales[:, None]
+    else:
+        w = quant.quantize_int4(linear.weight)
+        module = quant.Int4Linear(quant.Int4Weight(_misaligned(w.codes), _misaligned(w.scales), _misaligned(w.zeros)), None)
+        weight = w.dequantize()
+    assert assert_kernel_ready(module) == 1
+    x = torch.randn(rows, width).to(torch.bfloat16)  # [rows, in]
+    got = module.matmul(_misaligned(x, 16))
+    reference = x.float() @ weight.t()
+    assert got.shape == (rows, 64)
+    assert (got.float() - reference).abs().max() < 1e-2 * reference.abs().max()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_quantized_buffer_of_the_tiny_model_is_kernel_ready(mode: str, tmp_path: Path) -> None:
+    """Fresh, and read back from the cache file (memory-mapped: its tensors start wherever the file puts
+    them), fused as the server runs it."""
+    for from_cache in (False, True):
+        model = load("tiny", fuse=False).model
+        outcome = quant.quantize(model, mode, cache_file=tmp_path / "cache.safetensors", fuse=decoder.fusions(model))
+        assert outcome.from_cache is from_cache
+        assert assert_kernel_ready(model) == 2 * 4 + 1  # per layer: fused qkv, o, fused gate_up, down; the head
+
+
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
 def test_gguf_q4_blocks_decode_to_what_gguf_dequantizes(kind: str) -> None:
     rng = np.random.default_rng(0)
@@ -159,6 +236,13 @@ def test_quantization_is_refused_off_cpu_and_for_unknown_modes() -> None:
         load("tiny", quantization="int3")
 
 
+def test_int4_refuses_shapes_its_kernel_cannot_take_with_the_layer_named() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(64, 40))  # 40 outputs: the int4 packing needs a multiple of 16
+    with pytest.raises(quant.QuantizationError, match="0: int4 needs output sizes that are multiples of 16, got 40"):
+        quant.quantize(model, "int4")
+    assert isinstance(quant.quantize(model, "int8") and model[0], quant.Int8Linear)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_tiny_batched_equals_alone(mode: str) -> None:
     loaded = load("tiny", quantization=mode)
@@ -197,6 +281,19 @@ def questions(smol: LoadedModel) -> list[list[int]]:
 @pytest.fixture(scope="module", params=MODES)
 def quantized(request: pytest.FixtureRequest) -> LoadedModel:
     return load("default", quantization=request.param)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+def test_every_quantized_buffer_of_the_default_model_is_kernel_ready(smol: LoadedModel, mode: str, tmp_path: Path) -> None:
+    """As the loader quantizes it (the GGUF file's blocks in int4), fresh and then from its cache file."""
+    for from_cache in (False, True):
+        model = copy.deepcopy(smol.model)
+        loader._quantize(model, mode, default_gguf(), tmp_path / quant.cache_name(mode), "default", fuse=True)
+        assert (tmp_path / quant.cache_name(mode)).exists()
+        assert assert_kernel_ready(model) == 30 * 4 + 1
+        x = torch.randn(16, 576).to(torch.bfloat16)
+        assert model.lm_head.matmul(x).shape == (16, 49152)  # the head that crashed on AVX-512 read from the cache
 
 
 @pytest.mark.slow
