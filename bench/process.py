@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -58,6 +59,29 @@ def _poll(read: Callable[[], T], done: Callable[[T], bool], timeout: float) -> T
     return value
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+
+
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """For Popen's preexec_fn: the child is killed (SIGKILL) when the thread that started it ends, so a test
+    or bench process that crashes or is killed takes its servers with it instead of leaving them running.
+
+    The kernel ties this to the starting thread, not its process: start servers from a thread that lives as
+    long as they should (the main thread, as the tests' fixtures and the benches do). None off Linux.
+    """
+    if _LIBC is None:
+        return None
+    prctl, getppid, exit_now = _LIBC.prctl, os.getppid, os._exit  # bound before the fork
+
+    def arm() -> None:  # runs in the child between fork and exec: nothing here may take a lock
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if getppid() != parent:  # the parent died before the line above took effect
+            exit_now(1)
+
+    return arm
+
+
 def tokenferry(port: int) -> list[str]:
     return [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port)]
 
@@ -84,7 +108,11 @@ class ServerProcess:
         command = [*launcher(self.port), *flags]
         self._log = self.log_path.open("w")
         self.process = subprocess.Popen(
-            command, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            command,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            preexec_fn=_die_with_parent(os.getpid()),
         )
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> ServerProcess:
