@@ -28,8 +28,12 @@ import torch
 from models.kv_cache import CacheShape, KVStore
 
 BLOCK_TOKENS = 16
-# With no size given, the cache may use this share of the memory that is free when it is created.
+# With no size given, the cache may use this share of the memory that is free when it is created, up to
+# DEFAULT_MAX_BYTES: a share alone grows with the machine, not with the model (10% of 256 GiB is 25 GiB for
+# a 135M model), while 4 GiB, vLLM's CPU KV space by default, holds about 90,000 tokens of SmolLM2-135M's
+# float32 KV (46 KB a token): dozens of long system prompts and conversations.
 DEFAULT_FREE_SHARE = 0.10
+DEFAULT_MAX_BYTES = 4 << 30
 
 
 def chain_root(model_name: str, dtype: str) -> int:
@@ -50,12 +54,12 @@ def block_hashes(root: int, token_ids: Sequence[int], block_tokens: int = BLOCK_
 
 
 def default_bytes(device: torch.device) -> int:
-    """DEFAULT_FREE_SHARE of the memory free now on `device` (host memory for the CPU)."""
+    """DEFAULT_FREE_SHARE of the memory free now on `device` (host memory for the CPU), at most DEFAULT_MAX_BYTES."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
     else:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return int(free * DEFAULT_FREE_SHARE)
+    return min(int(free * DEFAULT_FREE_SHARE), DEFAULT_MAX_BYTES)
 
 
 class PrefixCache:

@@ -37,7 +37,7 @@ class Config:
     max_batch_size: int = field(default=64, metadata=_help("most rows in the running batch"))
     max_batch_tokens: int = field(default=65536, metadata=_help("most rows x padded length when a request joins"))
     max_prefill_tokens: int = field(default=256, metadata=_help("most prompt tokens prefilled in one step; a longer prompt is prefilled in chunks over several steps while the others decode"))
-    prefix_cache_bytes: int | None = field(default=None, metadata=_help("bytes of KV kept for prompts that start alike (None: 10 percent of free memory; 0 disables)"))
+    prefix_cache_bytes: int | None = field(default=None, metadata=_help("bytes of KV kept for prompts that start alike (None: 10 percent of free memory, at most 4 GiB; 0 disables)"))
     max_waiting: int = field(default=256, metadata=_help("most queued requests; past it requests get 429"))
     api_key: str | None = field(default=None, metadata=_help("require this bearer key on /v1 routes"))
     cors_origins: tuple[str, ...] = field(default=(), metadata=_help("comma-separated origins allowed by CORS"))

@@ -61,6 +61,8 @@ class Engine:
         # Structured output: grammars compile on their own worker threads, before their requests are queued.
         self.grammars = GrammarCompiler(loaded.tokenizer, self.info.vocab_size, self.info.eos_token_ids)
         self.prefix_cache = _prefix_cache(loaded, prefix_cache_bytes)
+        cache = self.prefix_cache
+        metrics.PREFIX_CACHE_CAPACITY.set(cache.capacity * cache.block_bytes if cache is not None else 0)
         self._runner: ModelRunner[Request] = ModelRunner(loaded.model, budgets.max_batch_size, self.prefix_cache)
         self._scheduler = Scheduler(budgets, self.prefix_cache)
         self._lock = threading.Lock()  # guards the scheduler's queue, _requests and _accepting

@@ -61,6 +61,9 @@ PREFIX_CACHED_TOKENS = Counter(
     "tokenferry_prefix_cache_reused_tokens_total", "Prompt tokens read from the prefix cache instead of computed."
 )
 PREFIX_CACHE_BYTES = Gauge("tokenferry_prefix_cache_bytes", "Bytes of KV blocks held in the prefix cache.")
+PREFIX_CACHE_CAPACITY = Gauge(
+    "tokenferry_prefix_cache_capacity_bytes", "Bytes of KV blocks the prefix cache may hold (its bound, in whole blocks)."
+)
 PREFIX_CACHE_EVICTIONS = Counter(
     "tokenferry_prefix_cache_evictions_total", "Blocks evicted from the prefix cache to make room."
 )

@@ -23,6 +23,7 @@ EXPECTED = {
     "tokenferry_prefix_cache_hits": "counter",
     "tokenferry_prefix_cache_reused_tokens": "counter",
     "tokenferry_prefix_cache_bytes": "gauge",
+    "tokenferry_prefix_cache_capacity_bytes": "gauge",
     "tokenferry_prefix_cache_evictions": "counter",
 }
 
@@ -65,6 +66,6 @@ def test_metrics_parse_and_move(tiny_server: ServerProcess) -> None:
     computed = total(after, "tokenferry_prefill_computed_tokens_total") - total(before, "tokenferry_prefill_computed_tokens_total")
     reused = total(after, "tokenferry_prefix_cache_reused_tokens_total") - total(before, "tokenferry_prefix_cache_reused_tokens_total")
     assert computed + reused == 3 * prompt and computed < 3 * prompt
-    assert total(after, "tokenferry_prefix_cache_bytes") > 0
+    assert 0 < total(after, "tokenferry_prefix_cache_bytes") <= total(after, "tokenferry_prefix_cache_capacity_bytes") <= 4 << 30
     assert total(after, "tokenferry_step_duration_seconds_count", phase="decode") > total(before, "tokenferry_step_duration_seconds_count", phase="decode")
     assert total(after, "tokenferry_waiting_requests") == 0 and total(after, "tokenferry_running_requests") == 0

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from models import prefix_cache
 from models.kv_cache import CacheShape, KVStore
 from models.prefix_cache import PrefixCache, block_hashes, chain_root
 
@@ -80,3 +82,14 @@ def test_the_byte_bound_holds_and_what_does_not_fit_is_not_cached() -> None:
     assert len(prefix) == 2 and prefix.bytes_used <= prefix.capacity * prefix.block_bytes
     assert prefix.match(prefix.keys_of(tokens)) == 2, "a chain keeps its first blocks, not a middle"
     assert cache(blocks=0).capacity == 0
+
+
+@pytest.mark.parametrize(("free_gib", "expected_gib"), [(8, 0.8), (256, 4)])
+def test_the_default_bound_is_a_share_of_free_memory_up_to_4_gib(
+    free_gib: float, expected_gib: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """10% of a small machine; on a large one no more than 4 GiB (10% of 256 GiB would be 25 GiB)."""
+    page = 4096
+    pages = int(free_gib * 2**30) // page
+    monkeypatch.setattr(prefix_cache.os, "sysconf", {"SC_AVPHYS_PAGES": pages, "SC_PAGE_SIZE": page}.__getitem__)
+    assert prefix_cache.default_bytes(torch.device("cpu")) == pytest.approx(expected_gib * 2**30, rel=1e-6)
