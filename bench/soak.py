@@ -1,13 +1,19 @@
 """`make soak`: minutes of mixed streaming load on the default model; memory settles, every request accounted.
 
-    python -m bench.soak [--minutes 10] [--clients 28] [--out DIR]
+    python -m bench.soak [--minutes 10] [--clients 28] [--no-fill] [--out DIR]
 
 The server runs with a small waiting queue so overload is part of the mix. Each client loops over a random
 kind of request: a chat stream read to the end, a stream dropped after a few chunks, a plain completion,
 an invalid body, a prompt over the context. Every few seconds the server's resident memory is read from
-/proc and /ready is checked. At the end every request the clients made is matched, by outcome, against the
-server's `tokenferry_requests_total`, and the engine must track nothing. Exits 1 when a request is
-unaccounted for, the server stopped being ready, the engine kept something, or memory kept growing.
+/proc, the prefix cache's use and bound from /metrics, and /ready is checked.
+
+The prefix cache grows toward its bound by design, so memory is judged net of what the cache reports
+holding (RSS less `tokenferry_prefix_cache_bytes`). Before the load, distinct long prompts fill the cache
+until it evicts, so the whole run sees it full and a leak cannot hide behind its filling (`--no-fill` skips
+that). At the end every request the clients made is matched, by outcome, against the server's
+`tokenferry_requests_total`, and the engine must track nothing. Exits 1 when a request is unaccounted for,
+the server stopped being ready, the engine kept something, the cache held more than its bound, or memory
+net of the cache kept growing.
 """
 
 from __future__ import annotations
@@ -23,11 +29,12 @@ from pathlib import Path
 
 import httpx
 
-from bench.process import ServerProcess
+from bench.process import ServerProcess, metric_total
 from bench.serve import make_workload
 
 SERVER_FLAGS = ("--log-level", "warning", "--max-batch-size", "16", "--max-waiting", "8")
 SAMPLE_EVERY_S = 5.0
+MIB = 2**20
 KINDS = {  # kind: weight
     "stream": 55,
     "dropped": 15,
@@ -38,6 +45,10 @@ KINDS = {  # kind: weight
 DROP_AFTER_CHUNKS = (1, 6)
 DROPPED_MAX_TOKENS = 256  # long enough that the drop always lands mid-generation
 OVER_CONTEXT_WORDS = 12_000  # SmolLM2's context is 8192 tokens
+FILL_NUMBERS = 500  # a filling prompt: this many random numbers, a few thousand tokens
+FILL_CONCURRENCY = 4
+CACHE_BYTES = "tokenferry_prefix_cache_bytes"
+CACHE_CAPACITY = "tokenferry_prefix_cache_capacity_bytes"
 
 
 @dataclass
@@ -58,7 +69,13 @@ class Tally:
 class MemorySample:
     at_s: float
     rss_mib: float
+    cache_mib: float  # what the prefix cache reports holding
     ready: bool
+
+    @property
+    def net_mib(self) -> float:
+        """Resident memory less the prefix cache's blocks: what must not grow."""
+        return self.rss_mib - self.cache_mib
 
 
 def rss_mib(pid: int) -> float:
@@ -167,11 +184,32 @@ async def client_loop(url: str, deadline: float, prompts: list[str], tally: Tall
                 tally.expect(False, "error", f"{kind}: {type(exc).__name__}")
 
 
+async def scrape(client: httpx.AsyncClient, *names: str) -> list[float]:
+    text = (await client.get("/metrics")).text
+    return [metric_total(text, name) for name in names]
+
+
+async def fill_cache(url: str, seed: int = 99) -> tuple[int, float]:
+    """Send distinct long prompts until the prefix cache evicts: it is full. Returns (prompts, seconds)."""
+    rng = random.Random(seed)
+    started, sent = time.monotonic(), 0
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(300.0)) as client:
+        while not (await scrape(client, "tokenferry_prefix_cache_evictions_total"))[0]:
+            prompts = [" ".join(str(rng.randrange(10**6)) for _ in range(FILL_NUMBERS)) for _ in range(FILL_CONCURRENCY)]
+            bodies = [{"prompt": p, "max_tokens": 1} for p in prompts]
+            answers = await asyncio.gather(*(client.post("/v1/completions", json=b) for b in bodies))
+            if any(a.status_code != 200 for a in answers):
+                raise RuntimeError(f"filling the prefix cache: HTTP {[a.status_code for a in answers]}")
+            sent += len(bodies)
+    return sent, time.monotonic() - started
+
+
 async def sample_memory(server: ServerProcess, deadline: float, started: float, samples: list[MemorySample]) -> None:
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
         while True:
             ready = (await client.get("/ready")).status_code == 200
-            samples.append(MemorySample(time.monotonic() - started, rss_mib(server.process.pid), ready))
+            cache_bytes, = await scrape(client, CACHE_BYTES)
+            samples.append(MemorySample(time.monotonic() - started, rss_mib(server.process.pid), cache_bytes / MIB, ready))
             if time.monotonic() >= deadline:
                 return
             await asyncio.sleep(SAMPLE_EVERY_S)
@@ -193,25 +231,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--clients", type=int, default=28, help="a little over the server's 16 rows + 8 waiting")
-    parser.add_argument("--max-growth-mib", type=float, default=64, help="fail if the second half's peak RSS exceeds the first half's by more")
+    parser.add_argument("--max-growth-mib", type=float, default=64, help="fail if the second half's peak net RSS exceeds the first half's by more")
+    parser.add_argument("--no-fill", dest="fill", action="store_false", help="start the load with an empty prefix cache")
     parser.add_argument("--out", type=Path, default=Path("bench/reports") / time.strftime("soak-%Y%m%d-%H%M%S"))
     args = parser.parse_args()
 
     server = ServerProcess(*SERVER_FLAGS, log_dir=args.out / "logs").wait_ready()
     try:
         loaded_rss = rss_mib(server.process.pid)
-        print(f"soak: {args.minutes} min, {args.clients} clients, server {' '.join(SERVER_FLAGS)}; RSS after load {loaded_rss:.0f} MiB", flush=True)
+        capacity_mib = server.metric(CACHE_CAPACITY) / MIB
+        print(f"soak: {args.minutes} min, {args.clients} clients, server {' '.join(SERVER_FLAGS)}; RSS after load {loaded_rss:.0f} MiB, "
+              f"prefix cache bound {capacity_mib:.0f} MiB", flush=True)  # fmt: skip
+        fill = ""
+        if args.fill:
+            prompts, seconds = asyncio.run(fill_cache(server.url))
+            fill = f"filled with {prompts} prompts in {seconds:.0f} s to {server.metric(CACHE_BYTES) / MIB:.0f} MiB; RSS {rss_mib(server.process.pid):.0f} MiB"
+            print(f"prefix cache {fill}", flush=True)
+        before = server.outcomes()
         tally, samples = asyncio.run(load(server, args.minutes, args.clients))
         tracked = server.settle()
-        counted = server.counted_since(Counter(), sum(tally.outcomes.values()))
+        counted = server.counted_since(before, sum(tally.outcomes.values()))
         end_rss = rss_mib(server.process.pid)
     finally:
         server.terminate()
 
     half = len(samples) // 2
-    first_peak = max(s.rss_mib for s in samples[:half] or samples)
-    second_peak = max(s.rss_mib for s in samples[half:])
-    peak = max(first_peak, second_peak)
+    first_peak = max(s.net_mib for s in samples[:half] or samples)
+    second_peak = max(s.net_mib for s in samples[half:])
+    peak_rss = max(s.rss_mib for s in samples)
+    cache_peak = max(s.cache_mib for s in samples)
     not_ready = sum(not s.ready for s in samples)
     problems = list(dict.fromkeys(tally.wrong))[:20]
     if tally.outcomes != counted:
@@ -220,21 +268,24 @@ def main() -> None:
         problems.append(f"engine still tracks {tracked}")
     if not_ready:
         problems.append(f"/ready failed in {not_ready} of {len(samples)} samples")
+    if cache_peak > capacity_mib:
+        problems.append(f"the prefix cache held {cache_peak:.0f} MiB, over its bound of {capacity_mib:.0f} MiB")
     if second_peak - first_peak > args.max_growth_mib:
-        problems.append(f"RSS kept growing: peak {first_peak:.0f} MiB in the first half, {second_peak:.0f} MiB in the second")
+        problems.append(f"RSS net of the prefix cache kept growing: peak {first_peak:.0f} MiB in the first half, {second_peak:.0f} MiB in the second")
 
     total = sum(tally.outcomes.values())
     report = "\n".join([
         f"# Soak: {args.minutes} min, {args.clients} clients",
         "",
-        f"Server flags: `{' '.join(SERVER_FLAGS)}`",
+        f"Server flags: `{' '.join(SERVER_FLAGS)}`; prefix cache bound {capacity_mib:.0f} MiB, "
+        + (f"{fill} before the load." if fill else "empty at the start."),
         "",
-        "| requests | by outcome (client = server) | RSS after load | peak 1st half | peak 2nd half | end | not ready |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-        f"| {total} | {dict(sorted(tally.outcomes.items()))} (429s: {tally.queue_full}) | {loaded_rss:.0f} MiB | {first_peak:.0f} MiB | "
-        f"{second_peak:.0f} MiB | {end_rss:.0f} MiB | {not_ready} |",
+        "| requests | by outcome (client = server) | RSS after load | peak RSS | peak cache | net peak 1st half | net peak 2nd half | end RSS | not ready |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| {total} | {dict(sorted(tally.outcomes.items()))} (429s: {tally.queue_full}) | {loaded_rss:.0f} MiB | {peak_rss:.0f} MiB | "
+        f"{cache_peak:.0f} MiB | {first_peak:.0f} MiB | {second_peak:.0f} MiB | {end_rss:.0f} MiB | {not_ready} |",
         "",
-        "RSS samples (s, MiB): " + ", ".join(f"{s.at_s:.0f}:{s.rss_mib:.0f}" for s in samples),
+        "Samples (s: RSS / cache MiB): " + ", ".join(f"{s.at_s:.0f}: {s.rss_mib:.0f}/{s.cache_mib:.0f}" for s in samples),
         "",
         ("Problems:\n" + "\n".join(f"- {p}" for p in problems)) if problems else "Every request accounted for; nothing left in the engine.",
         "",
@@ -242,7 +293,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "soak.md").write_text(report)
     print(report, flush=True)
-    print(f"peak RSS {peak:.0f} MiB; report in {args.out / 'soak.md'}")
+    print(f"peak RSS {peak_rss:.0f} MiB; report in {args.out / 'soak.md'}")
     raise SystemExit(1 if problems else 0)
 
 
