@@ -89,7 +89,8 @@ def tokenferry(port: int) -> list[str]:
 class ServerProcess:
     """A server on 127.0.0.1 (tokenferry unless `launcher` says otherwise); `url` once ready.
 
-    Logs go to a file for post-mortems.
+    Logs go to a file for post-mortems. `new_session` starts it in a session and process group of its own
+    (whose id is its pid), for a server of several processes that is signalled as a whole with os.killpg.
     """
 
     def __init__(
@@ -99,6 +100,7 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         launcher: Callable[[int], list[str]] = tokenferry,
         ready_path: str = "/ready",
+        new_session: bool = False,
     ) -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -113,6 +115,7 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
             preexec_fn=_die_with_parent(os.getpid()),
+            start_new_session=new_session,
         )
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> ServerProcess:

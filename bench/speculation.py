@@ -7,8 +7,9 @@ they alternate, workload by workload, for `--rounds` rounds. Two workloads: prom
 from the prompt (summaries, edits, extraction), where lookup pays, and open questions, where drafts are
 rare and it should cost nothing. Prints tok/s, ITL and the ratio per workload and draft length, and for
 each draft length the share of drafted tokens the model accepted (from /metrics). `--llama-cpp` puts
-llama.cpp's server on the same GGUF in the rotation too (as bench.peers starts it; built by a bench.peers
-run), for the ratio the one-stream target is stated in.
+llama.cpp's own `llama-server` on the same GGUF in the rotation too (as bench.peers starts it; built by
+`python -m bench.peers --peers llama.cpp --install-only` or a bench.peers run), for the ratio the
+one-stream target is stated in.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--flags", default="", help="more server flags for both, e.g. '--quantization int4'")
-    parser.add_argument("--llama-cpp", action="store_true", help="also llama.cpp's server, if bench.peers built it")
+    parser.add_argument("--llama-cpp", action="store_true", help="also llama.cpp's llama-server, if bench.peers built it")
     parser.add_argument("--out", type=Path, default=Path("bench/reports") / time.strftime("speculation-%Y%m%d-%H%M%S"))
     args = parser.parse_args()
     logs = args.out / "logs"
