@@ -185,8 +185,8 @@ def main() -> None:
 
     modes = [m for m in args.quantization.split(",") if m]
     models = {mode: load(args.model, device=args.device, dtype=args.dtype, quantization=mode) for mode in modes}
-    # The static baselines run on the first mode's weights through transformers' forward: a quantized Llama's
-    # fused projections only run in models/decoder.py's, so that mode is loaded again with them apart.
+    # The static baselines run on the first mode's weights through transformers' forward: a Llama's fused
+    # projections only run in models/decoder.py's, so that mode is loaded again with them apart.
     loaded = models[modes[0]]
     if decoder.fused(loaded.model):
         loaded = load(args.model, device=args.device, dtype=args.dtype, quantization=modes[0], fuse=False)

@@ -1,13 +1,13 @@
 """Where one decode step's time goes: torch.profiler over `ModelRunner.decode`, the engine's own step.
 
-    python -m bench.step_profile [--batch 1,32] [--quantization none] [--steps 8] [--against-transformers]
+    python -m bench.step_profile [--batch 1,32] [--dtype auto] [--quantization none] [--steps 8] [--against-transformers]
 
 Prefills `batch` rows of 20 to 51 prompt tokens, warms up, then prints the wall time per step and the
 operators by self CPU time. Figures are per machine and drift with its load: read them as shares.
 
-`--against-transformers` (quantized modes): also loads the model with its projections apart, which
-transformers' forward runs instead of models/decoder.py's, and times the two in alternating rounds, each
-over its own copy of the same rows; prints both medians and their ratio.
+`--against-transformers`: also loads the model with its projections apart, which transformers' forward runs
+instead of models/decoder.py's, and times the two in alternating rounds, each over its own copy of the same
+rows; prints both medians and their ratio.
 """
 
 from __future__ import annotations
@@ -76,11 +76,12 @@ def main() -> None:
     parser.add_argument("--quantization", default="none")
     parser.add_argument("--batch", default="1,32")
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--against-transformers", action="store_true", help="quantized modes: time transformers' forward too")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--against-transformers", action="store_true", help="time transformers' forward too")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of --against-transformers")
     args = parser.parse_args()
-    loaded = load(args.model, quantization=args.quantization)
-    apart = load(args.model, quantization=args.quantization, fuse=False) if args.against_transformers else None
+    loaded = load(args.model, dtype=args.dtype, quantization=args.quantization)
+    apart = load(args.model, dtype=args.dtype, quantization=args.quantization, fuse=False) if args.against_transformers else None
     words = loaded.tokenizer.encode(TEXT)
     for batch in (int(b) for b in args.batch.split(",") if b):
         stepper = _Stepper(loaded.model, words, batch)

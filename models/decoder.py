@@ -1,18 +1,18 @@
-"""The Llama decoder written out for the quantized modes: a batch's inputs in, its kept positions' logits out.
+"""The Llama decoder written out: a batch's inputs in, its kept positions' logits out, in every mode.
 
-With 4-bit weights, transformers' forward spends more time around the matrix products than in them: at batch
-1 on 2 cores, SmolLM2-135M's int4 and int8 kernels take about 14 ms of a 40 ms decode step, and the rest is
-small operations, each a few microseconds: seven casts to bfloat16 and seven back per layer, rotary
-embeddings turned for q and k apart, modules called through hooks and keyword plumbing. This forward computes
-the same function over the same weights and the same KV store, bit for bit, with fewer, larger operations:
-- q, k and v are one matmul, and gate and up another (the modules `quantize` fuses as `fusions` says): one
-  cast of the input to bfloat16 and one kernel call each;
+transformers' forward spends as much time around the matrix products as in them: at batch 1 on 2 cores,
+SmolLM2-135M's int4 kernels took about 14 ms of a 40 ms decode step, and in float32 the matmuls read 540 MB
+of weights in about 30 ms of a 54 ms step. The rest is small operations, each a few microseconds: casts,
+rotary embeddings turned for q and k apart, modules called through hooks and keyword plumbing. This forward
+computes the same function over the same weights and the same KV store, bit for bit, with fewer, larger
+operations:
+- q, k and v are one matmul, and gate and up another (`fuse` for float weights, `quant.quantize` for
+  quantized ones, as `fusions` says): one read of the input and one kernel call each;
 - rotary embeddings turn q and k in one go;
 - the final norm and the head run on the kept positions alone.
 
-Only quantized Llama-family models take it (`fusions` is empty for others). Float32 mode keeps transformers'
-forward: its outputs are the exact default and must not move by an ulp. Computing what transformers' forward
-computes, this one keeps its row independence too (tests/models/test_decoder.py).
+Only Llama-family models take it (`fusions` is empty for others); computing what transformers' forward
+computes, it keeps its row independence too (tests/models/test_decoder.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from transformers import LlamaForCausalLM
 
 from models.attention import attend
 from models.batch import Forward
-from models.quant import ACTIVATION_DTYPE
+from models.quant import set_module
 
 QKV = "qkv_proj"  # a fused module's name in each layer's self_attn: q, k and v side by side
 GATE_UP = "gate_up_proj"  # in each layer's mlp: gate and up side by side
@@ -45,6 +45,20 @@ def fusions(model: nn.Module) -> dict[str, tuple[str, ...]]:
     return fused
 
 
+def fuse(model: nn.Module) -> bool:
+    """Float weights: replace each group of `fusions` by one bias-free Linear whose weight is theirs, stacked by
+    output row; True if the model was fused. (Quantized weights are fused by `quant.quantize`.)"""
+    groups = fusions(model)
+    for name, parts in groups.items():
+        weight = torch.cat([model.get_submodule(part).weight.detach() for part in parts])  # [sum of outs, in]
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        for part in parts:
+            set_module(model, part, None)
+        set_module(model, name, linear)
+    return bool(groups)
+
+
 def fused(model: nn.Module) -> bool:
     """Whether the model's projections were fused: then `forward` is the only way to run it."""
     layers = getattr(getattr(model, "model", None), "layers", None)
@@ -59,21 +73,20 @@ def forward(model: LlamaForCausalLM, inputs: Forward, every_position: bool) -> t
     hidden = decoder.embed_tokens(inputs.input_ids)  # [rows, q, hidden]
     cos, sin = decoder.rotary_emb(hidden, inputs.position_ids)  # [rows, q, head_dim]
     rotary = cos[:, :, None], sin[:, :, None]  # [rows, q, 1, head_dim]: the same for every head
-    dtype = hidden.dtype
     for i, layer in enumerate(decoder.layers):
-        attended = _attention(layer.self_attn, _norm(hidden, layer.input_layernorm), rotary, inputs, i, dtype)
+        attended = _attention(layer.self_attn, _norm(hidden, layer.input_layernorm), rotary, inputs, i)
         hidden = hidden + attended.view(rows, q, -1)
-        hidden = hidden + _mlp(layer.mlp, _norm(hidden, layer.post_attention_layernorm), dtype).view(rows, q, -1)
+        hidden = hidden + _mlp(layer.mlp, _norm(hidden, layer.post_attention_layernorm)).view(rows, q, -1)
     if inputs.last is not None:
         hidden = hidden[0, inputs.last][:, None]  # [rows, 1, hidden]
     elif not every_position:
         hidden = hidden[:, -1:]
-    logits = model.lm_head.matmul(_norm(hidden, decoder.norm)).to(dtype)  # [kept rows * kept q, vocab]
+    logits = model.lm_head(_norm(hidden, decoder.norm))  # [kept rows * kept q, vocab]
     return logits.view(*hidden.shape[:2], -1)
 
 
 def _norm(hidden: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """RMSNorm, bit for bit as transformers' LlamaRMSNorm, cast for the kernels: [tokens, hidden] bfloat16.
+    """RMSNorm, bit for bit as transformers' LlamaRMSNorm: [tokens, hidden].
 
     In float32 PyTorch's fused rms_norm computes exactly that in one operation; in other dtypes LlamaRMSNorm
     rounds to the dtype before it scales, which only the module itself does."""
@@ -81,30 +94,24 @@ def _norm(hidden: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         normed = F.rms_norm(hidden, hidden.shape[-1:], norm.weight, norm.variance_epsilon)
     else:
         normed = norm(hidden)
-    return normed.reshape(-1, hidden.shape[-1]).to(ACTIVATION_DTYPE)
+    return normed.reshape(-1, hidden.shape[-1])
 
 
 def _attention(
-    attention: nn.Module,
-    x: torch.Tensor,
-    rotary: tuple[torch.Tensor, torch.Tensor],
-    inputs: Forward,
-    layer: int,
-    dtype: torch.dtype,
+    attention: nn.Module, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], inputs: Forward, layer: int
 ) -> torch.Tensor:
-    """x [tokens, hidden] bfloat16 -> the attention block's output [tokens, hidden] in `dtype`."""
+    """x [tokens, hidden] -> the attention block's output [tokens, hidden]."""
     rows, q = inputs.input_ids.shape
     config = attention.config
     heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, attention.head_dim
-    qkv = attention.qkv_proj.matmul(x).to(dtype).view(rows, q, heads + 2 * kv_heads, dim)
+    qkv = attention.qkv_proj(x).view(rows, q, heads + 2 * kv_heads, dim)
     turned = _rotate(qkv[:, :, : heads + kv_heads], *rotary)  # [rows, q, heads + kv_heads, dim]
     query = turned[:, :, :heads].transpose(1, 2)  # [rows, heads, q, dim]
     new_keys = turned[:, :, heads:].transpose(1, 2)  # [rows, kv_heads, q, dim]
     keys, values = inputs.cache.layers[layer].update(new_keys, qkv[:, :, heads + kv_heads :].transpose(1, 2))
     # The attention transformers' forward calls (each part apart in a flattened forward), so the two agree bit for bit.
     out, _ = attend(attention, query, keys, values, inputs.attention_mask, dropout=0.0, scaling=attention.scaling)
-    out = out.reshape(rows * q, heads * dim)  # from [rows, q, heads, dim]
-    return attention.o_proj.matmul(out.to(ACTIVATION_DTYPE)).to(dtype)
+    return attention.o_proj(out.reshape(rows * q, heads * dim))  # from [rows, q, heads, dim]
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -113,7 +120,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-second, first), dim=-1) * sin
 
 
-def _mlp(mlp: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x [tokens, hidden] bfloat16 -> down(silu(gate x) * up x) [tokens, hidden] in `dtype`."""
-    gate, up = mlp.gate_up_proj.matmul(x).to(dtype).chunk(2, dim=-1)
-    return mlp.down_proj.matmul((F.silu(gate) * up).to(ACTIVATION_DTYPE)).to(dtype)
+def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x [tokens, hidden] -> down(silu(gate x) * up x) [tokens, hidden]."""
+    gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
+    return mlp.down_proj(F.silu(gate) * up)

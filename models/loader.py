@@ -23,7 +23,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from models import attention, decoder, kv_cache, quant, tiny
+from models import attention, decoder, kv_cache, packed, quant, tiny
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +110,11 @@ def load(
     """Load a model for serving: weights on `device` in `dtype`, eval mode, SDPA attention.
 
     With `quantization` int8 or int4 the Linear layers (decoder and LM head) run weight-only quantized
-    kernels on bfloat16 activations; everything else stays in `dtype`. A quantized Llama then runs
-    models/decoder.py's forward, with its projections fused; `fuse=False` keeps them apart, so that
-    transformers' forward runs it (tests and benchmarks compare the two).
+    kernels on bfloat16 activations; everything else stays in `dtype`. Otherwise, on CPU, they run oneDNN's
+    matmul on packed weights (models/packed.py). A Llama runs models/decoder.py's forward, with its
+    projections fused. `fuse=False` keeps transformers' own modules (projections apart, float ones unpacked),
+    so that transformers' forward and `generate` run the model as transformers would: tests and benchmarks
+    compare the two.
 
     The work runs on a thread of its own that ends before this returns. PyTorch's CPU kernels parallelise
     with OpenMP (libgomp), which keeps a team of worker threads for every thread that ever ran a parallel
@@ -159,7 +161,13 @@ def _load(spec: str, device: str, dtype: str, quantization: str, fuse: bool) -> 
         raise ModelLoadError(f"{source}: {exc}") from None
     model.to(device=torch_device, dtype=torch_dtype).eval()
     # After the move: `.to(dtype)` would cast the quantized layers' bfloat16 scales.
-    _quantize(model, quantization, gguf_file, quant_cache, source, fuse)
+    if quantization != "none":
+        _quantize(model, quantization, gguf_file, quant_cache, source, fuse)
+    elif fuse:
+        decoder.fuse(model)
+        if packed.available(torch_device, torch_dtype):
+            packed.pack(model)
+    log.info("forward", extra={"forward": "models.decoder" if decoder.fused(model) else "transformers", "matmul": _matmul(model)})
     info = ModelInfo(
         name=name,
         source=source,
@@ -173,11 +181,16 @@ def _load(spec: str, device: str, dtype: str, quantization: str, fuse: bool) -> 
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
 
 
+def _matmul(model: PreTrainedModel) -> str:
+    """Which kernels the model's projections run on, for the load log."""
+    if any(isinstance(m, quant.QuantizedLinear) for m in model.modules()):
+        return "pytorch weight-only int8/int4"
+    return "onednn packed" if any(isinstance(m, packed.PackedLinear) for m in model.modules()) else "pytorch linear"
+
+
 def _quantize(
     model: PreTrainedModel, mode: str, gguf_file: Path | None, cache: Path | None, source: str, fuse: bool
 ) -> None:
-    if mode == "none":
-        return
     started = time.monotonic()
     try:
         blocks = quant.gguf_int4_blocks(gguf_file, model) if gguf_file is not None and mode == "int4" else None
@@ -192,7 +205,6 @@ def _quantize(
             "layers": outcome.layers,
             "from_file": outcome.from_file,  # int4 layers served with the GGUF file's own 4-bit blocks
             "from_cache": outcome.from_cache,
-            "forward": "models.decoder" if decoder.fused(model) else "transformers",
             "weights_mb": round(outcome.bytes / 1e6, 1),
             "seconds": round(time.monotonic() - started, 2),
         },

@@ -255,11 +255,11 @@ def quantize(
         weights[fused] = _stack([weights.pop(part) for part in parts])
         biases[fused] = None
         for part in parts:
-            _set_module(model, part, None)
+            set_module(model, part, None)
     served = 0
     for name, weight in weights.items():
         replacement = _module(weight, biases[name])
-        _set_module(model, name, replacement)
+        set_module(model, name, replacement)
         served += sum(b.numel() * b.element_size() for b in replacement.buffers())
     return Outcome(mode, len(targets), len(file_blocks), from_cache, served)
 
@@ -288,7 +288,7 @@ def _module(weight: Int4Weight | Int8Weight, bias: torch.Tensor | None) -> Quant
     return Int4Linear(weight, bias) if isinstance(weight, Int4Weight) else Int8Linear(weight, bias)
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module | None) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module | None) -> None:
     """Put `module` at `name`, or with None remove what is there."""
     parent, _, child = name.rpartition(".")
     owner = model.get_submodule(parent) if parent else model

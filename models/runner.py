@@ -1,4 +1,4 @@
-"""The only code that runs the model (transformers' forward, or models/decoder.py's for a quantized Llama):
+"""The only code that runs the model (models/decoder.py's forward for a Llama, transformers' for others):
 prefill newcomers, decode every row, sample one token per row.
 
 The engine thread drives it with its own request objects as row keys; `prefill` and `decode` each run
@@ -62,7 +62,7 @@ class ModelRunner(Generic[R]):
         self.model = model
         self.batch: Batch[R] = Batch(CacheShape.of(model), max_rows)
         self.prefix_cache = prefix_cache
-        self._fused = decoder.fused(model)  # quantized Llama: models/decoder.py's forward, not transformers'
+        self._fused = decoder.fused(model)  # a Llama: models/decoder.py's forward, not transformers'
         self._staging: dict[R, Batch[R]] = {}  # rows being prefilled in chunks, or read and not joined yet
         self._generators: dict[R, torch.Generator] = {}
 

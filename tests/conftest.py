@@ -42,6 +42,13 @@ def smol() -> LoadedModel:
 
 
 @pytest.fixture(scope="session")
+def smol_transformers() -> LoadedModel:
+    """The default model as transformers builds it (its own modules: projections apart, float Linears unpacked),
+    for `generate` and transformers' forward: the independent reference the served model is checked against."""
+    return load("default", fuse=False)
+
+
+@pytest.fixture(scope="session")
 def server_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("server-logs")
 

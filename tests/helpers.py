@@ -8,7 +8,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import pytest
+import torch
+
 from models import LoadedModel
+from models.batch import Forward
+from models.runner import ModelRunner
 from server.engine import Engine
 from server.request import Event, FinishReason, SamplingParams
 from server.scheduler import Budgets
@@ -37,6 +42,19 @@ async def collect(stream: AsyncIterator[Event]) -> Result:
         error=last.error,
         events=events,
     )
+
+
+def around_forward(monkeypatch: pytest.MonkeyPatch, around: Callable[[Forward, Callable[[], torch.Tensor]], torch.Tensor]) -> None:
+    """Route every model forward of every runner through `around(inputs, run)`, where `run()` computes it.
+
+    `ModelRunner._forward` is the only code that runs the model, whichever forward it runs (models/decoder.py's
+    or transformers'), so spies and injected faults go there."""
+    original = ModelRunner._forward
+
+    def routed(self: ModelRunner, inputs: Forward, every_position: bool) -> torch.Tensor:
+        return around(inputs, lambda: original(self, inputs, every_position))
+
+    monkeypatch.setattr(ModelRunner, "_forward", routed)
 
 
 def run_with_engine(
@@ -95,8 +113,8 @@ class Row:
 
 
 class PrefillRecorder:
-    """Prompt tokens each engine step computes: every forward but a decode step's, counted from its position
-    ids (a row's last position less its first, plus one: pads sit at 0 before its real positions). A forward
+    """Prompt tokens each engine step computes (install `record` with `around_forward`): every forward but a
+    decode step's, counted from its position ids (a row's last position less its first, plus one: pads sit at 0 before its real positions). A forward
     that carries a decode step and a prompt's chunk (`decode_with_chunk`) puts the decode rows' tokens first,
     one each: they are left out."""
 
@@ -129,19 +147,12 @@ class PrefillRecorder:
         runner.decode, runner.decode_with_chunk = marked, marked_with_chunk
         self.engine = engine
 
-    def spy(self, forward: Callable[..., object]) -> Callable[..., object]:
-        """`forward`, recording each call's prefilled tokens: set it as the model's forward."""
-
-        def spied(*args: object, **kwargs: object) -> object:
-            self.record(kwargs)
-            return forward(*args, **kwargs)
-
-        return spied
-
-    def record(self, kwargs: dict) -> None:
-        positions = kwargs["position_ids"]  # [rows, q]; pads sit at 0 before a row's real positions
+    def record(self, inputs: Forward, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """For `around_forward`: count the prompt tokens of this forward, then run it."""
+        positions = inputs.position_ids  # [rows, q]; pads sit at 0 before a row's real positions
         if self.decode_rows:
             positions = positions[:, self.decode_rows :]  # [1, decode rows + chunk] -> the chunk's
         if self.engine is not None and not self.decoding:
             self.prefill_calls += 1
             self.prefilled[self.engine.steps] += int((positions[:, -1] - positions[:, 0] + 1).sum())
+        return run()

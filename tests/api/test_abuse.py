@@ -8,19 +8,22 @@ import json
 import random
 import socket
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from prometheus_client import generate_latest
 
 from models import LoadedModel
+from models.batch import Forward
 from server.app import create_app
 from server.config import Config
 from server.engine import Engine
 from bench.process import ServerProcess, request_outcomes
 from tests.api.documented import assert_documented
+from tests.helpers import around_forward
 
 CHAT = "/v1/chat/completions"
 
@@ -151,16 +154,15 @@ def sse_payloads(response: httpx.Response) -> list:
 
 
 def test_a_failed_step_fails_its_requests_and_the_server_serves_on(tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
-    forward = tiny.model.forward
     calls = {"n": 0}
 
-    def flaky(*args: object, **kwargs: object) -> object:
+    def flaky(inputs: Forward, run: Callable[[], torch.Tensor]) -> torch.Tensor:
         calls["n"] += 1
         if calls["n"] == 6:
             raise RuntimeError("injected fault in one model step")
-        return forward(*args, **kwargs)
+        return run()
 
-    monkeypatch.setattr(tiny.model, "forward", flaky)
+    around_forward(monkeypatch, flaky)
 
     async def main() -> tuple[list, httpx.Response, dict, int]:
         engine, client = in_process(tiny)
@@ -197,10 +199,10 @@ class EngineKiller(BaseException):
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_if_the_engine_thread_dies_health_fails_and_nobody_hangs(tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
-    def fatal(*args: object, **kwargs: object) -> object:
+    def fatal(inputs: Forward, run: Callable[[], torch.Tensor]) -> torch.Tensor:
         raise EngineKiller()
 
-    monkeypatch.setattr(tiny.model, "forward", fatal)
+    around_forward(monkeypatch, fatal)
 
     async def main() -> tuple:
         engine, client = in_process(tiny)

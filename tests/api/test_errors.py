@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 import json
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import torch
 
 from models import LoadedModel
+from models.batch import Forward
 from server.api.state import AppState
 from server.app import create_app
 from server.config import Config
 from server.engine import Engine
 from tests.api.documented import assert_documented
 from tests.conftest import API_KEY
+from tests.helpers import around_forward
 from bench.process import ServerProcess
 
 CHAT = "/v1/chat/completions"
@@ -190,10 +194,10 @@ def test_while_loading_health_is_200_ready_and_requests_are_503() -> None:
 def test_a_failure_inside_the_engine_is_500_without_traceback_or_an_error_chunk(
     tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(*args: object, **kwargs: object) -> object:
+    def broken(inputs: Forward, run: Callable[[], torch.Tensor]) -> torch.Tensor:
         raise RuntimeError("secret internals: /home/user/model.py line 42")
 
-    monkeypatch.setattr(tiny.model, "forward", broken)
+    around_forward(monkeypatch, broken)
 
     async def main() -> None:
         config = Config(model="tiny")

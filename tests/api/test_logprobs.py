@@ -46,10 +46,10 @@ def token_id(name: str) -> int:
     return int(name.removeprefix("token_id:"))
 
 
-def teacher_forced(smol: LoadedModel, prompt: list[int], output: list[int]) -> torch.Tensor:
+def teacher_forced(reference: LoadedModel, prompt: list[int], output: list[int]) -> torch.Tensor:
     """[len(output), vocab]: log_softmax of transformers' logits at the positions that predict `output`."""
     with torch.inference_mode():
-        logits = smol.model(torch.tensor([prompt + output])).logits[0].float()
+        logits = reference.model(torch.tensor([prompt + output])).logits[0].float()
     return torch.log_softmax(logits, dim=-1)[len(prompt) - 1 : len(prompt) + len(output) - 1]
 
 
@@ -111,7 +111,7 @@ async def _alone_and_busy(server: ServerProcess, requests: list[tuple[str, dict]
     return alone, list(busy)
 
 
-def test_logprobs_equal_the_teacher_forced_reference_alone_and_in_a_busy_batch(smol_server: ServerProcess, smol: LoadedModel) -> None:
+def test_logprobs_equal_the_teacher_forced_reference_alone_and_in_a_busy_batch(smol_server: ServerProcess, smol: LoadedModel, smol_transformers: LoadedModel) -> None:
     tokenizer = smol.tokenizer
     completion_prompts = [tokenizer.encode(t) for t in TEXTS]
     chat_prompts = [encode_chat(tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
@@ -125,7 +125,7 @@ def test_logprobs_equal_the_teacher_forced_reference_alone_and_in_a_busy_batch(s
         prompt = (completion_prompts + chat_prompts)[index]
         scores = read(alone[index]["choices"][0])
         assert scores, "every request generated tokens"
-        assert_matches_reference(teacher_forced(smol, prompt, [t for t, _, _ in scores]), scores)
+        assert_matches_reference(teacher_forced(smol_transformers, prompt, [t for t, _, _ in scores]), scores)
         for token, logprob, top in scores:  # greedy: the chosen token is the most likely one, exactly
             assert top[0] == (token, logprob)
         in_batch = read(busy[index]["choices"][0])
@@ -137,17 +137,17 @@ def test_logprobs_equal_the_teacher_forced_reference_alone_and_in_a_busy_batch(s
             assert all(abs(x - y) < BATCH_TOLERANCE for x, y in zip(values_a, values_b, strict=True)), (index, max(abs(x - y) for x, y in zip(values_a, values_b)))
 
 
-def test_sampling_parameters_do_not_change_the_reported_logprobs(smol_server: ServerProcess, smol: LoadedModel) -> None:
+def test_sampling_parameters_do_not_change_the_reported_logprobs(smol_server: ServerProcess, smol: LoadedModel, smol_transformers: LoadedModel) -> None:
     prompt = smol.tokenizer.encode(TEXTS[0])
     body = {
         "prompt": prompt, "max_tokens": 16, "logprobs": 3, "return_tokens_as_token_ids": True, "seed": 11,
         "temperature": 1.3, "top_p": 0.9, "top_k": 40, "presence_penalty": 1.5, "frequency_penalty": 0.5, "repetition_penalty": 1.3,
     }  # fmt: skip
     scores = completion_scores(post(smol_server, COMPLETIONS, body)["choices"][0], 3)
-    assert_matches_reference(teacher_forced(smol, prompt, [t for t, _, _ in scores]), scores)
+    assert_matches_reference(teacher_forced(smol_transformers, prompt, [t for t, _, _ in scores]), scores)
 
 
-def test_echo_of_token_ids_scores_the_prompt_in_the_same_request(smol_server: ServerProcess, smol: LoadedModel) -> None:
+def test_echo_of_token_ids_scores_the_prompt_in_the_same_request(smol_server: ServerProcess, smol: LoadedModel, smol_transformers: LoadedModel) -> None:
     tokenizer = smol.tokenizer
     prompt = tokenizer.encode(TEXTS[2])
     prompt_text = tokenizer.decode(prompt, skip_special_tokens=False)
@@ -163,7 +163,7 @@ def test_echo_of_token_ids_scores_the_prompt_in_the_same_request(smol_server: Se
     assert logprobs["text_offset"][len(prompt)] == len(prompt_text)
     one_scored = {**one, "logprobs": {k: v[1:] for k, v in logprobs.items()}}
     scores = completion_scores(one_scored, 2)  # the prompt's scores and the generated token's, as one sequence
-    assert_matches_reference(teacher_forced(smol, prompt[:1], [t for t, _, _ in scores]), scores)
+    assert_matches_reference(teacher_forced(smol_transformers, prompt[:1], [t for t, _, _ in scores]), scores)
 
     zero = post(smol_server, COMPLETIONS, {**body, "max_tokens": 0})
     choice = zero["choices"][0]

@@ -285,10 +285,10 @@ def quantized(request: pytest.FixtureRequest) -> LoadedModel:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
-def test_every_quantized_buffer_of_the_default_model_is_kernel_ready(smol: LoadedModel, mode: str, tmp_path: Path) -> None:
+def test_every_quantized_buffer_of_the_default_model_is_kernel_ready(smol_transformers: LoadedModel, mode: str, tmp_path: Path) -> None:
     """As the loader quantizes it (the GGUF file's blocks in int4), fresh and then from its cache file."""
     for from_cache in (False, True):
-        model = copy.deepcopy(smol.model)
+        model = copy.deepcopy(smol_transformers.model)
         loader._quantize(model, mode, default_gguf(), tmp_path / quant.cache_name(mode), "default", fuse=True)
         assert (tmp_path / quant.cache_name(mode)).exists()
         assert assert_kernel_ready(model) == 30 * 4 + 1
@@ -297,15 +297,15 @@ def test_every_quantized_buffer_of_the_default_model_is_kernel_ready(smol: Loade
 
 
 @pytest.mark.slow
-def test_int4_serves_the_gguf_files_own_blocks(smol: LoadedModel) -> None:
+def test_int4_serves_the_gguf_files_own_blocks(smol_transformers: LoadedModel) -> None:
     loaded = load("default", quantization="int4")
-    blocks = quant.gguf_int4_blocks(default_gguf(), smol.model)
+    blocks = quant.gguf_int4_blocks(default_gguf(), smol_transformers.model)
     assert len(blocks) == 30 * 7  # every decoder Linear of the file is Q4_1
     # k (a permuted one) is served as rows [q, q + k) of the layer's fused q/k/v module (models/decoder.py).
-    config = smol.model.config
+    config = smol_transformers.model.config
     queries, keys = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     served = _served_weight(loaded.model.model.layers[3].self_attn.qkv_proj)[queries : queries + keys]
-    float_weight = smol.model.model.layers[3].self_attn.k_proj.weight
+    float_weight = smol_transformers.model.model.layers[3].self_attn.k_proj.weight
     # The file's weights, up to the kernel's bfloat16 scale and zero (2^-9 relative) and its bf16 output.
     assert (served - float_weight).abs().max() <= 2**-7 * float_weight.abs().max()
     assert isinstance(loaded.model.lm_head, quant.Int8Linear)  # the file's head is Q8_0: it stays 8-bit

@@ -95,14 +95,14 @@ def engine_beams(loaded: LoadedModel, cases: list[tuple[list[int], SamplingParam
     return run_with_engine(loaded, scenario)
 
 
-def test_beam_search_equals_transformers(smol: LoadedModel) -> None:
+def test_beam_search_equals_transformers(smol: LoadedModel, smol_transformers: LoadedModel) -> None:
     prompts = build_prompts(smol)
     cycle = itertools.cycle(range(len(prompts)))
     cases = [(config, prompts[next(cycle)]) for config in CONFIGS for _ in range(PROMPTS_PER_CONFIG)]
     ours = engine_beams(smol, [(prompt, beam_params(*config)) for config, prompt in cases])
     stopped = 0
     for ((width, length_penalty, early_stopping), prompt), beams in zip(cases, ours, strict=True):
-        reference = transformers_beams(smol, prompt, width, length_penalty, early_stopping)
+        reference = transformers_beams(smol_transformers, prompt, width, length_penalty, early_stopping)
         case = f"width {width}, length_penalty {length_penalty}, early_stopping {early_stopping!r}, prompt {prompt[-6:]}"
         assert len(beams) == len(reference), case
         for beam, (tokens, score) in zip(beams, reference, strict=True):

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
+import torch
 
 from models import LoadedModel
+from models.batch import Forward
 from server.detokenizer import Detokenizer
 from server.engine import Engine
 from server.errors import ContextLengthExceeded, EngineUnavailable, InvalidRequest, QueueFull
 from server.request import FinishReason, SamplingParams
 from server.scheduler import Budgets
-from tests.helpers import collect, generate_alone, run_with_engine
+from tests.helpers import around_forward, collect, generate_alone, run_with_engine
 
 PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16, 17], [18, 19, 20]]
 
@@ -164,14 +167,13 @@ def test_a_request_failing_inside_the_loop_fails_alone(tiny: LoadedModel, monkey
 def test_a_failed_prefill_fails_only_its_newcomers(tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
     alone = generate_alone(tiny, PROMPTS[:2], [greedy(max_tokens=40)] * 2)
     poison = 77
-    forward = tiny.model.forward
 
-    def faulty(*args: object, **kwargs: object) -> object:
-        if (kwargs["input_ids"] == poison).any():
+    def faulty(inputs: Forward, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if (inputs.input_ids == poison).any():
             raise RuntimeError("injected forward failure")
-        return forward(*args, **kwargs)
+        return run()
 
-    monkeypatch.setattr(tiny.model, "forward", faulty)
+    around_forward(monkeypatch, faulty)
 
     async def scenario(engine: Engine) -> tuple:
         running = [asyncio.create_task(collect(engine.submit(p, greedy(max_tokens=40)))) for p in PROMPTS[:2]]

@@ -71,13 +71,13 @@ def alone(smol: LoadedModel, prompts: list[list[int]]) -> list[Result]:
     return generate_alone(smol, prompts, [greedy()] * len(prompts))
 
 
-def test_alone_matches_transformers_generate(smol: LoadedModel, prompts: list[list[int]], alone: list[Result]) -> None:
+def test_alone_matches_transformers_generate(smol_transformers: LoadedModel, prompts: list[list[int]], alone: list[Result]) -> None:
     for index in (0, 6, 11, 13):
         prompt = prompts[index]
         with torch.inference_mode():
-            output = smol.model.generate(
+            output = smol_transformers.model.generate(
                 torch.tensor([prompt]), max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=0,
-                eos_token_id=list(smol.info.eos_token_ids),
+                eos_token_id=list(smol_transformers.info.eos_token_ids),
             )
         expected = output[0, len(prompt) :].tolist()
         assert alone[index].token_ids == expected, f"prompt {index} ({len(prompt)} tokens)"

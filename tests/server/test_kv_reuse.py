@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
+import torch
 
 from models import LoadedModel
+from models.batch import Forward
 from server.engine import Engine
 from server.request import SamplingParams
-from tests.helpers import collect, run_with_engine
+from tests.helpers import around_forward, collect, run_with_engine
 
 
 @pytest.fixture
 def calls(tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, int]]:
     """Record the inputs of every forward the real tiny model runs."""
     recorded: list[dict[str, int]] = []
-    forward = tiny.model.forward
 
-    def spy(*args: object, **kwargs: object) -> object:
-        input_ids, positions, mask = kwargs["input_ids"], kwargs["position_ids"], kwargs["attention_mask"]
+    def spy(inputs: Forward, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        input_ids, positions, mask = inputs.input_ids, inputs.position_ids, inputs.attention_mask
         rows, queries = input_ids.shape
         recorded.append(
             {
@@ -31,9 +33,9 @@ def calls(tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, 
                 "real": int((positions[:, -1] - positions[:, 0] + 1).sum()) if queries > 1 else rows,
             }
         )
-        return forward(*args, **kwargs)
+        return run()
 
-    monkeypatch.setattr(tiny.model, "forward", spy)
+    around_forward(monkeypatch, spy)
     return recorded
 
 

@@ -7,16 +7,18 @@ Every forward the real tiny model runs outside a decode step is recorded with th
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
+import torch
 
 from models import LoadedModel
-from models.batch import Batch
+from models.batch import Batch, Forward
 from server import metrics
 from server.engine import Engine
 from server.request import FinishReason, SamplingParams
 from server.scheduler import Budgets
-from tests.helpers import PrefillRecorder, Result, collect, run_with_engine
+from tests.helpers import PrefillRecorder, Result, around_forward, collect, run_with_engine
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -24,7 +26,7 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture
 def recorder(tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> PrefillRecorder:
     recorder = PrefillRecorder()
-    monkeypatch.setattr(tiny.model, "forward", recorder.spy(tiny.model.forward))
+    around_forward(monkeypatch, recorder.record)
     return recorder
 
 
@@ -164,14 +166,13 @@ def test_a_chunk_that_breaks_the_model_fails_alone(tiny: LoadedModel, monkeypatc
     poison = 77
     doomed_prompt = [(17 * j) % 500 + 1 for j in range(100)]
     doomed_prompt[40:44] = [poison] * 4  # in the second chunk, so in a forward with the running rows
-    forward = tiny.model.forward
 
-    def faulty(*args: object, **kwargs: object) -> object:
-        if (kwargs["input_ids"] == poison).sum() >= 3:  # two running rows cannot make three in one step
+    def faulty(inputs: Forward, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if (inputs.input_ids == poison).sum() >= 3:  # two running rows cannot make three in one step
             raise RuntimeError("injected forward failure")
-        return forward(*args, **kwargs)
+        return run()
 
-    monkeypatch.setattr(tiny.model, "forward", faulty)
+    around_forward(monkeypatch, faulty)
 
     async def scenario(engine: Engine) -> tuple[list[Result], Result, Result, int]:
         running = [asyncio.create_task(collect(engine.submit(p, greedy(30)))) for p in streams]

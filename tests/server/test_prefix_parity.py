@@ -13,7 +13,7 @@ from models import LoadedModel
 from server.engine import Engine
 from server.request import SamplingParams
 from server.scheduler import Budgets
-from tests.helpers import PrefillRecorder, Result, collect, generate_together, run_with_engine
+from tests.helpers import PrefillRecorder, Result, around_forward, collect, generate_together, run_with_engine
 from tests.server.test_engine_parity import PASSAGE, QUESTIONS
 
 pytestmark = pytest.mark.slow
@@ -76,7 +76,7 @@ def test_a_shared_system_prompt_joining_a_busy_batch_gives_the_same_answers_with
     assert [r.token_ids for r in results] == [r.token_ids for r in plain]
 
 
-def test_a_long_prompt_prefilled_in_chunks_joins_16_streams_without_changing_anything(smol: LoadedModel) -> None:
+def test_a_long_prompt_prefilled_in_chunks_joins_16_streams_without_changing_anything(smol: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
     budget = 256
     streams = [chat(smol, q, system="You are terse.") for q in (QUESTIONS * 3)[:16]]
     long_prompt = smol.tokenizer.encode(PASSAGE * 8, add_special_tokens=False)[:1500]
@@ -85,19 +85,15 @@ def test_a_long_prompt_prefilled_in_chunks_joins_16_streams_without_changing_any
     alone = run_with_engine(smol, lambda e: collect(e.submit(long_prompt, greedy(8))), prefix_cache_bytes=0)
     budgets = Budgets(max_batch_size=64, max_batch_tokens=65536, max_prefill_tokens=budget, max_waiting=256)
     recorder = PrefillRecorder()
-    forward = smol.model.forward
+    around_forward(monkeypatch, recorder.record)  # records only once it watches the engine below
 
     async def scenario(engine: Engine) -> tuple[Result, list[Result]]:
         recorder.watch(engine)
-        smol.model.forward = recorder.spy(forward)
-        try:
-            running = [asyncio.create_task(collect(engine.submit(p, sp))) for p, sp in zip(streams, params)]
-            while engine.num_running < len(streams):
-                await asyncio.sleep(0.001)
-            long_result = await collect(engine.submit(long_prompt, greedy(8)))
-            return long_result, [await task for task in running]
-        finally:
-            del smol.model.forward
+        running = [asyncio.create_task(collect(engine.submit(p, sp))) for p, sp in zip(streams, params)]
+        while engine.num_running < len(streams):
+            await asyncio.sleep(0.001)
+        long_result = await collect(engine.submit(long_prompt, greedy(8)))
+        return long_result, [await task for task in running]
 
     long_result, others = run_with_engine(smol, scenario, budgets=budgets, prefix_cache_bytes=0)
     assert long_result.token_ids == alone.token_ids
