@@ -129,25 +129,34 @@ async def one_request(
     }
     if model:
         body["model"] = model
-    sent = time.perf_counter()
-    arrivals: list[float] = []
-    usage_tokens = None
-    try:
-        async with client.stream("POST", route, json=body) as response:
-            if response.status_code != 200:
-                return Sample(ok=False, error=f"HTTP {response.status_code}")
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    return Sample(ok=False, error=chunk["error"].get("message", "error"))
-                if chunk.get("usage"):
-                    usage_tokens = chunk["usage"]["completion_tokens"]
-                if any(_delta_text(choice) for choice in chunk.get("choices") or []):
-                    arrivals.append(time.perf_counter())
-    except httpx.HTTPError as exc:
-        return Sample(ok=False, error=type(exc).__name__)
+    for attempt in (1, 2):
+        sent = time.perf_counter()
+        arrivals: list[float] = []
+        usage_tokens = None
+        answered = False
+        try:
+            async with client.stream("POST", route, json=body) as response:
+                answered = True
+                if response.status_code != 200:
+                    return Sample(ok=False, error=f"HTTP {response.status_code}")
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        return Sample(ok=False, error=chunk["error"].get("message", "error"))
+                    if chunk.get("usage"):
+                        usage_tokens = chunk["usage"]["completion_tokens"]
+                    if any(_delta_text(choice) for choice in chunk.get("choices") or []):
+                        arrivals.append(time.perf_counter())
+            break
+        except httpx.RemoteProtocolError as exc:
+            # A kept-alive connection the server closed as the request went out (llama-server does, now and then,
+            # right after a stream): the request never reached it, so it is sent again once, as browsers do.
+            if answered or attempt == 2:
+                return Sample(ok=False, error=type(exc).__name__)
+        except httpx.HTTPError as exc:
+            return Sample(ok=False, error=type(exc).__name__)
     if not arrivals:
         return Sample(ok=False, error="no tokens")
     done = time.perf_counter()
