@@ -33,8 +33,8 @@ test: install
 test-container: install
 	$(PY) -m pytest -m container
 
-# tokenferry beside itself without batching, then beside llama.cpp's server (built once into its own
-# environment under ~/.cache/tokenferry/peers) and transformers serve, on the default model.
+# tokenferry beside itself without batching, then beside vLLM's CPU build, llama.cpp's llama-server and
+# transformers serve (installed or built once under ~/.cache/tokenferry/peers), on the default model.
 bench: install
 	$(PIP) install -q -c $(CONSTRAINTS) -e '.[bench]'
 	$(PY) -m bench.run
