@@ -26,6 +26,7 @@ from server.api.middleware import REQUEST_ID_HEADER, BodyLimitMiddleware, Reques
 from server.api.state import AppState
 from server.config import Config
 from server.engine import Engine
+from server.prompt import supports_tools
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ async def _load(state: AppState) -> None:
             "device": info.device,
             "dtype": info.dtype,
             "quantization": info.quantization,
+            "tool_call_format": state.tool_format.name,
+            "tool_template": "native" if supports_tools(loaded.tokenizer) else "system message",
             "load_s": round(time.monotonic() - started, 2),
         },
     )

@@ -19,6 +19,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "int8", "int4")
+TOOL_CALL_FORMATS = ("auto", "hermes", "llama3_json", "mistral")  # server/tools.py's formats
 
 
 def _help(text: str) -> dict[str, str]:
@@ -48,6 +49,7 @@ class Config:
     allow_special_tokens: bool = field(default=False, metadata=_help("let message text spell control tokens such as <|im_start|>"))
     speculative_tokens: int = field(default=0, metadata=_help("prompt-lookup draft tokens a lone greedy stream verifies per step; 0 disables"))
     web_ui: bool = field(default=True, metadata=_help("serve the chat page at / (--no-web-ui turns it off)"))
+    tool_call_format: str = field(default="auto", metadata=_help("how the model writes tool calls: auto (from its chat template), hermes, llama3_json or mistral"))
 
     def __post_init__(self) -> None:
         positive = ("max_batch_size", "max_batch_tokens", "max_prefill_tokens", "max_waiting", "max_body_bytes")
@@ -71,6 +73,8 @@ class Config:
             raise ValueError(f"--speculative-tokens must be 0 or more, got {self.speculative_tokens}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+        if self.tool_call_format not in TOOL_CALL_FORMATS:
+            raise ValueError(f"--tool-call-format must be one of {', '.join(TOOL_CALL_FORMATS)}, got {self.tool_call_format!r}")
         if self.api_key == "":
             raise ValueError("--api-key must not be empty")
 

@@ -18,6 +18,12 @@ class InvalidRequest(TokenferryError):
     """A parameter or prompt the server cannot accept; `param` names the field."""
 
 
+def require(ok: bool, param: str, message: str) -> None:
+    """Raise InvalidRequest "`param`: `message`" unless `ok`."""
+    if not ok:
+        raise InvalidRequest(f"{param}: {message}", param=param)
+
+
 class ContextLengthExceeded(InvalidRequest):
     """The prompt and max_tokens do not fit in the model's context."""
 

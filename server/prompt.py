@@ -25,24 +25,25 @@ def encode_completion(tokenizer: Any, text: str) -> list[int]:
 
 def encode_chat(
     tokenizer: Any,
-    messages: Sequence[dict[str, str]],
+    messages: Sequence[dict[str, Any]],
     allow_special_tokens: bool = False,
     tools: Sequence[dict[str, Any]] | None = None,
 ) -> list[int]:
-    """Render `messages` ({"role", "content"} with string content) with the chat template and tokenize.
+    """Render `messages` ({"role", "content"} with string content, and for a template that renders tool calls
+    an assistant's `tool_calls` and a tool message's `tool_call_id`) with the chat template and tokenize.
 
-    `tools` go to a template that supports them (see `supports_tools`); the template spells them out as its
-    own text, so unless `allow_special_tokens` is set they may not contain a control token."""
+    `tools` go to a template that supports them (see `supports_tools`); the template spells them out, and an
+    assistant's `tool_calls`, as its own text, so unless `allow_special_tokens` is set they may not contain a
+    control token."""
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequest("this model has no chat template; use /v1/completions", param="messages")
     for index, message in enumerate(messages):
         _require_unicode(message["content"], f"messages[{index}].content")
-    if tools and not allow_special_tokens:
-        text = json.dumps(list(tools), ensure_ascii=False)
-        _require_unicode(text, "tools")
-        for token in getattr(tokenizer, "all_special_tokens", ()):
-            if token and token in text:
-                raise InvalidRequest(f"tools: the text contains the control token {token!r}", param="tools")
+    if not allow_special_tokens:
+        spelled = [("tools", tools)] if tools else []
+        spelled += [(f"messages[{i}].tool_calls", m["tool_calls"]) for i, m in enumerate(messages) if m.get("tool_calls")]
+        for param, value in spelled:
+            _require_plain(tokenizer, json.dumps(value, ensure_ascii=False), param)
     if allow_special_tokens:
         return _encode_template(tokenizer, _render(tokenizer, messages, tools))
     # The marker is random per call, so no message can forge one.
@@ -61,6 +62,14 @@ def encode_chat(
     return ids
 
 
+def _require_plain(tokenizer: Any, text: str, param: str) -> None:
+    """Text a template spells out as its own may hold no control token."""
+    _require_unicode(text, param)
+    for token in getattr(tokenizer, "all_special_tokens", ()):
+        if token and token in text:
+            raise InvalidRequest(f"{param}: the text contains the control token {token!r}", param=param)
+
+
 def _require_unicode(text: str, param: str) -> None:
     """JSON can carry lone surrogates (\\ud800), which are not text and which no tokenizer can encode."""
     try:
@@ -75,7 +84,7 @@ def supports_tools(tokenizer: Any) -> bool:
     return isinstance(template, str) and re.search(r"\btools\b", template) is not None
 
 
-def with_system_text(messages: Sequence[dict[str, str]], text: str) -> list[dict[str, str]]:
+def with_system_text(messages: Sequence[dict[str, Any]], text: str) -> list[dict[str, Any]]:
     """`text` added to the system message, or as a system message of its own before the first one."""
     if messages and messages[0]["role"] == "system":
         first = messages[0]["content"]
@@ -83,7 +92,7 @@ def with_system_text(messages: Sequence[dict[str, str]], text: str) -> list[dict
     return [{"role": "system", "content": text}, *messages]
 
 
-def _render(tokenizer: Any, messages: Sequence[dict[str, str]], tools: Sequence[dict[str, Any]] | None = None) -> str:
+def _render(tokenizer: Any, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> str:
     extra = {"tools": list(tools)} if tools else {}
     try:
         return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True, **extra)

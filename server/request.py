@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from models.sampler import TokenLogprobs
 from server.detokenizer import Detokenizer
-from server.errors import InvalidRequest
+from server.errors import InvalidRequest, require
 
 if TYPE_CHECKING:
     from server.beam import BeamSearch
@@ -35,11 +35,6 @@ class Status(Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
-
-
-def _require(ok: bool, param: str, message: str) -> None:
-    if not ok:
-        raise InvalidRequest(f"{param}: {message}", param=param)
 
 
 def _is_number(value: object) -> bool:
@@ -83,30 +78,30 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         # 0 new tokens only makes sense when the prompt itself is what the caller wants scored.
         least = 0 if self.prompt_logprobs is not None else 1
-        _require(
+        require(
             self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= least),
             "max_tokens",
             f"must be a positive integer, got {self.max_tokens!r}",
         )
-        _require(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "must be a non-negative integer")
-        _require(
+        require(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "must be a non-negative integer")
+        require(
             self.max_tokens is None or self.min_tokens <= self.max_tokens,
             "min_tokens",
             f"must not exceed max_tokens ({self.max_tokens})",
         )
-        _require(
+        require(
             _is_number(self.temperature) and self.temperature >= 0,
             "temperature",
             f"must be a finite number >= 0, got {self.temperature!r}",
         )
-        _require(
+        require(
             _is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p!r}"
         )
-        _require(_is_int(self.top_k) and self.top_k >= 0, "top_k", f"must be -1, 0 or positive, got {self.top_k!r}")
-        _require(
+        require(_is_int(self.top_k) and self.top_k >= 0, "top_k", f"must be -1, 0 or positive, got {self.top_k!r}")
+        require(
             _is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p!r}"
         )
-        _require(
+        require(
             _is_number(self.repetition_penalty) and self.repetition_penalty > 0,
             "repetition_penalty",
             f"must be a finite number > 0, got {self.repetition_penalty!r}",
@@ -114,26 +109,26 @@ class SamplingParams:
         low, high = PENALTY_RANGE
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
-            _require(_is_number(value) and low <= value <= high, name, f"must be in [{low}, {high}], got {value!r}")
-        _require(
+            require(_is_number(value) and low <= value <= high, name, f"must be in [{low}, {high}], got {value!r}")
+        require(
             self.seed is None or (_is_int(self.seed) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]),
             "seed",
             "must be a 64-bit integer",
         )
-        _require(len(self.stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} stop strings")
+        require(len(self.stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} stop strings")
         for text in self.stop:
-            _require(
+            require(
                 isinstance(text, str) and 0 < len(text) <= MAX_STOP_STRING_CHARS,
                 "stop",
                 f"each stop string must be a non-empty string of at most {MAX_STOP_STRING_CHARS} characters",
             )
         for token in self.stop_token_ids:
-            _require(_is_int(token) and token >= 0, "stop_token_ids", "must be non-negative integers")
-        _require(isinstance(self.ignore_eos, bool), "ignore_eos", "must be a boolean")
+            require(_is_int(token) and token >= 0, "stop_token_ids", "must be non-negative integers")
+        require(isinstance(self.ignore_eos, bool), "ignore_eos", "must be a boolean")
         self._check_beam()
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            _require(
+            require(
                 value is None or (_is_int(value) and 0 <= value <= MAX_LOGPROBS),
                 name,
                 f"must be an integer in [0, {MAX_LOGPROBS}], got {value!r}",
@@ -143,25 +138,25 @@ class SamplingParams:
     def _check_beam(self) -> None:
         if self.beam_width is None:
             return
-        _require(_is_int(self.beam_width) and self.beam_width >= 1, "beam_width", "must be a positive integer")
-        _require(
+        require(_is_int(self.beam_width) and self.beam_width >= 1, "beam_width", "must be a positive integer")
+        require(
             _is_int(self.beam_returns) and 1 <= self.beam_returns <= self.beam_width,
             "beam_returns",
             f"must be in [1, beam_width ({self.beam_width})]",
         )
-        _require(_is_number(self.length_penalty), "length_penalty", "must be a finite number")
-        _require(
+        require(_is_number(self.length_penalty), "length_penalty", "must be a finite number")
+        require(
             self.early_stopping is True or self.early_stopping is False or self.early_stopping == "never",
             "early_stopping",
             'must be true, false or "never"',
         )
         # Beam search ranks the model's own log-probabilities: nothing may reshape or draw from them.
-        _require(self.temperature == 0, "temperature", "must be 0 with beam search")
+        require(self.temperature == 0, "temperature", "must be 0 with beam search")
         for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
             neutral = 1.0 if name == "repetition_penalty" else 0.0
-            _require(getattr(self, name) == neutral, name, "is not supported with beam search")
+            require(getattr(self, name) == neutral, name, "is not supported with beam search")
         # A beam's candidates are ranked on the model's own scores; a grammar would have to walk every beam.
-        _require(self.grammar is None, "use_beam_search", "cannot be combined with structured output")
+        require(self.grammar is None, "use_beam_search", "cannot be combined with structured output")
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""Structured output: `response_format`, vLLM's `structured_outputs` and `tools` -> a grammar, compiled off
-the engine thread, cached, and walked one token at a time by each constrained request.
+"""Structured output: `response_format` and vLLM's `structured_outputs` -> a grammar (and server/tools.py's
+tool-call grammars), compiled off the engine thread, cached, and walked one token at a time by each
+constrained request.
 
 Three parts:
 - `parse(...)` reads the request's fields (plain JSON values) into one `Constraint`, or None for free text.
@@ -33,7 +34,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from server import metrics
-from server.errors import InvalidRequest
+from server.errors import InvalidRequest, require
 
 # Between two JSON tokens: nothing, one space, or a newline and an indentation of spaces or of tabs (as
 # llama.cpp's JSON grammar allows). Room for compact and pretty-printed output, but a bound on every gap,
@@ -42,12 +43,10 @@ JSON_WHITESPACE = r"(?: |\n(?: {0,20}|\t{0,5}))?"
 JSON_OPTIONS = {"whitespace_pattern": JSON_WHITESPACE}
 MAX_SPEC_CHARS = 64 * 1024  # a schema, regex, grammar or choice list larger than this is refused
 MAX_CHOICES = 1024
-MAX_TOOLS = 128
 COMPILE_WORKERS = 2
 COMPILE_TIMEOUT_S = 10.0
 CACHE_SIZE = 256
 MAX_ERROR_CHARS = 400
-TOOL_CHOICES = "must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}"
 FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -76,52 +75,20 @@ class GrammarSpec:
 
 
 @dataclass(frozen=True)
-class ToolCalls:
-    """How a constrained answer becomes OpenAI `tool_calls`: one named function (the answer is its
-    arguments), or any of the tools (the answer is a JSON list of {"name", "parameters"})."""
-
-    function: str | None  # the named function; None for tool_choice "required"
-
-    def parse(self, text: str) -> list[tuple[str, str]] | None:
-        """[(name, arguments as JSON text)], or None when the text is not a complete call."""
-        try:
-            value = json.loads(text)
-        except ValueError:
-            return None
-        if self.function is not None:
-            return [(self.function, json.dumps(value, ensure_ascii=False))] if isinstance(value, dict) else None
-        if not isinstance(value, list) or not value:
-            return None
-        calls = []
-        for call in value:
-            if not isinstance(call, dict) or not isinstance(call.get("name"), str) or "parameters" not in call:
-                return None
-            calls.append((call["name"], json.dumps(call["parameters"], ensure_ascii=False)))
-        return calls
-
-
-@dataclass(frozen=True)
 class Constraint:
     spec: GrammarSpec
-    tool_calls: ToolCalls | None = None
-    tools: tuple[dict[str, Any], ...] = ()  # the functions offered, for the prompt
 
 
-def parse(
-    response_format: Any = None,
-    structured_outputs: Any = None,
-    tools: Any = None,
-    tool_choice: Any = None,
-    parallel_tool_calls: Any = None,
-) -> Constraint | None:
-    """The request's one constraint, or None. Raises InvalidRequest naming the field at fault."""
+def parse(response_format: Any = None, structured_outputs: Any = None, tools: bool = False) -> Constraint | None:
+    """The request's one constraint, or None. Raises InvalidRequest naming the field at fault. `tools`: the
+    request's tools constrain its answer (server/tools.py), so no other constraint may."""
     found: list[tuple[str, Constraint]] = []
     if (c := _response_format(response_format)) is not None:
         found.append(("response_format", c))
     if (c := _structured_outputs(structured_outputs)) is not None:
         found.append(("structured_outputs", c))
-    if (c := _tools(tools, tool_choice, parallel_tool_calls)) is not None:
-        found.append(("tools", c))
+    if tools and found:
+        raise InvalidRequest(f"only one constraint per request: got tools and {found[0][0]}", param="tools")
     if len(found) > 1:
         names = " and ".join(name for name, _ in found)
         raise InvalidRequest(f"only one constraint per request: got {names}", param=found[1][0])
@@ -131,7 +98,7 @@ def parse(
 def _response_format(value: Any) -> Constraint | None:
     if value is None:
         return None
-    _require(isinstance(value, dict), "response_format", "must be an object")
+    require(isinstance(value, dict), "response_format", "must be an object")
     kind = value.get("type")
     if kind == "text":
         return None
@@ -140,12 +107,12 @@ def _response_format(value: Any) -> Constraint | None:
     if kind == "json_schema":
         param = "response_format.json_schema"
         spec = value.get("json_schema")
-        _require(isinstance(spec, dict), param, "must be an object with name and schema")
+        require(isinstance(spec, dict), param, "must be an object with name and schema")
         name = spec.get("name")
-        _require(isinstance(name, str) and FUNCTION_NAME.match(name) is not None, f"{param}.name",
+        require(isinstance(name, str) and FUNCTION_NAME.match(name) is not None, f"{param}.name",
                  "must be 1 to 64 letters, digits, '_', '-' or '.'")  # fmt: skip
-        _require(spec.get("strict") is None or isinstance(spec.get("strict"), bool), f"{param}.strict", "must be a boolean")
-        _require("schema" in spec, f"{param}.schema", "is required")
+        require(spec.get("strict") is None or isinstance(spec.get("strict"), bool), f"{param}.strict", "must be a boolean")
+        require("schema" in spec, f"{param}.schema", "is required")
         return Constraint(_json_spec(spec["schema"], f"{param}.schema"))
     raise InvalidRequest(
         f"response_format.type: must be 'text', 'json_object' or 'json_schema', got {kind!r}", param="response_format.type"
@@ -158,7 +125,7 @@ STRUCTURED_KINDS = ("json", "regex", "choice", "grammar")
 def _structured_outputs(value: Any) -> Constraint | None:
     if value is None:
         return None
-    _require(isinstance(value, dict), "structured_outputs", "must be an object")
+    require(isinstance(value, dict), "structured_outputs", "must be an object")
     given = {k: v for k, v in value.items() if v is not None}
     unknown = sorted(set(given) - set(STRUCTURED_KINDS))
     if unknown:
@@ -177,115 +144,36 @@ def _structured_outputs(value: Any) -> Constraint | None:
     param = f"structured_outputs.{kind}"
     if kind == "json":
         if isinstance(body, str):
-            _require(len(body) <= MAX_SPEC_CHARS, param, f"is longer than {MAX_SPEC_CHARS} characters")
+            require(len(body) <= MAX_SPEC_CHARS, param, f"is longer than {MAX_SPEC_CHARS} characters")
             try:
                 body = json.loads(body)
             except ValueError as exc:
                 raise InvalidRequest(f"{param}: not valid JSON: {exc}", param=param) from None
         return Constraint(_json_spec(body, param))
     if kind == "regex":
-        _require(isinstance(body, str) and body != "", param, "must be a non-empty string")
-        _require(len(body) <= MAX_SPEC_CHARS, param, f"is longer than {MAX_SPEC_CHARS} characters")
+        require(isinstance(body, str) and body != "", param, "must be a non-empty string")
+        require(len(body) <= MAX_SPEC_CHARS, param, f"is longer than {MAX_SPEC_CHARS} characters")
         return Constraint(GrammarSpec("regex", body, param))
     if kind == "choice":
-        _require(isinstance(body, list) and body, param, "must be a non-empty list of strings")
-        _require(len(body) <= MAX_CHOICES, param, f"at most {MAX_CHOICES} choices")
-        _require(all(isinstance(c, str) and c for c in body), param, "every choice must be a non-empty string")
+        require(isinstance(body, list) and body, param, "must be a non-empty list of strings")
+        require(len(body) <= MAX_CHOICES, param, f"at most {MAX_CHOICES} choices")
+        require(all(isinstance(c, str) and c for c in body), param, "every choice must be a non-empty string")
         text = json.dumps(body, ensure_ascii=False)
-        _require(len(text) <= MAX_SPEC_CHARS, param, f"is longer than {MAX_SPEC_CHARS} characters")
+        require(len(text) <= MAX_SPEC_CHARS, param, f"is longer than {MAX_SPEC_CHARS} characters")
         return Constraint(GrammarSpec("choice", text, param))
-    _require(isinstance(body, str) and body.strip() != "", param, "must be a non-empty grammar (Lark or GBNF)")
-    _require(len(body) <= MAX_SPEC_CHARS, param, f"is longer than {MAX_SPEC_CHARS} characters")
+    require(isinstance(body, str) and body.strip() != "", param, "must be a non-empty grammar (Lark or GBNF)")
+    require(len(body) <= MAX_SPEC_CHARS, param, f"is longer than {MAX_SPEC_CHARS} characters")
     return Constraint(GrammarSpec("lark", body, param))
 
 
-def _tools(tools: Any, tool_choice: Any, parallel_tool_calls: Any) -> Constraint | None:
-    """tool_choice "required" or a named function constrains the answer to a call; "none" ignores the tools;
-    "auto" (the default when tools are given) needs a tool parser, which this server does not have."""
-    if not (tool_choice in (None, "none", "auto", "required") or isinstance(tool_choice, dict)):
-        raise InvalidRequest(f"tool_choice: {TOOL_CHOICES}, got {tool_choice!r}", param="tool_choice")
-    if tools is None or tool_choice == "none":
-        if isinstance(tool_choice, dict) or tool_choice == "required":
-            raise InvalidRequest("tool_choice: a tool was required but no tools were given", param="tool_choice")
-        return None
-    _require(isinstance(tools, list), "tools", "must be a list")
-    if not tools:
-        return None
-    _require(len(tools) <= MAX_TOOLS, "tools", f"at most {MAX_TOOLS} tools")
-    functions: dict[str, dict[str, Any]] = {}
-    for index, tool in enumerate(tools):
-        param = f"tools[{index}]"
-        _require(isinstance(tool, dict) and tool.get("type", "function") == "function", param,
-                 "must be {'type': 'function', 'function': {...}}")  # fmt: skip
-        function = tool.get("function")
-        _require(isinstance(function, dict), f"{param}.function", "must be an object")
-        name = function.get("name")
-        _require(isinstance(name, str) and FUNCTION_NAME.match(name) is not None, f"{param}.function.name",
-                 "must be 1 to 64 letters, digits, '_', '-' or '.'")  # fmt: skip
-        _require(name not in functions, f"{param}.function.name", f"duplicate function name {name!r}")
-        _require(isinstance(function.get("description", ""), str), f"{param}.function.description", "must be a string")
-        parameters = function.get("parameters", {"type": "object", "properties": {}})
-        _require(isinstance(parameters, dict), f"{param}.function.parameters", "must be a JSON schema object")
-        functions[name] = {**function, "parameters": parameters}
-    offered = tuple({"type": "function", "function": f} for f in functions.values())
-    if tool_choice is None or tool_choice == "auto":
-        raise InvalidRequest(
-            "tool_choice 'auto' (the default when tools are given) needs a tool-call parser, which this model has "
-            "not got; send tool_choice 'required' or {'type': 'function', 'function': {'name': ...}} to force a "
-            "call, or 'none' to answer in text",
-            param="tool_choice",
-        )
-    if tool_choice == "required":
-        _require(parallel_tool_calls is None or isinstance(parallel_tool_calls, bool), "parallel_tool_calls", "must be a boolean")
-        calls = [
-            {
-                "type": "object",
-                "properties": {"name": {"const": name}, "parameters": f["parameters"]},
-                "required": ["name", "parameters"],
-                "additionalProperties": False,
-            }
-            for name, f in functions.items()
-        ]
-        schema: dict[str, Any] = {"type": "array", "items": {"anyOf": calls}, "minItems": 1}
-        if parallel_tool_calls is False:
-            schema["maxItems"] = 1
-        return Constraint(_json_spec(schema, "tools"), ToolCalls(None), offered)
-    # Checked on entry: what is left is a dict naming one function.
-    function = tool_choice.get("function")
-    name = function.get("name") if isinstance(function, dict) else None
-    _require(tool_choice.get("type", "function") == "function" and isinstance(name, str), "tool_choice", TOOL_CHOICES)
-    _require(name in functions, "tool_choice.function.name", f"no tool is called {name!r}")
-    index = list(functions).index(name)
-    spec = _json_spec(functions[name]["parameters"], f"tools[{index}].function.parameters")
-    return Constraint(spec, ToolCalls(name), offered)
-
-
-def tool_prompt(constraint: Constraint) -> str:
-    """The tools, described for a model whose chat template has no tools support (a system message)."""
-    described = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in constraint.tools)
-    assert constraint.tool_calls is not None
-    if constraint.tool_calls.function is not None:
-        how = (f"Call the function {constraint.tool_calls.function!r}: answer with its arguments as one JSON "
-               "object and nothing else.")  # fmt: skip
-    else:
-        how = ('Call one or more of them: answer with a JSON list of calls, each {"name": <function name>, '
-               '"parameters": <arguments object>}, and nothing else.')  # fmt: skip
-    return f"You have access to these functions:\n{described}\n\n{how}"
-
-
 def _json_spec(schema: Any, param: str) -> GrammarSpec:
-    _require(isinstance(schema, dict), param, "must be a JSON schema object")
+    require(isinstance(schema, dict), param, "must be a JSON schema object")
     try:
         text = json.dumps(schema, sort_keys=True, separators=(",", ":"), allow_nan=False)
     except ValueError as exc:
         raise InvalidRequest(f"{param}: cannot be encoded as JSON: {exc}", param=param) from None
-    _require(len(text) <= MAX_SPEC_CHARS, param, f"is larger than {MAX_SPEC_CHARS} characters")
+    require(len(text) <= MAX_SPEC_CHARS, param, f"is larger than {MAX_SPEC_CHARS} characters")
     return GrammarSpec("json_schema", text, param)
-
-
-def _require(ok: bool, param: str, message: str) -> None:
-    if not ok:
-        raise InvalidRequest(f"{param}: {message}", param=param)
 
 
 # ---- compiled grammars and their per-request state ----

@@ -23,7 +23,8 @@ from server.errors import ContextLengthExceeded, EngineUnavailable, GenerationFa
 from server.logs import REQUEST_ID
 from server.prompt import encode_chat, encode_completion, supports_tools, with_system_text
 from server.request import Event, SamplingParams, Scored
-from server.structured import Constraint, Grammar, ToolCalls, tool_prompt
+from server import tools
+from server.structured import Constraint, Grammar
 
 CHAT_ROUTE = "/v1/chat/completions"
 COMPLETIONS_ROUTE = "/v1/completions"
@@ -93,21 +94,23 @@ async def retrieve_model(
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     state = state_of(request)
     engine = _prepare(state, body)
-    constraint = body.constraint()
-    messages, tools = body.template_messages(), None
-    if constraint is not None and constraint.tool_calls is not None:
-        if supports_tools(engine.tokenizer):
-            tools = constraint.tools
+    tool_request, constraint = body.tool_request(), body.constraint()
+    fmt, native = state.tool_format, supports_tools(engine.tokenizer)
+    messages = tools.conversation(body.template_messages(), fmt, native)
+    offered = None
+    if tool_request is not None:
+        if native:
+            offered = [f.tool() for f in tool_request.functions]
         else:
-            messages = with_system_text(messages, tool_prompt(constraint))
-    prompt = encode_chat(engine.tokenizer, messages, state.config.allow_special_tokens, tools)
-    grammar = await _compile(engine, constraint)
+            messages = with_system_text(messages, tools.describe(fmt, tool_request))
+    prompt = encode_chat(engine.tokenizer, messages, state.config.allow_special_tokens, offered)
+    grammar = await _compile_tools(engine, fmt, tool_request) if tool_request is not None else await _compile(engine, constraint)
     max_tokens, name = body.requested_max_tokens
     params = body.sampling_params(max_tokens, grammar=grammar)
     choices = _submit(engine, body, [prompt], params, {"prompt": "messages", "max_tokens": name})
     chunk_id, vocab = f"chatcmpl-{choices.request_id}", _vocab(state, body)
-    if constraint is not None and constraint.tool_calls is not None:
-        chunks: Chunks = ToolCallChunks(chunk_id, created(), state.model_name, vocab, body.output_logprobs, constraint.tool_calls)
+    if tool_request is not None:
+        chunks: Chunks = ToolCallChunks(chunk_id, created(), state.model_name, vocab, body.output_logprobs, fmt)
     else:
         chunks = ChatChunks(chunk_id, created(), state.model_name, vocab, body.output_logprobs)
     return await _answer(choices, chunks, body, request, CHAT_ROUTE)
@@ -156,6 +159,17 @@ def _prepare(state: AppState, body: SamplingFields) -> Engine:
 async def _compile(engine: Engine, constraint: Constraint | None) -> Grammar | None:
     """The constraint's grammar, compiled off the engine thread (or from the cache); a 400 if it is refused."""
     return None if constraint is None else await engine.grammars.compile(constraint.spec)
+
+
+async def _compile_tools(engine: Engine, fmt: tools.ToolFormat, tool_request: tools.ToolRequest) -> Grammar:
+    """The tool calls' grammar; refused, a 400 naming the tool whose schema the backend cannot enforce."""
+    whole, parts = tools.specs(fmt, tool_request)
+    try:
+        return await engine.grammars.compile(whole)
+    except InvalidRequest:
+        for part in parts:
+            await engine.grammars.compile(part)  # raises, naming tools[i].function.parameters
+        raise
 
 
 def _submit(
@@ -238,42 +252,51 @@ class ChatChunks(Chunks):
 
 @dataclass
 class ToolCallChunks(ChatChunks):
-    """A chat answer constrained to a tool call: a complete call becomes `tool_calls` with finish_reason
-    "tool_calls". When streaming, the call's text is held until the call is complete, then sent in one chunk
-    with the finish reason; an answer that is not a complete call (cut by max_tokens or a stop string) is
-    sent as plain content with its own finish reason."""
+    """A chat answer that may call tools (server/tools.py): its text is `content`, its calls `tool_calls`, and
+    finish_reason is "tool_calls" when it ended after calling. Streamed, text goes out as text and each call as
+    OpenAI's deltas: its index, id, type and name first, then its arguments in fragments as they are written."""
 
-    tool_calls: ToolCalls = ToolCalls(None)
-    held: dict[int, list[Event]] = field(default_factory=dict)
+    fmt: tools.ToolFormat = tools.FORMATS["hermes"]
+    readers: dict[int, tools.CallReader] = field(default_factory=dict)
 
-    def _calls(self, text: str, reason: str) -> list[dict[str, Any]] | None:
-        calls = self.tool_calls.parse(text) if reason == "stop" else None
-        if calls is None:
-            return None
-        return [
-            {"id": f"call_{secrets.token_hex(12)}", "type": "function", "function": {"name": name, "arguments": arguments}}
-            for name, arguments in calls
-        ]
+    def _reader(self, index: int) -> tools.CallReader:
+        return self.readers.setdefault(index, tools.CallReader(self.fmt))
 
     def choice(self, index: int, result: ChoiceResult) -> dict[str, Any]:
         answer = super().choice(index, result)
-        if (calls := self._calls(answer["message"]["content"], answer["finish_reason"])) is not None:
-            answer["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
-            answer["finish_reason"] = "tool_calls"
+        reader = tools.CallReader(self.fmt)
+        reader.feed(answer["message"]["content"])
+        reader.finish()
+        if reader.calls:
+            calls = [call.json() for call in reader.calls]
+            answer["message"] = {"role": "assistant", "content": reader.content or None, "tool_calls": calls}
+            answer["finish_reason"] = _finish(reader, answer["finish_reason"])
         return answer
 
-    def delta(self, index: int, event: Event) -> None:
-        self.held.setdefault(index, []).append(event)
-        return None
+    def delta(self, index: int, event: Event) -> dict[str, Any] | None:
+        return self._delta_chunk(index, self._reader(index).feed(event.text), event)
 
     def finish(self, index: int, reason: str) -> dict[str, Any]:
-        held = self.held.pop(index, [])
-        text = "".join(event.text for event in held)
-        logprobs = self._logprobs([scored for event in held for scored in event.logprobs])
-        if (calls := self._calls(text, reason)) is not None:
-            tool_calls = [{"index": i, **call} for i, call in enumerate(calls)]
-            return self._chunk(index, {"tool_calls": tool_calls}, "tool_calls", logprobs)
-        return self._chunk(index, {"content": text} if text else {}, reason, logprobs)
+        reader = self.readers.pop(index, None) or tools.CallReader(self.fmt)
+        held = reader.finish()
+        return self._chunk(index, {"content": held.content} if held.content else {}, _finish(reader, reason))
+
+    def _delta_chunk(self, index: int, delta: tools.Delta, event: Event) -> dict[str, Any] | None:
+        scores = event.logprobs and self.logprobs is not None
+        if not delta and not scores:
+            return None
+        body: dict[str, Any] = {}
+        if delta.content or not delta.tool_calls:
+            body["content"] = delta.content
+        if delta.tool_calls:
+            body["tool_calls"] = delta.tool_calls
+        return self._chunk(index, body, logprobs=self._logprobs(event.logprobs))
+
+
+def _finish(reader: tools.CallReader, reason: str) -> str:
+    """"tool_calls" for an answer that ended after calling, else its own reason (a call cut by max_tokens is
+    "length")."""
+    return "tool_calls" if reader.calls and reason == "stop" else reason
 
 
 @dataclass

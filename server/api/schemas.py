@@ -17,7 +17,8 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr, WithJsonSchema
 
 from server import structured
-from server.errors import InvalidRequest
+from server.tools import MAX_TOOLS, CallMessage, ToolRequest, check_answers, parse_tools
+from server.errors import InvalidRequest, require
 from server.request import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, SEED_RANGE, SamplingParams
 
 MAX_CHOICES = 16  # `n`: each choice is its own row in the batch
@@ -278,14 +279,38 @@ class TextPart(BaseModel):
     text: Annotated[StrictStr | None, WithJsonSchema({"type": "string"})] = None
 
 
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    name: Annotated[StrictStr, doc(pattern=structured.FUNCTION_NAME.pattern)]
+    arguments: StrictStr  # JSON text, as the call was answered
+
+
+class ToolCall(BaseModel):
+    """A call an earlier assistant message made, sent back with the conversation."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    id: Annotated[StrictStr, doc(minLength=1)]
+    type: Annotated[StrictStr, doc(enum=["function"])] = "function"
+    function: FunctionCall
+
+
+# A tool message names the call it answers; that it answers an earlier one is `template_messages`' 400.
+TOOL_ANSWERS = {
+    "if": {"properties": {"role": {"const": "tool"}}, "required": ["role"]},
+    "then": {"properties": {"tool_call_id": {"type": "string"}}, "required": ["tool_call_id"]},
+}
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=TOOL_ANSWERS)
     role: Annotated[StrictStr, doc(enum=list(ROLES))]  # `template_messages` checks, naming the message
     content: StrictStr | list[TextPart] | None = None
     name: StrictStr | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant messages: the calls they made
+    tool_call_id: StrictStr | None = None  # tool messages: the call they answer
 
 
 def _requires(field: str, condition: dict[str, Any], other: str, value: Any) -> dict[str, Any]:
@@ -317,7 +342,7 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Annotated[StrictInt, Field(ge=1), INTEGRAL] | None = None
     logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS, description="only with logprobs: true"), INTEGRAL] | None = None
-    tools: Annotated[list[dict[str, Any]] | None, doc(maxItems=structured.MAX_TOOLS, items=TOOL)] = None
+    tools: Annotated[list[dict[str, Any]] | None, doc(maxItems=MAX_TOOLS, items=TOOL)] = None
     tool_choice: Annotated[Any, doc(anyOf=TOOL_CHOICE)] = None
     parallel_tool_calls: StrictBool | None = None
     functions: Annotated[list[Any] | None, doc(maxItems=0)] = None
@@ -342,19 +367,18 @@ class ChatCompletionRequest(SamplingFields):
     def output_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    def constraint(self) -> structured.Constraint | None:
-        """The structured-output constraint asked for, validated; None for free text."""
-        return structured.parse(
-            response_format=self.response_format,
-            structured_outputs=self.structured_outputs,
-            tools=self.tools,
-            tool_choice=self.tool_choice,
-            parallel_tool_calls=self.parallel_tool_calls,
-        )
+    def tool_request(self) -> ToolRequest | None:
+        """The tools offered and how the answer may use them, validated; None when it is free text."""
+        return parse_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
 
-    def template_messages(self) -> list[dict[str, str]]:
-        """Messages as the chat template takes them: known roles, plain string content."""
-        result = []
+    def constraint(self) -> structured.Constraint | None:
+        """The structured-output constraint asked for besides tools, validated; None for none."""
+        return structured.parse(self.response_format, self.structured_outputs, tools=self.tool_request() is not None)
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        """Messages as server/tools.py's `conversation` takes them: known roles, plain string content, the
+        calls an assistant made, the call a tool message answers (which must be an earlier one)."""
+        result: list[dict[str, Any]] = []
         for index, message in enumerate(self.messages):
             if message.role not in ROLES:
                 raise InvalidRequest(
@@ -362,7 +386,15 @@ class ChatCompletionRequest(SamplingFields):
                     param=f"messages[{index}].role",
                 )
             role = "system" if message.role == "developer" else message.role
-            result.append({"role": role, "content": _text_of(message.content, index)})
+            entry: dict[str, Any] = {"role": role, "content": _text_of(message.content, index)}
+            if message.tool_calls and role == "assistant":
+                calls = message.tool_calls
+                entry["tool_calls"] = [CallMessage(c.id, c.function.name, c.function.arguments) for c in calls]
+            if role == "tool":
+                require(message.tool_call_id is not None, f"messages[{index}].tool_call_id", "a tool message needs the id of the call it answers")
+                entry["tool_call_id"] = message.tool_call_id
+            result.append(entry)
+        check_answers(result)
         return result
 
     @property

@@ -12,6 +12,7 @@ from server.api.logprobs import TokenText
 from server.config import Config
 from server.engine import Engine
 from server.errors import EngineUnavailable
+from server.tools import ToolFormat, detect
 
 
 @dataclass
@@ -28,6 +29,11 @@ class AppState:
         if self.config.served_model_name:
             return self.config.served_model_name
         return self.engine.info.name if self.engine else self.config.model
+
+    @cached_property
+    def tool_format(self) -> ToolFormat:
+        """How the model writes tool calls: the --tool-call-format, or what its chat template shows."""
+        return detect(getattr(self.require_engine().tokenizer, "chat_template", None), self.config.tool_call_format)
 
     @cached_property
     def token_text(self) -> TokenText:

@@ -12,7 +12,7 @@ Two, each as narrow as it can be:
   structured output (the document states beam search's other rules); and what a
   structured-output field holds, which the document gives only the shape of: a JSON schema the grammar
   backend cannot enforce, a regex or grammar that does not compile, a tool_choice naming no tool, two
-  constraints at once. A schema-valid body refused with a 400 for exactly those reasons is not a failure of
+  constraints at once; and a tool message whose tool_call_id answers no earlier call in the conversation. A schema-valid body refused with a 400 for exactly those reasons is not a failure of
   `positive_data_acceptance`; any other refusal of a schema-valid body still is.
 """
 
@@ -58,6 +58,7 @@ def beyond_json_schema(response: Any) -> bool:
         error.get("code") == "context_length_exceeded"
         or param in ("min_tokens", "best_of", "use_beam_search")
         or param.split(".")[0].split("[")[0] in STRUCTURED_FIELDS
+        or (param.startswith("messages[") and param.endswith("].tool_call_id") and "answers no earlier" in error.get("message", ""))
     )
 
 

@@ -1,5 +1,5 @@
-"""Structured output over HTTP on the tiny model: response_format, structured_outputs, tool calls with the
-official client, streaming equal to the whole answer, bad inputs as 400s, and the grammar cache."""
+"""Structured output over HTTP on the tiny model: response_format and structured_outputs with the official
+client, streaming equal to the whole answer, bad inputs as 400s, and the grammar cache (tools: test_tools.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from typing import Literal
 
 import httpx
 import jsonschema
-import openai
 import pydantic
 import pytest
 
@@ -29,28 +28,6 @@ SCHEMA = {
     "required": ["name", "decks", "ports"],
     "additionalProperties": False,
 }
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["C", "F"]}},
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
-TIME = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"], "additionalProperties": False},
-    },
-}
-
-
 def response_format(schema: dict) -> dict:
     return {"type": "json_schema", "json_schema": {"name": "ferry", "schema": schema, "strict": True}}
 
@@ -136,10 +113,6 @@ def test_streaming_equals_the_whole_answer(tiny_server: ServerProcess) -> None:
         (COMPLETIONS, {"prompt": "x", "structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
         (COMPLETIONS, {"prompt": "x", "response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, "structured_outputs"),
         (COMPLETIONS, {"prompt": "x", "guided_json": {"type": "object"}}, "guided_json"),
-        (CHAT, {"messages": MESSAGES, "tools": [WEATHER]}, "tool_choice"),
-        (CHAT, {"messages": MESSAGES, "tools": [WEATHER], "tool_choice": "auto"}, "tool_choice"),
-        (CHAT, {"messages": MESSAGES, "tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice.function.name"),
-        (CHAT, {"messages": MESSAGES, "tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tools"),
     ],
 )  # fmt: skip
 def test_bad_constraints_are_400_and_the_server_keeps_serving(tiny_server: ServerProcess, route: str, body: dict, param: str) -> None:
@@ -181,39 +154,3 @@ def test_openai_client_parse_with_a_pydantic_model(tiny_server: ServerProcess) -
     assert isinstance(message.parsed, Ferry) and 1 <= message.parsed.decks <= 4
 
 
-def test_openai_client_named_tool_call(tiny_server: ServerProcess) -> None:
-    tool_choice = {"type": "function", "function": {"name": "get_weather"}}
-    answer = client(tiny_server).chat.completions.create(
-        model="tiny", messages=MESSAGES, tools=[WEATHER, TIME], tool_choice=tool_choice, max_tokens=200, temperature=0.7, seed=1
-    )
-    choice = answer.choices[0]
-    assert choice.finish_reason == "tool_calls" and choice.message.content is None
-    (call,) = choice.message.tool_calls
-    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
-    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
-
-
-def test_openai_client_required_tool_calls_streamed_and_whole(tiny_server: ServerProcess) -> None:
-    kwargs = {"model": "tiny", "messages": MESSAGES, "tools": [WEATHER, TIME], "tool_choice": "required",
-              "max_tokens": 300, "temperature": 0.7, "seed": 2}  # fmt: skip
-    choice = client(tiny_server).chat.completions.create(**kwargs).choices[0]
-    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
-    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
-    for call in choice.message.tool_calls:
-        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
-    chunks = list(client(tiny_server).chat.completions.create(**kwargs, stream=True))
-    streamed = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
-    assert [(tc.function.name, json.loads(tc.function.arguments)) for tc in streamed] == [
-        (tc.function.name, json.loads(tc.function.arguments)) for tc in choice.message.tool_calls
-    ]
-    assert chunks[-1].choices[0].finish_reason == "tool_calls"
-
-
-def test_tool_choice_none_answers_in_text_and_auto_is_refused(tiny_server: ServerProcess) -> None:
-    answer = client(tiny_server).chat.completions.create(
-        model="tiny", messages=MESSAGES, tools=[WEATHER], tool_choice="none", max_tokens=5, extra_body={"ignore_eos": True}
-    )
-    assert answer.choices[0].finish_reason == "length" and answer.choices[0].message.tool_calls is None
-    with pytest.raises(openai.BadRequestError) as info:
-        client(tiny_server).chat.completions.create(model="tiny", messages=MESSAGES, tools=[WEATHER], tool_choice="auto")
-    assert "tool" in info.value.body["message"] and info.value.body["param"] == "tool_choice"

@@ -21,7 +21,7 @@ from server import metrics
 from server.engine import Engine
 from server.errors import InvalidRequest
 from server.request import FinishReason, SamplingParams
-from server.structured import JSON_WHITESPACE, Grammar, GrammarCompiler, GrammarState, ToolCalls, parse
+from server.structured import JSON_WHITESPACE, Grammar, GrammarCompiler, GrammarState, parse
 from tests.helpers import collect, generate_alone, run_with_engine
 
 
@@ -66,17 +66,7 @@ def compiled(compiler: GrammarCompiler, **fields: Any) -> Grammar:
         ({"structured_outputs": {"json": 5}}, "structured_outputs.json"),
         ({"structured_outputs": {"grammar": "   "}}, "structured_outputs.grammar"),
         ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, "structured_outputs"),
-        ({"tools": "f"}, "tools"),
-        ({"tools": [{"type": "retrieval"}], "tool_choice": "required"}, "tools[0]"),
-        ({"tools": [{"type": "function", "function": {"name": "a b"}}], "tool_choice": "required"}, "tools[0].function.name"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": 3}}], "tool_choice": "required"}, "tools[0].function.parameters"),
-        ({"tools": [{"function": {"name": "f"}}, {"function": {"name": "f"}}], "tool_choice": "required"}, "tools[1].function.name"),
-        ({"tools": [{"function": {"name": "f"}}]}, "tool_choice"),
-        ({"tools": [{"function": {"name": "f"}}], "tool_choice": "auto"}, "tool_choice"),
-        ({"tools": [{"function": {"name": "f"}}], "tool_choice": "sometimes"}, "tool_choice"),
-        ({"tools": [{"function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice.function.name"),
-        ({"tool_choice": "required"}, "tool_choice"),
-        ({"tools": [{"function": {"name": "f"}}], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tools"),
+        ({"tools": True, "response_format": {"type": "json_object"}}, "tools"),
     ],
 )  # fmt: skip
 def test_bad_constraints_are_refused_naming_the_field(fields: dict[str, Any], param: str) -> None:
@@ -90,7 +80,6 @@ def test_free_text_is_no_constraint() -> None:
     assert parse() is None
     assert parse(response_format={"type": "text"}) is None
     assert parse(structured_outputs={"json": None, "regex": None}) is None  # all null: nothing asked for
-    assert parse(tools=[{"function": {"name": "f"}}], tool_choice="none") is None
 
 
 @pytest.mark.parametrize(
@@ -140,15 +129,6 @@ def test_a_compile_over_the_time_limit_is_a_400(tiny: LoadedModel) -> None:
 
     asyncio.run(main())
     slow.close()
-
-
-def test_tool_calls_parse_only_complete_calls() -> None:
-    named = ToolCalls("get_weather")
-    assert named.parse('{"city": "Oslo"}') == [("get_weather", '{"city": "Oslo"}')]
-    assert named.parse('{"city": "Os') is None and named.parse("[1]") is None
-    required = ToolCalls(None)
-    assert required.parse('[{"name": "f", "parameters": {"x": 1}}]') == [("f", '{"x": 1}')]
-    assert required.parse("[]") is None and required.parse('[{"name": "f"}]') is None
 
 
 # ---- random-logit walks: whatever the logits, the output is valid ----
