@@ -4,7 +4,8 @@
 
 The server runs with a small waiting queue so overload is part of the mix. Each client loops over a random
 kind of request: a chat stream read to the end, a stream dropped after a few chunks, a plain completion,
-an invalid body, a prompt over the context. Every few seconds the server's resident memory is read from
+an invalid body, a prompt over the context; an Anthropic message and a Responses answer (whole or
+streamed, some calling a tool), a chat that offers tools, a beam search, a JSON schema, a long prompt. Every few seconds the server's resident memory is read from
 /proc, the prefix cache's use and bound from /metrics, and /ready is checked.
 
 The prefix cache grows toward its bound by design, so memory is judged net of what the cache reports
@@ -36,12 +37,26 @@ SERVER_FLAGS = ("--log-level", "warning", "--max-batch-size", "16", "--max-waiti
 SAMPLE_EVERY_S = 5.0
 MIB = 2**20
 KINDS = {  # kind: weight
-    "stream": 55,
-    "dropped": 15,
-    "plain": 15,
-    "invalid": 10,
-    "too_long": 5,
+    "stream": 35,
+    "dropped": 10,
+    "plain": 10,
+    "invalid": 8,
+    "too_long": 4,
+    "messages": 8,
+    "responses": 8,
+    "tools": 6,
+    "beam": 4,
+    "schema": 4,
+    "long": 3,
 }
+LONG_PROMPT_REPEATS = 12  # a workload prompt this many times over: a few thousand tokens, inside the context
+WEATHER = {
+    "name": "get_weather",
+    "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]},
+}
+FORECAST = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}, "days": {"type": "integer"}},
+            "required": ["city", "days"]}  # fmt: skip
 DROP_AFTER_CHUNKS = (1, 6)
 DROPPED_MAX_TOKENS = 256  # long enough that the drop always lands mid-generation
 OVER_CONTEXT_WORDS = 12_000  # SmolLM2's context is 8192 tokens
@@ -61,6 +76,10 @@ class Tally:
 
     def expect(self, ok: bool, outcome: str, detail: str) -> None:
         self.outcomes[outcome] += 1
+        self.check(ok, detail)
+
+    def check(self, ok: bool, detail: str) -> None:
+        """A property of an answer already counted."""
         if not ok:
             self.wrong.append(detail)
 
@@ -164,10 +183,111 @@ async def too_long(client: httpx.AsyncClient, tally: Tally) -> None:
     tally.expect(response.status_code == 400 and code == "context_length_exceeded", "rejected", f"too_long: HTTP {response.status_code}")
 
 
+async def answered(client: httpx.AsyncClient, route: str, body: dict, tally: Tally, kind: str) -> dict | None:
+    """A whole answer's JSON; None (counted) when it was refused or failed."""
+    response = await client.post(route, json=body)
+    if await refused_or(response, tally, kind):
+        return None
+    if response.status_code != 200:
+        tally.expect(False, "error", f"{kind}: HTTP {response.status_code} {response.text[:200]}")
+        return None
+    return response.json()
+
+
+async def events(client: httpx.AsyncClient, route: str, body: dict, tally: Tally, kind: str) -> list[dict] | None:
+    """A streamed answer's events (Anthropic's and Responses' `event:`/`data:` frames), each its data."""
+    async with client.stream("POST", route, json=body) as response:
+        if await refused_or(response, tally, kind):
+            return None
+        if response.status_code != 200:
+            tally.expect(False, "error", f"{kind}: HTTP {response.status_code}")
+            return None
+        return [json.loads(line[6:]) async for line in response.aiter_lines() if line.startswith("data: ")]
+
+
+async def messages(client: httpx.AsyncClient, model: str, prompt: str, tally: Tally, rng: random.Random) -> None:
+    """Anthropic's Messages API, whole or streamed, with a tool to call half the time."""
+    body: dict = {"model": model, "max_tokens": rng.randint(8, 48), "messages": [{"role": "user", "content": prompt}]}
+    if rng.random() < 0.5:
+        tool = {"name": WEATHER["name"], "description": WEATHER["description"], "input_schema": WEATHER["parameters"]}
+        body |= {"tools": [tool], "tool_choice": {"type": rng.choice(["auto", "any"])}}
+    if rng.random() < 0.5:
+        answer = await answered(client, "/v1/messages", body, tally, "messages")
+        reason = answer and answer["stop_reason"]
+    else:
+        frames = await events(client, "/v1/messages", body | {"stream": True}, tally, "messages")
+        if frames is None:
+            return
+        ends = [f["delta"]["stop_reason"] for f in frames if f["type"] == "message_delta"]
+        failed = [f for f in frames if f["type"] == "error"]
+        reason = ends[0] if ends and frames[-1]["type"] == "message_stop" and not failed else None
+        if reason is None:
+            tally.expect(False, "error", f"messages: stream ended without message_stop: {failed[:1]}")
+            return
+    if reason is not None:
+        tally.expect(True, "length" if reason == "max_tokens" else "stop", "messages")
+
+
+async def responses(client: httpx.AsyncClient, prompt: str, tally: Tally, rng: random.Random) -> None:
+    """OpenAI's Responses API, whole or streamed, with a function to call half the time."""
+    body: dict = {"input": prompt, "max_output_tokens": rng.randint(8, 48)}
+    if rng.random() < 0.5:
+        body |= {"tools": [{"type": "function", **WEATHER}], "tool_choice": rng.choice(["auto", "required"])}
+    if rng.random() < 0.5:
+        answer = await answered(client, "/v1/responses", body, tally, "responses")
+    else:
+        frames = await events(client, "/v1/responses", body | {"stream": True}, tally, "responses")
+        if frames is None:
+            return
+        last = frames[-1] if frames else {}
+        answer = last.get("response") if last.get("type") == "response.completed" else None
+        if answer is None:
+            tally.expect(False, "error", f"responses: stream ended with {last.get('type')}")
+            return
+    if answer is not None:
+        tally.expect(answer["status"] in ("completed", "incomplete"), "length" if answer["status"] == "incomplete" else "stop", "responses")
+
+
+async def chat_answer(client: httpx.AsyncClient, route: str, body: dict, tally: Tally, kind: str) -> dict | None:
+    """A whole chat or completion answer's first choice, counted by its finish reason (a call is a stop)."""
+    answer = await answered(client, route, body, tally, kind)
+    if answer is None:
+        return None
+    choice = answer["choices"][0]
+    finish = {"tool_calls": "stop"}.get(choice["finish_reason"], choice["finish_reason"])
+    tally.expect(finish in ("stop", "length"), finish, f"{kind}: finish {choice['finish_reason']}")
+    return choice
+
+
+async def other(client: httpx.AsyncClient, kind: str, prompt: str, tally: Tally, rng: random.Random) -> None:
+    """The chat features agents and apps combine: tools, beam search, a JSON schema, a long prompt."""
+    if kind == "tools":
+        body = chat(prompt, max_tokens=48, tools=[{"type": "function", "function": WEATHER}], tool_choice=rng.choice(["auto", "required"]))
+        await chat_answer(client, "/v1/chat/completions", body, tally, kind)
+    elif kind == "beam":
+        body = {"prompt": prompt, "max_tokens": 16, "use_beam_search": True, "n": 2, "temperature": 0}
+        await chat_answer(client, "/v1/completions", body, tally, kind)
+    elif kind == "schema":
+        schema = {"type": "json_schema", "json_schema": {"name": "forecast", "schema": FORECAST}}
+        choice = await chat_answer(client, "/v1/chat/completions", chat(prompt, max_tokens=64, response_format=schema), tally, kind)
+        if choice is not None and choice["finish_reason"] == "stop":
+            tally.check(_is_object(choice["message"]["content"]), f"schema: not a JSON object: {choice['message']['content'][:80]!r}")
+    else:
+        await chat_answer(client, "/v1/chat/completions", chat(prompt * LONG_PROMPT_REPEATS, max_tokens=8), tally, kind)
+
+
+def _is_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
 async def client_loop(url: str, deadline: float, prompts: list[str], tally: Tally, seed: int) -> None:
     rng = random.Random(seed)
     kinds, weights = zip(*KINDS.items())
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(300.0)) as client:
+        model = (await client.get("/v1/models")).json()["data"][0]["id"]
         while time.monotonic() < deadline:
             kind = rng.choices(kinds, weights)[0]
             prompt = rng.choice(prompts)
@@ -178,8 +298,14 @@ async def client_loop(url: str, deadline: float, prompts: list[str], tally: Tall
                     await plain(client, prompt, tally, rng)
                 elif kind == "invalid":
                     await invalid(client, tally, rng)
-                else:
+                elif kind == "too_long":
                     await too_long(client, tally)
+                elif kind == "messages":
+                    await messages(client, model, prompt, tally, rng)
+                elif kind == "responses":
+                    await responses(client, prompt, tally, rng)
+                else:
+                    await other(client, kind, prompt, tally, rng)
             except httpx.HTTPError as exc:  # a transport failure is the server's fault here: count it
                 tally.expect(False, "error", f"{kind}: {type(exc).__name__}")
 

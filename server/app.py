@@ -21,7 +21,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from models import ModelLoadError, load
-from server.api import document, errors, ops, openai, web
+from server.api import anthropic, document, errors, ops, openai, responses, tokens, web
 from server.api.middleware import REQUEST_ID_HEADER, BodyLimitMiddleware, RequestIdMiddleware
 from server.api.state import AppState
 from server.config import Config
@@ -61,6 +61,9 @@ def create_app(config: Config, engine: Engine | None = None) -> FastAPI:
     document.install(app)
     app.include_router(ops.router)
     app.include_router(openai.router)
+    app.include_router(anthropic.router)
+    app.include_router(responses.router)
+    app.include_router(tokens.router)
     if config.web_ui:
         app.include_router(web.router)
     # Added innermost first: the request id wraps everything, CORS headers reach error answers too.

@@ -32,6 +32,7 @@ class Detokenizer:
         self._read_offset = 0
         self._held = ""
         self.stopped = False  # a stop string matched; no more text will be released
+        self.matched: str | None = None  # the stop string that matched
         self.decoded_chars = 0  # characters decoded so far, released or held: where the next token's text starts
         self.released_chars = 0  # characters returned by push and flush
 
@@ -83,11 +84,12 @@ class Detokenizer:
         if not self._stop:
             return text
         buffer = self._held + text
-        hits = [i for i in (buffer.find(stop) for stop in self._stop) if i >= 0]
+        hits = [(at, stop) for stop in self._stop if (at := buffer.find(stop)) >= 0]
         if hits:
+            at, self.matched = min(hits)
             self.stopped = True
             self._held = ""
-            return buffer[: min(hits)]
+            return buffer[:at]
         keep = 0 if final else self._partial_stop_length(buffer)
         self._held = buffer[len(buffer) - keep :]
         return buffer[: len(buffer) - keep]

@@ -91,7 +91,9 @@ class Outputs:
             self._emit(request, Event(text=text, token_ids=(token,), logprobs=logprobs, prompt_logprobs=prompt_logprobs))
         else:
             text += detokenizer.flush()
-            self.finish(request, reason, text=text, token_ids=(token,), prompt_logprobs=prompt_logprobs)
+            self.finish(
+                request, reason, text=text, token_ids=(token,), prompt_logprobs=prompt_logprobs, stop_string=detokenizer.matched
+            )
 
     def _advance_grammar(self, request: Request, token: int) -> bool:
         """Walk a constrained request's grammar by its new token; True once the grammar is complete, which
@@ -128,6 +130,7 @@ class Outputs:
         error: str | None = None,
         prompt_logprobs: tuple[TokenLogprobs, ...] | None = None,
         beams: tuple[Hypothesis, ...] | None = None,
+        stop_string: str | None = None,
     ) -> None:
         """End a request with one final event carrying its last text and scores, the reason and the usage
         (a beam search's: its returned sequences and their tokens)."""
@@ -146,6 +149,7 @@ class Outputs:
             usage=usage,
             error=error,
             beams=beams,
+            stop_string=stop_string,
         )
         self._emit(request, event)
         log.debug(

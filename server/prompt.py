@@ -17,10 +17,11 @@ from typing import Any
 from server.errors import InvalidRequest
 
 
-def encode_completion(tokenizer: Any, text: str) -> list[int]:
-    """A completion prompt is the caller's own raw text: special tokens in it are parsed, as vLLM does."""
+def encode_completion(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
+    """A completion prompt is the caller's own raw text: special tokens in it are parsed, as vLLM does;
+    `add_special_tokens` adds the ones the tokenizer puts around a text (a BOS, for some)."""
     _require_unicode(text, "prompt")
-    return list(tokenizer.encode(text, add_special_tokens=True))
+    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
 
 def encode_chat(

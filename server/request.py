@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from models.sampler import TokenLogprobs
 from server.detokenizer import Detokenizer
-from server.errors import InvalidRequest, require
+from server.errors import require
 
 if TYPE_CHECKING:
     from server.beam import BeamSearch
@@ -204,6 +204,7 @@ class Event:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     error: str | None = None  # set with finish_reason ERROR; safe to show a client
+    stop_string: str | None = None  # set with finish_reason STOP when a stop string (not a token) ended it
     beams: tuple[Hypothesis, ...] | None = None  # beam search: the final event's best sequences, best first
 
     @property

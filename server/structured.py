@@ -100,6 +100,8 @@ def _response_format(value: Any) -> Constraint | None:
         return None
     require(isinstance(value, dict), "response_format", "must be an object")
     kind = value.get("type")
+    if kind in ("text", "json_object"):
+        require(value.get("json_schema") is None, "response_format.json_schema", "is given only with type 'json_schema'")
     if kind == "text":
         return None
     if kind == "json_object":

@@ -100,9 +100,14 @@ class ToolRequest:
     """The tools offered and how the answer may use them."""
 
     functions: tuple[Function, ...]
-    choice: str  # "auto", "required" or "named"
+    choice: str  # "auto", "required", "named", or "none" (the model sees the tools and answers in text)
     named: str | None = None  # the function a named choice forces
     parallel: bool = True
+
+    @property
+    def calls(self) -> bool:
+        """Whether the answer may hold calls (held to the grammar and read back out)."""
+        return self.choice != "none"
 
     def offered(self) -> tuple[Function, ...]:
         """The functions the answer may call."""
@@ -110,8 +115,9 @@ class ToolRequest:
 
 
 def parse_tools(tools: Any, tool_choice: Any, parallel_tool_calls: Any) -> ToolRequest | None:
-    """The request's tools and tool_choice, validated; None when the answer is free text (no tools, or
-    tool_choice "none"). Raises InvalidRequest naming the field at fault."""
+    """The request's tools and tool_choice, validated; None when no tools are offered. Under tool_choice "none"
+    the model still sees the tools (a conversation keeps its prompt), but answers in text. Raises
+    InvalidRequest naming the field at fault."""
     if not (tool_choice in (None, "none", "auto", "required") or isinstance(tool_choice, dict)):
         raise InvalidRequest(f"tool_choice: {TOOL_CHOICES}, got {tool_choice!r}", param="tool_choice")
     require(parallel_tool_calls is None or isinstance(parallel_tool_calls, bool), "parallel_tool_calls", "must be a boolean")
@@ -119,11 +125,13 @@ def parse_tools(tools: Any, tool_choice: Any, parallel_tool_calls: Any) -> ToolR
         require(isinstance(tools, list), "tools", "must be a list")
         require(len(tools) <= MAX_TOOLS, "tools", f"at most {MAX_TOOLS} tools")
     functions = _functions(tools or [])
-    if not functions or tool_choice == "none":
+    if not functions:
         if isinstance(tool_choice, dict) or tool_choice == "required":
             raise InvalidRequest("tool_choice: a tool was required but no tools were given", param="tool_choice")
         return None
     parallel = parallel_tool_calls is not False
+    if tool_choice == "none":
+        return ToolRequest(functions, "none", None, parallel)
     if tool_choice in (None, "auto", "required"):
         return ToolRequest(functions, tool_choice or "auto", None, parallel)
     function = tool_choice.get("function")
@@ -235,6 +243,16 @@ class CallMessage:
     id: str
     name: str
     arguments: str  # JSON text of an object
+
+    @classmethod
+    def of(cls, id: str, name: str, arguments: str, param: str) -> CallMessage:
+        """A call sent back by a client; its arguments must be a JSON object (else a 400 naming `param`)."""
+        try:
+            ok = isinstance(json.loads(arguments), dict)
+        except ValueError:
+            ok = False
+        require(ok, param, "must be a JSON object, as the call was answered")
+        return cls(id, name, arguments)
 
 
 def conversation(messages: Sequence[dict[str, Any]], fmt: ToolFormat, native: bool) -> list[dict[str, Any]]:

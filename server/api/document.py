@@ -19,11 +19,14 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from server.api.auth import API_KEY_HEADER
 from server.api.schemas import EXACT, LIMIT, Limit
 from server.api.state import AppState
 
 _VALIDATION_SCHEMAS = ("HTTPValidationError", "ValidationError")
 BEARER = "bearer"
+API_KEY = "api_key"
+PROTECTED = ("/v1/", "/tokenize", "/detokenize")  # the routes server/api/auth.py guards
 
 
 def install(app: FastAPI) -> None:
@@ -83,7 +86,10 @@ def _fill_limits(node: Any, limits: dict[Limit, dict[str, Any]]) -> None:
 
 
 def _require_bearer(document: dict[str, Any]) -> None:
-    document.setdefault("components", {}).setdefault("securitySchemes", {})[BEARER] = {"type": "http", "scheme": "bearer"}
+    """Either scheme will do (server/api/auth.py): the bearer token, or Anthropic's x-api-key header."""
+    schemes = document.setdefault("components", {}).setdefault("securitySchemes", {})
+    schemes[BEARER] = {"type": "http", "scheme": "bearer"}
+    schemes[API_KEY] = {"type": "apiKey", "in": "header", "name": API_KEY_HEADER}
     for path, operation in _operations(document):
-        if path.startswith("/v1/"):
-            operation["security"] = [{BEARER: []}]
+        if path.startswith(PROTECTED):
+            operation["security"] = [{BEARER: []}, {API_KEY: []}]

@@ -1,4 +1,6 @@
-"""Every error becomes OpenAI's shape here, in one place: {"error": {"message", "type", "param", "code"}}.
+"""Every error becomes an HTTP answer here, in one place: OpenAI's shape, {"error": {"message", "type", "param",
+"code"}}, except on Anthropic's routes (/v1/messages...), which answer Anthropic's, {"type": "error", "error":
+{"type", "message"}}, with its status codes (an engine not ready is 529 "overloaded_error" there).
 
 Errors are raised where they are detected (schemas, prompt rendering, the engine); this module only maps
 them to a status and a body. A 500 is logged with its request id and never carries a traceback.
@@ -7,7 +9,7 @@ them to a status and a body. A 500 is logged with its request id and never carri
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,7 +30,7 @@ from server.errors import (
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1  # a full queue drains in about a decode step; clients should come back soon
-RETRY_AFTER_STATUSES = (429, 503)
+RETRY_AFTER_STATUSES = (429, 503, 529)
 
 
 class NotFound(TokenferryError):
@@ -67,6 +69,23 @@ _STATUS: list[tuple[type[TokenferryError], int, str]] = [
 ]
 
 
+ANTHROPIC_PREFIX = "/v1/messages"
+ANTHROPIC_STATUS = {503: 529}  # Anthropic's "overloaded": a client retries it, as it would a 503
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    529: "overloaded_error",
+}
+
+
+def is_anthropic(path: str) -> bool:
+    return path == ANTHROPIC_PREFIX or path.startswith(ANTHROPIC_PREFIX + "/")
+
+
 class ErrorDetail(BaseModel):
     model_config = ConfigDict(extra="forbid")  # in the document: exactly these four keys, as OpenAI sends
     message: str
@@ -83,22 +102,37 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+class AnthropicErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: str
+    message: str
+
+
+class AnthropicErrorBody(BaseModel):
+    """Anthropic's error body, which errors on /v1/messages carry."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["error"]
+    error: AnthropicErrorDetail
+
+
 RETRY_AFTER_HEADER = {
     "Retry-After": {"description": "seconds to wait before retrying", "required": True, "schema": {"type": "integer", "minimum": 0}}
 }
 
 
-def documented(*errors: type[TokenferryError]) -> dict[int | str, dict[str, Any]]:
+def documented(*errors: type[TokenferryError], anthropic: bool = False) -> dict[int | str, dict[str, Any]]:
     """The `responses=` of a route that can fail with `errors`, for the OpenAPI document: each status once,
-    described by the errors that lead to it, with OpenAI's body and the headers `error_response` adds.
+    described by the errors that lead to it, with the API's body and the headers `error_response` adds.
     Derived from the same table as the answers themselves, so the two cannot disagree."""
     reasons: dict[int, list[str]] = {}
     for error in errors:
         status = next(status for cls, status, _ in _STATUS if issubclass(error, cls))
+        status = ANTHROPIC_STATUS.get(status, status) if anthropic else status
         reasons.setdefault(status, []).append(_describe(error))
     responses: dict[int | str, dict[str, Any]] = {}
     for status, texts in sorted(reasons.items()):
-        responses[status] = {"model": ErrorBody, "description": " ".join(texts)}
+        responses[status] = {"model": AnthropicErrorBody if anthropic else ErrorBody, "description": " ".join(texts)}
         if status in RETRY_AFTER_STATUSES:
             responses[status]["headers"] = RETRY_AFTER_HEADER
     return responses
@@ -113,15 +147,24 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def status_and_body(exc: TokenferryError) -> tuple[int, dict[str, Any]]:
-    for cls, status, type_ in _STATUS:
-        if isinstance(exc, cls):
-            return status, error_body(exc.message, type_, exc.param, exc.code)
-    return 500, error_body("internal server error", "internal_error")
+def anthropic_body(message: str, status: int) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": ANTHROPIC_TYPES.get(status, "api_error"), "message": message}}
 
 
-def error_response(exc: TokenferryError) -> JSONResponse:
-    status, body = status_and_body(exc)
+def status_and_body(exc: TokenferryError, anthropic: bool = False) -> tuple[int, dict[str, Any]]:
+    status, body = next(
+        ((status, error_body(exc.message, type_, exc.param, exc.code)) for cls, status, type_ in _STATUS if isinstance(exc, cls)),
+        (500, error_body("internal server error", "internal_error")),
+    )
+    if anthropic:
+        status = ANTHROPIC_STATUS.get(status, status)
+        return status, anthropic_body(body["error"]["message"], status)
+    return status, body
+
+
+def error_response(exc: TokenferryError, path: str = "") -> JSONResponse:
+    """The answer to `exc` on a request for `path`, in that route's API's shape."""
+    status, body = status_and_body(exc, is_anthropic(path))
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status in RETRY_AFTER_STATUSES else None
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -135,7 +178,7 @@ def route_label(request: Request) -> str:
 def install(app: FastAPI) -> None:
     @app.exception_handler(TokenferryError)
     async def on_tokenferry_error(request: Request, exc: TokenferryError) -> JSONResponse:
-        response = error_response(exc)
+        response = error_response(exc, request.url.path)
         metrics.REQUESTS.labels(route_label(request), "rejected" if response.status_code < 500 else "error").inc()
         return response
 
@@ -148,13 +191,18 @@ def install(app: FastAPI) -> None:
         if exc.status_code == 404:
             return await on_tokenferry_error(request, NotFound(f"no route {request.method} {request.url.path}"))
         metrics.REQUESTS.labels(route_label(request), "rejected").inc()
-        body = error_body(str(exc.detail), "invalid_request_error")
+        if is_anthropic(request.url.path):
+            body = anthropic_body(str(exc.detail), exc.status_code)
+        else:
+            body = error_body(str(exc.detail), "invalid_request_error")
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error", exc_info=exc)
         metrics.REQUESTS.labels(route_label(request), "error").inc()
+        if is_anthropic(request.url.path):
+            return JSONResponse(anthropic_body("internal server error", 500), status_code=500)
         return JSONResponse(error_body("internal server error", "internal_error"), status_code=500)
 
 

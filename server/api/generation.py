@@ -11,18 +11,18 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from models.sampler import TokenLogprobs
 from server import metrics
-from server.api.errors import status_and_body
+from server.api.errors import ModelNotFound, documented, status_and_body
 from server.engine import Engine
-from server.errors import EngineUnavailable, GenerationFailed, InvalidRequest, TokenferryError
+from server.errors import ContextLengthExceeded, EngineUnavailable, GenerationFailed, InvalidRequest, QueueFull, TokenferryError
 from server.request import Event, FinishReason, Hypothesis, SamplingParams, Scored, Usage
 
 T = TypeVar("T")
@@ -34,6 +34,35 @@ ABORTED = "the request was aborted because the server is shutting down"
 
 def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def named_sse(kind: str, payload: dict[str, Any]) -> str:
+    """An `event: kind` frame whose JSON carries its kind as `type` (Anthropic's and the Responses API's)."""
+    return f"event: {kind}\n{sse({'type': kind, **payload})}"
+
+
+# Open API 3.1 reads an event stream's schema as that of each event.
+DATA_EVENTS = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string", "description": "a JSON chunk, or [DONE] at the end"}},
+}
+NAMED_EVENTS = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {"event": {"type": "string"}, "data": {"type": "string", "description": "the event as JSON, its `type` the event's"}},
+}
+GENERATION_ERRORS = (InvalidRequest, ContextLengthExceeded, ModelNotFound, QueueFull, EngineUnavailable, GenerationFailed)
+
+
+def generation_responses(
+    body: type, description: str, events: dict[str, Any] = DATA_EVENTS, anthropic: bool = False
+) -> dict[int | str, dict[str, Any]]:
+    """A generation route's `responses=`: one JSON `body`, or with `stream: true` Server-Sent Events, and its errors."""
+    return {
+        200: {"model": body, "description": description, "content": {"text/event-stream": {"schema": events}}},
+        **documented(*GENERATION_ERRORS, anthropic=anthropic),
+    }
 
 
 def renamed(exc: InvalidRequest, names: dict[str, str]) -> InvalidRequest:
@@ -57,6 +86,7 @@ class ChoiceResult:
     error: str | None = None
     usage: Usage | None = None
     beams: tuple[Hypothesis, ...] = ()  # a beam search's returned sequences, best first
+    stop_string: str | None = None  # the stop string that ended it, if one did
 
     @property
     def cumulative_logprob(self) -> float:
@@ -183,6 +213,17 @@ async def collect(choices: Choices, request: Request, route: str) -> list[Choice
     return results
 
 
+async def whole(
+    choices: Choices, request: Request, route: str, build: Callable[[list[ChoiceResult]], dict[str, Any]]
+) -> Response:
+    """The whole answer, `build` from every choice's result once all are done; 499 if the client left first."""
+    try:
+        results = await collect(choices, request, route)
+    except ClientGone:
+        return Response(status_code=499)
+    return JSONResponse(build(results))
+
+
 def _beam_choice(search: ChoiceResult, beam: Hypothesis) -> ChoiceResult:
     return ChoiceResult(
         text=[beam.text],
@@ -200,7 +241,7 @@ def _record(result: ChoiceResult, event: Event) -> None:
         result.prompt_logprobs = event.prompt_logprobs
     if event.final:
         result.finish_reason, result.error, result.usage = event.finish_reason, event.error, event.usage
-        result.beams = event.beams or ()
+        result.beams, result.stop_string = event.beams or (), event.stop_string
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -228,7 +269,7 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 
 
 class ChunkFormat(Protocol):
-    """How one API shapes its stream chunks (chat and completions differ)."""
+    """How an OpenAI API shapes its stream chunks (chat and completions differ)."""
 
     def start(self, index: int) -> dict[str, Any] | None: ...
 
@@ -241,33 +282,76 @@ class ChunkFormat(Protocol):
     def usage(self, usage: dict[str, Any]) -> dict[str, Any]: ...
 
 
-def stream(choices: Choices, chunks: ChunkFormat, include_usage: bool, route: str) -> StreamingResponse:
-    """An SSE response: a start chunk per choice, a chunk per text delta, a finish chunk per choice,
-    a usage chunk when asked, then [DONE]. An error after the 200 goes out as an error chunk."""
+class StreamFormat(Protocol):
+    """How one API frames its event stream: each method returns the SSE frames to send, in order."""
+
+    def opening(self, choices: int) -> list[str]: ...
+
+    def delta(self, index: int, event: Event) -> list[str]: ...
+
+    def finish(self, index: int, result: ChoiceResult) -> list[str]:
+        """The frames that close one choice, which ended normally."""
+        ...
+
+    def closing(self, usage: dict[str, Any]) -> list[str]:
+        """The last frames, once every choice has finished; `usage` as `Choices.usage` counts it."""
+        ...
+
+    def failed(self, error: TokenferryError) -> list[str]:
+        """The last frames when a choice failed after the 200 went out."""
+        ...
+
+
+@dataclass
+class OpenAIStream:
+    """OpenAI's framing: `data: {chunk}` lines, a usage chunk when asked, then `data: [DONE]`."""
+
+    chunks: ChunkFormat
+    include_usage: bool
+
+    def opening(self, choices: int) -> list[str]:
+        return [sse(chunk) for index in range(choices) if (chunk := self.chunks.start(index)) is not None]
+
+    def delta(self, index: int, event: Event) -> list[str]:
+        chunk = self.chunks.delta(index, event)
+        return [sse(chunk)] if chunk is not None else []
+
+    def finish(self, index: int, result: ChoiceResult) -> list[str]:
+        return [sse(self.chunks.finish(index, str(result.finish_reason)))]
+
+    def closing(self, usage: dict[str, Any]) -> list[str]:
+        return ([sse(self.chunks.usage(usage))] if self.include_usage else []) + [DONE]
+
+    def failed(self, error: TokenferryError) -> list[str]:
+        return [sse(status_and_body(error)[1]), DONE]
+
+
+def stream(choices: Choices, frames: StreamFormat, route: str) -> StreamingResponse:
+    """An SSE response: the opening frames, each event's, each choice's closing ones, then the stream's last.
+    An error after the 200 goes out in the API's own error frames."""
 
     async def body() -> AsyncIterator[str]:
         results = [ChoiceResult() for _ in choices.ids]
-        for index in range(len(results)):
-            if (chunk := chunks.start(index)) is not None:
-                yield sse(chunk)
+        for frame in frames.opening(len(results)):
+            yield frame
         label = "cancelled"
         try:
             async with contextlib.aclosing(choices.events()) as events:
                 async for index, event in events:
-                    if (chunk := chunks.delta(index, event)) is not None:
-                        yield sse(chunk)
+                    for frame in frames.delta(index, event):
+                        yield frame
                     if not event.final:
                         continue
                     _record(results[index], event)
                     if error := failure(results[index]):
                         label = "error" if event.finish_reason is FinishReason.ERROR else "cancelled"
-                        yield sse(status_and_body(error)[1])
-                        yield DONE
+                        for frame in frames.failed(error):
+                            yield frame
                         return
-                    yield sse(chunks.finish(index, str(event.finish_reason)))
-            if include_usage:
-                yield sse(chunks.usage(choices.usage(results)))
-            yield DONE
+                    for frame in frames.finish(index, results[index]):
+                        yield frame
+            for frame in frames.closing(choices.usage(results)):
+                yield frame
             label = outcome(results)
         finally:  # also when the client disconnects: Starlette cancels this generator
             metrics.REQUESTS.labels(route, label).inc()

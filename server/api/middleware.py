@@ -57,7 +57,7 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = error_response(PayloadTooLarge(f"the request body is larger than {self.max_bytes} bytes"))
+        too_large = error_response(PayloadTooLarge(f"the request body is larger than {self.max_bytes} bytes"), scope["path"])
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_bytes:
             await too_large(scope, receive, send)

@@ -2,64 +2,39 @@
 
 from __future__ import annotations
 
-import hmac
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar
 
 from fastapi import APIRouter, Depends, Path, Request, Response
-from fastapi.responses import JSONResponse
 
 from models.sampler import TokenLogprobs
+from server.api import chat
 from server.api.bodies import ChatCompletion, Completion, ModelCard, ModelList
+from server.api.auth import require_api_key
 from server.api.errors import ModelNotFound, Unauthorized, documented
-from server.api.generation import ChoiceResult, Choices, ClientGone, collect, created, stream
+from server.api.generation import ChoiceResult, Choices, OpenAIStream, created, generation_responses, stream, whole
 from server.api.logprobs import CompletionLogprobs, EchoedPrompt, TokenIds, TokenNames, chat_content
 from server.api.schemas import LIMIT, ChatCompletionRequest, CompletionRequest, Limit, SamplingFields
 from server.api.state import AppState, state_of
 from server.engine import Engine
-from server.errors import ContextLengthExceeded, EngineUnavailable, GenerationFailed, InvalidRequest, QueueFull
-from server.logs import REQUEST_ID
-from server.prompt import encode_chat, encode_completion, supports_tools, with_system_text
+from server.errors import EngineUnavailable, InvalidRequest
+from server.prompt import encode_completion
 from server.request import Event, SamplingParams, Scored
 from server import tools
-from server.structured import Constraint, Grammar
 
 CHAT_ROUTE = "/v1/chat/completions"
 COMPLETIONS_ROUTE = "/v1/completions"
 
 
-async def require_api_key(request: Request) -> None:
-    """With --api-key set, every /v1 route wants `Authorization: Bearer <key>`, compared in constant time."""
-    key = state_of(request).config.api_key
-    if key is None:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-        raise Unauthorized("missing or invalid API key: send 'Authorization: Bearer <key>'")
-
-
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=documented(Unauthorized))
 
-SSE_EVENT = {
-    "type": "object",
-    "required": ["data"],
-    "properties": {"data": {"type": "string", "description": "a JSON chunk, or [DONE] at the end"}},
-}
-
 def _generation_responses(body: type) -> dict[int | str, dict[str, Any]]:
-    """Both generation routes answer one JSON `body`, or with `stream: true` a stream of Server-Sent Events."""
-    return {
-        200: {
-            "model": body,
-            "description": "The whole answer as JSON; with `stream: true`, Server-Sent Events: `data: {chunk}` "
-            "lines, an error after the start as `data: {\"error\": ...}`, and a final `data: [DONE]`.",
-            # Open API 3.1 reads an event stream's schema as that of each event.
-            "content": {"text/event-stream": {"schema": SSE_EVENT}},
-        },
-        **documented(InvalidRequest, ContextLengthExceeded, ModelNotFound, QueueFull, EngineUnavailable, GenerationFailed),
-    }
+    return generation_responses(
+        body,
+        "The whole answer as JSON; with `stream: true`, Server-Sent Events: `data: {chunk}` lines, an error after "
+        "the start as `data: {\"error\": ...}`, and a final `data: [DONE]`.",
+    )
 
 
 def model_card(state: AppState) -> dict[str, Any]:
@@ -84,7 +59,7 @@ async def retrieve_model(
     model: Annotated[str, Path(json_schema_extra={LIMIT: Limit.SERVED_MODEL.value})], request: Request
 ) -> dict[str, Any]:
     state = state_of(request)
-    _check_model(state, model)
+    state.check_model(model)
     return model_card(state)
 
 
@@ -94,23 +69,15 @@ async def retrieve_model(
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     state = state_of(request)
     engine = _prepare(state, body)
-    tool_request, constraint = body.tool_request(), body.constraint()
-    fmt, native = state.tool_format, supports_tools(engine.tokenizer)
-    messages = tools.conversation(body.template_messages(), fmt, native)
-    offered = None
-    if tool_request is not None:
-        if native:
-            offered = [f.tool() for f in tool_request.functions]
-        else:
-            messages = with_system_text(messages, tools.describe(fmt, tool_request))
-    prompt = encode_chat(engine.tokenizer, messages, state.config.allow_special_tokens, offered)
-    grammar = await _compile_tools(engine, fmt, tool_request) if tool_request is not None else await _compile(engine, constraint)
+    turn = chat.ChatTurn(body.template_messages(), body.tool_request(), body.constraint())
+    prompt = chat.encode(state, turn)
+    grammar = await chat.grammar(state, turn)
     max_tokens, name = body.requested_max_tokens
     params = body.sampling_params(max_tokens, grammar=grammar)
     choices = _submit(engine, body, [prompt], params, {"prompt": "messages", "max_tokens": name})
     chunk_id, vocab = f"chatcmpl-{choices.request_id}", _vocab(state, body)
-    if tool_request is not None:
-        chunks: Chunks = ToolCallChunks(chunk_id, created(), state.model_name, vocab, body.output_logprobs, fmt)
+    if turn.calls:
+        chunks: Chunks = ToolCallChunks(chunk_id, created(), state.model_name, vocab, body.output_logprobs, state.tool_format)
     else:
         chunks = ChatChunks(chunk_id, created(), state.model_name, vocab, body.output_logprobs)
     return await _answer(choices, chunks, body, request, CHAT_ROUTE)
@@ -122,7 +89,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     engine = _prepare(state, body)
     constraint = body.constraint()
     prompts = [p if isinstance(p, list) else encode_completion(engine.tokenizer, p) for p in body.prompts()]
-    grammar = await _compile(engine, constraint)
+    grammar = await chat.compile_constraint(engine, constraint)
     params = body.sampling_params(body.max_tokens, prompt_logprobs=body.prompt_logprobs, grammar=grammar)
     choices = _submit(engine, body, prompts, params, {})
     chunks = CompletionChunks(
@@ -142,63 +109,37 @@ def _vocab(state: AppState, body: SamplingFields) -> TokenNames:
     return TokenIds(state.token_text) if body.return_tokens_as_token_ids else state.token_text
 
 
-def _check_model(state: AppState, model: str | None) -> None:
-    if model is not None and model != state.model_name:
-        raise ModelNotFound(f"the model {model!r} does not exist; this server serves {state.model_name!r}", param="model")
-
-
 def _prepare(state: AppState, body: SamplingFields) -> Engine:
     engine = state.require_engine()
-    _check_model(state, body.model)
+    state.check_model(body.model)
     if refused := body.unsupported():
         raise InvalidRequest(f"unsupported field(s): {', '.join(refused)}", param=refused[0])
     body.check_relations()
     return engine
 
 
-async def _compile(engine: Engine, constraint: Constraint | None) -> Grammar | None:
-    """The constraint's grammar, compiled off the engine thread (or from the cache); a 400 if it is refused."""
-    return None if constraint is None else await engine.grammars.compile(constraint.spec)
-
-
-async def _compile_tools(engine: Engine, fmt: tools.ToolFormat, tool_request: tools.ToolRequest) -> Grammar:
-    """The tool calls' grammar; refused, a 400 naming the tool whose schema the backend cannot enforce."""
-    whole, parts = tools.specs(fmt, tool_request)
-    try:
-        return await engine.grammars.compile(whole)
-    except InvalidRequest:
-        for part in parts:
-            await engine.grammars.compile(part)  # raises, naming tools[i].function.parameters
-        raise
-
-
 def _submit(
     engine: Engine, body: SamplingFields, prompts: list[list[int]], params: SamplingParams, names: dict[str, str]
 ) -> Choices:
-    # A fresh suffix keeps engine ids unique even when a client reuses its X-Request-ID.
-    choices = Choices(engine, f"{REQUEST_ID.get()}.{secrets.token_hex(3)}")
     # The engine's beam parameters are the client's best_of (or n) and n.
     names = {**names, "beam_width": "best_of" if body.best_of is not None else "n", "beam_returns": "n"}
-    choices.submit(prompts, params, body.candidates, names)
-    return choices
+    return chat.submit(engine, prompts, params, names, body.candidates)
 
 
 async def _answer(choices: Choices, chunks: Chunks, body: SamplingFields, request: Request, route: str) -> Response:
     """The SSE stream, or the whole answer once every choice is done."""
     if body.stream:
-        return stream(choices, chunks, body.include_usage, route)
-    try:
-        results = await collect(choices, request, route)
-    except ClientGone:
-        return Response(status_code=499)
-    returned = choices.best(results, body.n)
-    return JSONResponse(
-        {
+        return stream(choices, OpenAIStream(chunks, body.include_usage), route)
+
+    def build(results: list[ChoiceResult]) -> dict[str, Any]:
+        returned = choices.best(results, body.n)
+        return {
             **chunks.envelope(chunks.response_object),
             "choices": [chunks.choice(i, r) for i, r in enumerate(returned)],
             "usage": choices.usage(results),
         }
-    )
+
+    return await whole(choices, request, route, build)
 
 
 @dataclass

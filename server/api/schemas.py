@@ -92,6 +92,10 @@ RESPONSE_FORMAT = {
         },
     },
     "required": ["type"],
+    # A schema goes with type json_schema alone (structured.parse refuses it beside the others).
+    "if": {"properties": {"type": {"const": "json_schema"}}},
+    "then": {"required": ["json_schema"]},
+    "else": {"properties": {"json_schema": {"type": "null"}}},
 }
 STRUCTURED_OUTPUTS = {
     "properties": {
@@ -373,29 +377,11 @@ class ChatCompletionRequest(SamplingFields):
 
     def constraint(self) -> structured.Constraint | None:
         """The structured-output constraint asked for besides tools, validated; None for none."""
-        return structured.parse(self.response_format, self.structured_outputs, tools=self.tool_request() is not None)
+        tools = self.tool_request()
+        return structured.parse(self.response_format, self.structured_outputs, tools=tools is not None and tools.calls)
 
     def template_messages(self) -> list[dict[str, Any]]:
-        """Messages as server/tools.py's `conversation` takes them: known roles, plain string content, the
-        calls an assistant made, the call a tool message answers (which must be an earlier one)."""
-        result: list[dict[str, Any]] = []
-        for index, message in enumerate(self.messages):
-            if message.role not in ROLES:
-                raise InvalidRequest(
-                    f"messages[{index}].role: unsupported role {message.role!r}; expected one of {', '.join(ROLES)}",
-                    param=f"messages[{index}].role",
-                )
-            role = "system" if message.role == "developer" else message.role
-            entry: dict[str, Any] = {"role": role, "content": _text_of(message.content, index)}
-            if message.tool_calls and role == "assistant":
-                calls = message.tool_calls
-                entry["tool_calls"] = [CallMessage(c.id, c.function.name, c.function.arguments) for c in calls]
-            if role == "tool":
-                require(message.tool_call_id is not None, f"messages[{index}].tool_call_id", "a tool message needs the id of the call it answers")
-                entry["tool_call_id"] = message.tool_call_id
-            result.append(entry)
-        check_answers(result)
-        return result
+        return template_messages(self.messages)
 
     @property
     def requested_max_tokens(self) -> tuple[int | None, str]:
@@ -403,6 +389,32 @@ class ChatCompletionRequest(SamplingFields):
         if self.max_completion_tokens is not None:
             return self.max_completion_tokens, "max_completion_tokens"
         return self.max_tokens, "max_tokens"
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as server/tools.py's `conversation` takes them: known roles, plain string content, the
+    calls an assistant made, the call a tool message answers (which must be an earlier one)."""
+    result: list[dict[str, Any]] = []
+    for index, message in enumerate(messages):
+        if message.role not in ROLES:
+            raise InvalidRequest(
+                f"messages[{index}].role: unsupported role {message.role!r}; expected one of {', '.join(ROLES)}",
+                param=f"messages[{index}].role",
+            )
+        role = "system" if message.role == "developer" else message.role
+        entry: dict[str, Any] = {"role": role, "content": _text_of(message.content, index)}
+        if message.tool_calls and role == "assistant":
+            calls = message.tool_calls
+            entry["tool_calls"] = [
+                CallMessage.of(c.id, c.function.name, c.function.arguments, f"messages[{index}].tool_calls[{j}].function.arguments")
+                for j, c in enumerate(calls)
+            ]
+        if role == "tool":
+            require(message.tool_call_id is not None, f"messages[{index}].tool_call_id", "a tool message needs the id of the call it answers")
+            entry["tool_call_id"] = message.tool_call_id
+        result.append(entry)
+    check_answers(result)
+    return result
 
 
 def _text_of(content: str | list[TextPart] | None, index: int) -> str:

@@ -8,6 +8,7 @@ from functools import cached_property
 
 from fastapi import Request
 
+from server.api.errors import ModelNotFound
 from server.api.logprobs import TokenText
 from server.config import Config
 from server.engine import Engine
@@ -47,6 +48,11 @@ class AppState:
         if self.engine is None:
             raise EngineUnavailable(self.load_error or "the model is still loading; retry shortly")
         return self.engine
+
+    def check_model(self, model: str | None) -> None:
+        """A request naming a model must name the served one (else a 404); None takes it."""
+        if model is not None and model != self.model_name:
+            raise ModelNotFound(f"the model {model!r} does not exist; this server serves {self.model_name!r}", param="model")
 
 
 def state_of(request: Request) -> AppState:

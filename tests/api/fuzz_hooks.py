@@ -12,7 +12,9 @@ Two, each as narrow as it can be:
   structured output (the document states beam search's other rules); and what a
   structured-output field holds, which the document gives only the shape of: a JSON schema the grammar
   backend cannot enforce, a regex or grammar that does not compile, a tool_choice naming no tool, two
-  constraints at once; and a tool message whose tool_call_id answers no earlier call in the conversation. A schema-valid body refused with a 400 for exactly those reasons is not a failure of
+  constraints at once; and what a conversation holds across its messages: a tool result that answers no
+  earlier call, a call sent back whose arguments are not JSON text of an object, a block in the wrong
+  role's message, a conversation that ends on the assistant (Anthropic's prefill). A schema-valid body refused with a 400 for exactly those reasons is not a failure of
   `positive_data_acceptance`; any other refusal of a schema-valid body still is.
 """
 
@@ -24,20 +26,23 @@ import schemathesis
 from schemathesis.openapi.checks import RejectedPositiveData
 
 MAX_NEW_TOKENS = 8
-GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
-STRUCTURED_FIELDS = ("response_format", "structured_outputs", "tools", "tool_choice")
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/responses")
+TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+STRUCTURED_FIELDS = ("response_format", "structured_outputs", "tools", "tool_choice", "output_config", "text")
+# What a conversation holds across its messages, which JSON Schema states one item at a time.
+CONVERSATION_RULES = ("answers no earlier", "must be a JSON object", "belong in", "must end with a user message")
 
 
 @schemathesis.hook
 def before_call(context: Any, case: schemathesis.Case, kwargs: dict[str, Any]) -> None:
     if case.operation.path not in GENERATION_PATHS or not isinstance(case.body, dict):
         return
-    for field in ("max_tokens", "max_completion_tokens"):
+    for field in TOKEN_FIELDS:
         value = case.body.get(field)
         if _integral(value) and value > MAX_NEW_TOKENS:
             case.body[field] = MAX_NEW_TOKENS
-    if case.body.get("max_tokens") is None and case.body.get("max_completion_tokens") is None:
-        case.body["max_tokens"] = MAX_NEW_TOKENS
+    if all(case.body.get(field) is None for field in TOKEN_FIELDS):
+        case.body["max_output_tokens" if case.operation.path == "/v1/responses" else "max_tokens"] = MAX_NEW_TOKENS
 
 
 def _integral(value: Any) -> bool:
@@ -51,14 +56,17 @@ def beyond_json_schema(response: Any) -> bool:
         return False
     try:
         error = response.json()["error"]
+        message = error["message"]
     except (ValueError, KeyError, TypeError):
         return False
-    param = error.get("param") or ""
+    # Anthropic's errors carry no param or code: the message starts with the field it names.
+    param = error.get("param") or message.partition(": ")[0]
     return (
         error.get("code") == "context_length_exceeded"
+        or "context is" in message
         or param in ("min_tokens", "best_of", "use_beam_search")
         or param.split(".")[0].split("[")[0] in STRUCTURED_FIELDS
-        or (param.startswith("messages[") and param.endswith("].tool_call_id") and "answers no earlier" in error.get("message", ""))
+        or any(rule in message for rule in CONVERSATION_RULES)
     )
 
 

@@ -48,3 +48,28 @@ def test_disconnect_while_waiting_for_a_non_streamed_answer(smol_server: ServerP
         httpx.post(f"{smol_server.url}{route}", json=body, timeout=2.0)
     assert wait_for(lambda: smol_server.metric("tokenferry_requests_total", route=route, outcome="cancelled") == cancelled_before + 1)
     assert wait_for(lambda: smol_server.metric("tokenferry_running_requests") == 0)
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "text_marker"),
+    [
+        ("/v1/messages", {"max_tokens": LONG, "stream": True,
+                          "messages": [{"role": "user", "content": "Write a very long story about a dragon."}]}, '"text_delta"'),
+        ("/v1/responses", {"max_output_tokens": LONG, "stream": True,
+                           "input": "Write a very long story about a dragon."}, '"response.output_text.delta"'),
+    ],
+)  # fmt: skip
+def test_disconnect_mid_stream_frees_the_row_on_the_agent_routes(smol_server: ServerProcess, route: str, body: dict, text_marker: str) -> None:
+    cancelled_before = smol_server.metric("tokenferry_requests_total", route=route, outcome="cancelled")
+    model = httpx.get(f"{smol_server.url}/v1/models", timeout=30).json()["data"][0]["id"]  # Anthropic's API requires it
+    body = {**body, "model": model}
+    with httpx.stream("POST", f"{smol_server.url}{route}", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        for line in lines:
+            if text_marker in line:
+                break
+        assert smol_server.metric("tokenferry_running_requests") == 1
+        lines.close()
+    assert wait_for(lambda: smol_server.metric("tokenferry_running_requests") == 0), "the row was not freed"
+    assert wait_for(lambda: smol_server.metric("tokenferry_requests_total", route=route, outcome="cancelled") == cancelled_before + 1)

@@ -56,7 +56,7 @@ def operations() -> list[tuple[str, str, dict[str, Any]]]:
     return [(method.upper(), path, op) for path, item in DOCUMENT["paths"].items() for method, op in item.items()]
 
 
-def test_errors_have_openai_body_and_never_422() -> None:
+def test_errors_have_their_apis_body_and_never_422() -> None:
     assert "422" not in json.dumps(DOCUMENT["paths"])
     assert "HTTPValidationError" not in DOCUMENT["components"]["schemas"]
     for method, path, operation in operations():
@@ -64,8 +64,10 @@ def test_errors_have_openai_body_and_never_422() -> None:
             if int(status) < 400 or path in ("/health", "/ready"):  # probes answer their own 503 body
                 continue
             schema = response["content"]["application/json"]["schema"]
-            assert schema == {"$ref": "#/components/schemas/ErrorBody"}, (method, path, status)
-            if status in ("429", "503"):
+            body = "AnthropicErrorBody" if path.startswith("/v1/messages") else "ErrorBody"  # Anthropic's routes, its shape
+            assert schema == {"$ref": f"#/components/schemas/{body}"}, (method, path, status)
+            assert body == "ErrorBody" or status != "503", (method, path)  # Anthropic's clients know 529
+            if status in ("429", "503", "529"):
                 assert response["headers"]["Retry-After"]["required"], (method, path, status)
         assert "413" in operation["responses"], (method, path)  # the body limit is in front of every route
     error = DOCUMENT["components"]["schemas"]["ErrorDetail"]
@@ -161,11 +163,14 @@ def test_the_loaded_model_s_limits_are_filled_in(tiny_server: ServerProcess) -> 
     assert "securitySchemes" not in document["components"]  # no --api-key here
 
 
-def test_with_an_api_key_the_v1_routes_want_the_bearer() -> None:
+def test_with_an_api_key_the_api_routes_want_the_bearer_or_the_x_api_key() -> None:
     document = create_app(Config(model="tiny", api_key="secret")).openapi()
-    assert document["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
+    schemes = document["components"]["securitySchemes"]
+    assert schemes["bearer"] == {"type": "http", "scheme": "bearer"}
+    assert schemes["api_key"] == {"type": "apiKey", "in": "header", "name": "x-api-key"}
     for method, path, operation in [(m, p, op) for p, item in document["paths"].items() for m, op in item.items()]:
-        assert ("security" in operation) == path.startswith("/v1/"), (method, path)
+        guarded = path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
+        assert ("security" in operation) == guarded, (method, path)
 
 
 def test_docs_pages_are_off_and_the_document_is_served() -> None:

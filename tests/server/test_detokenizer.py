@@ -47,6 +47,7 @@ def test_a_stop_string_spanning_tokens_is_never_partly_streamed(tokenizer) -> No
 def test_the_earliest_of_several_stop_strings_wins(tokenizer) -> None:
     deltas, detokenizer = stream(tokenizer, "alpha beta gamma delta", ("delta", "beta g"))
     assert detokenizer.stopped and "".join(deltas) == "alpha "
+    assert detokenizer.matched == "beta g"  # what Anthropic's stop_sequence reports
 
 
 def test_a_stop_prefix_that_does_not_complete_is_released(tokenizer) -> None:

@@ -90,7 +90,8 @@ def test_bad_tools_are_refused_naming_the_field(fields: dict[str, Any], param: s
 
 def test_auto_is_the_default_and_none_is_free_text() -> None:
     assert request(None).choice == "auto" and request(None).parallel
-    assert tools.parse_tools([WEATHER], "none", None) is None
+    none = tools.parse_tools([WEATHER], "none", None)
+    assert none is not None and none.choice == "none" and not none.calls  # offered to the prompt, never called
     assert tools.parse_tools(None, None, None) is None and tools.parse_tools([], "auto", None) is None
     named = request({"type": "function", "function": {"name": "add"}})
     assert (named.choice, named.named, named.parallel) == ("named", "add", False)
