@@ -155,3 +155,12 @@ class PrefixCache:
                 self.evictions += 1
                 return self._slots.pop(key)
         return None
+
+
+def for_model(model: torch.nn.Module, name: str, dtype: str, max_bytes: int | None) -> PrefixCache | None:
+    """The prefix cache for a loaded model, bounded by `max_bytes` (None: `default_bytes` of its device);
+    None when the bound holds not even one block."""
+    shape = CacheShape.of(model)
+    max_bytes = default_bytes(shape.device) if max_bytes is None else max_bytes
+    cache = PrefixCache(shape, max_bytes, chain_root(name, dtype))
+    return cache if cache.capacity else None

@@ -9,7 +9,7 @@ each row's token and, for rows that asked, its raw log-probabilities (and, at pr
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Generic, TypeVar
 
 import torch
@@ -19,10 +19,8 @@ from models import decoder
 from models.batch import Batch, Forward, flatten
 from models.kv_cache import CacheShape
 from models.prefix_cache import PrefixCache
+from models.types import ChunkFailed, Row, Sampled
 from models.sampler import (
-    Candidate,
-    Row,
-    TokenLogprobs,
     beam_candidates,
     make_generator,
     raw_logprobs,
@@ -33,20 +31,6 @@ from models.sampler import (
 )
 
 R = TypeVar("R", bound=Row)
-
-
-class ChunkFailed(Exception):
-    """A prompt's chunk, or the forward that carried it, failed; the running rows are as they were."""
-
-
-@dataclass(frozen=True)
-class Sampled:
-    """What one step made of one row."""
-
-    token: int  # -1 for a beam row: its search chooses among `candidates`
-    logprobs: TokenLogprobs | None = None  # rows whose params ask for logprobs
-    prompt_logprobs: tuple[TokenLogprobs, ...] | None = None  # prefill rows that ask: prompt tokens 1..P-1
-    candidates: tuple[Candidate, ...] | None = None  # beam rows: their search's best continuations, best first
 
 
 class ModelRunner(Generic[R]):

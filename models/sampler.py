@@ -8,79 +8,12 @@ row's grammar mask comes before all of them (models/grammar.py).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Sequence
 
 import torch
 
 from models.grammar import apply_masks
-
-
-class SamplingParams(Protocol):
-    temperature: float  # 0 means greedy
-    top_p: float  # 1 disables
-    top_k: int  # 0 disables
-    min_p: float  # 0 disables
-    repetition_penalty: float  # 1 disables; applies to prompt and output tokens
-    presence_penalty: float  # 0 disables; output tokens only
-    frequency_penalty: float  # 0 disables; output tokens only
-    seed: int | None
-    logprobs: int | None  # None: no scores; k: the chosen token's logprob and the k most likely
-    prompt_logprobs: int | None  # the same for every prompt token after the first (prefill only)
-
-
-@dataclass(frozen=True)
-class TokenLogprobs:
-    """Raw scores at one position: log_softmax of the model's logits, before any sampling parameter.
-
-    `token_id` is the token that was chosen (or, in a prompt, given); `top` the most likely tokens, best first.
-    """
-
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One continuation a beam search may keep: a parent beam and the token that extends it."""
-
-    parent: int  # the parent's slot in its search
-    score: float  # the parent's score plus the token's log-probability (float32, as transformers adds them)
-    logprobs: TokenLogprobs  # the token and its raw log-probability (and the top entries when asked)
-
-
-class Beam(Protocol):
-    """A beam row's place in its search: the rows of one search share `group` and hold slots 0..K-1."""
-
-    group: Hashable
-    slot: int  # the beam's rank in its search; candidates name their parent by it
-    score: float  # sum of its tokens' log-probabilities (a float32 value)
-    keep: int  # candidates the search wants per step
-
-
-class Row(Protocol):
-    """What the sampler reads of a row; the engine's request satisfies it."""
-
-    prompt_ids: Sequence[int]
-    output_ids: Sequence[int]
-
-    @property
-    def params(self) -> SamplingParams: ...
-
-    @property
-    def beam(self) -> Beam | None:
-        """The row's place in a beam search; None for rows that sample their own token."""
-        ...
-
-    def suppressed_token_ids(self) -> Sequence[int]:
-        """Tokens this row may not produce now (its stop tokens, before min_tokens is reached)."""
-        ...
-
-    def allowed_tokens(self) -> Any:
-        """A constrained row's int32 bitmask of the tokens its grammar allows now; None for a free row."""
-        ...
+from models.types import Candidate, Row, TokenLogprobs
 
 
 def make_generator(seed: int | None) -> torch.Generator:

@@ -20,7 +20,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from models import ModelLoadError, load
+import models
 from server.api import anthropic, document, errors, ops, openai, responses, tokens, web
 from server.api.middleware import REQUEST_ID_HEADER, BodyLimitMiddleware, RequestIdMiddleware
 from server.api.state import AppState
@@ -84,8 +84,9 @@ async def _load(state: AppState) -> None:
     config = state.config
     started = time.monotonic()
     try:
-        loaded = await asyncio.to_thread(load, config.model, config.device, config.dtype, config.quantization)
-    except ModelLoadError as exc:
+        # In a worker thread: `models.load` imports torch first (seconds), and /health must answer meanwhile.
+        loaded = await asyncio.to_thread(lambda: models.load(config.model, config.device, config.dtype, config.quantization))
+    except models.ModelLoadError as exc:
         state.load_error = str(exc)
         log.error("model load failed", extra={"error": str(exc)})
         return

@@ -21,7 +21,7 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from models.sampler import Candidate, TokenLogprobs
+from models.types import Candidate, TokenLogprobs
 from server.detokenizer import Detokenizer
 from server.request import FinishReason, Hypothesis, Request, SamplingParams, Scored
 

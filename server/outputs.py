@@ -15,13 +15,11 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from transformers import PreTrainedTokenizerBase
 
-from models.runner import Sampled
-from models.sampler import TokenLogprobs
+from models.types import Sampled, TokenLogprobs
 from server import metrics
 from server.beam import BeamRow, BeamSearch, render
-from server.detokenizer import Detokenizer
+from server.detokenizer import Decoder, Detokenizer
 from server.request import Event, FinishReason, Hypothesis, Request, Scored
 
 log = logging.getLogger(__name__)
@@ -32,7 +30,7 @@ class Outputs:
 
     def __init__(
         self,
-        tokenizer: PreTrainedTokenizerBase,
+        tokenizer: Decoder,
         adopt: Callable[[Sequence[BeamRow], Sequence[BeamRow]], None],
         forget: Callable[[Request, FinishReason], None],
     ) -> None:

@@ -9,13 +9,14 @@ from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 from typing import TYPE_CHECKING, Any
 
-from models.sampler import TokenLogprobs
+from models.types import TokenLogprobs
 from server.detokenizer import Detokenizer
-from server.errors import require
+from server import features
+from server.errors import InvalidRequest, require
 
 if TYPE_CHECKING:
     from server.beam import BeamSearch
-    from server.structured import Grammar, GrammarState
+    from server.grammars import Grammar, GrammarState
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
@@ -150,13 +151,12 @@ class SamplingParams:
             "early_stopping",
             'must be true, false or "never"',
         )
-        # Beam search ranks the model's own log-probabilities: nothing may reshape or draw from them.
-        require(self.temperature == 0, "temperature", "must be 0 with beam search")
-        for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
-            neutral = 1.0 if name == "repetition_penalty" else 0.0
-            require(getattr(self, name) == neutral, name, "is not supported with beam search")
-        # A beam's candidates are ranked on the model's own scores; a grammar would have to walk every beam.
-        require(self.grammar is None, "use_beam_search", "cannot be combined with structured output")
+        # What may go along with a beam search is server/features.py's to say.
+        refused = features.refusal("beam", self)
+        if refused == "grammar":  # the client asked for structured output, which the engine names "grammar"
+            raise InvalidRequest("use_beam_search: cannot be combined with structured output", param="use_beam_search")
+        if refused is not None:
+            raise InvalidRequest(f"{refused}: not supported with beam search ({features.RULES[refused].why})", param=refused)
 
 
 @dataclass(frozen=True)

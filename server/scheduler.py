@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from server import speculation
+from server import features, speculation
 from server.errors import QueueFull
 from server.request import Request, Status
 
@@ -131,8 +131,8 @@ class Scheduler:
 
     def _hit(self, request: Request) -> int:
         """Prompt tokens the prefix cache holds for `request` (whole blocks; never its last token)."""
-        if self.prefix is None or request.params.prompt_logprobs is not None:
-            return 0  # scored prompts need every position's logits
+        if self.prefix is None or not features.allows("prefix_reuse", request.params):
+            return 0
         return self.prefix.match(request.block_keys) * self.prefix.block_tokens
 
     def _next_chunk(self, request: Request, budget: int) -> tuple[Request, int]:
@@ -169,8 +169,7 @@ class Scheduler:
             if rest <= budget:
                 joining.append(request)
                 budget -= rest
-            # Beam searches are not chunked: their rows are forked from the one prefilled row, in the batch.
-            elif request.params.prompt_logprobs is None and request.rows == 1 and chunk is None and self.chunking is None:
+            elif features.allows("chunking", request.params) and chunk is None and self.chunking is None:
                 if budget < max(1, MIN_FIRST_CHUNK * budgets.max_prefill_tokens):
                     break
                 request.prefilled = hit
@@ -178,7 +177,7 @@ class Scheduler:
                 chunk = self._next_chunk(request, budget)
                 break
             elif not joining and chunk is None:
-                # Scored prompts and beam searches are not chunked; alone, one still runs whole.
+                # What cannot be chunked (server/features.py) still runs whole when it comes alone.
                 joining.append(request)
                 break
             else:

@@ -13,7 +13,9 @@ Plain numbers only: the scheduler asks `draft` for a plan, the engine thread is 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
+
+from server import features
 
 MAX_NGRAM = 3  # the longest tail looked up; a longer match is a better predictor, tried first
 # A single repeated token predicts little (measured: drafts from 1-token matches were mostly rejected, and a
@@ -31,32 +33,20 @@ class Speculable(Protocol):
     max_tokens: int
 
     @property
-    def params(self) -> object: ...
+    def params(self) -> Any: ...
 
     def suppressed_token_ids(self) -> frozenset[int]: ...
-
-    def allowed_tokens(self) -> object: ...
 
 
 def eligible(request: Speculable) -> bool:
     """A row whose next tokens are the argmax of the raw logits, whatever came before: plain greedy.
 
-    Penalties, suppressed tokens (min_tokens), a grammar or scores would make each drafted position's
-    choice depend on state the single verify forward does not track, so those rows decode one token a step;
-    a beam search ranks candidates instead of taking the argmax.
+    Which parameters allow it is server/features.py's to say (penalties, a grammar or scores would make each
+    drafted position's choice depend on state the single verify forward does not track; a beam search ranks
+    candidates instead of taking the argmax). Suppressed tokens (min_tokens not yet reached) are the row's
+    state, checked here, as is its first token, which is the prefill's.
     """
-    params = request.params
-    return (
-        params.temperature == 0
-        and params.beam_width is None
-        and params.repetition_penalty == 1
-        and not params.presence_penalty
-        and not params.frequency_penalty
-        and params.logprobs is None
-        and not request.suppressed_token_ids()
-        and request.allowed_tokens() is None
-        and bool(request.output_ids)
-    )
+    return features.allows("speculation", request.params) and not request.suppressed_token_ids() and bool(request.output_ids)
 
 
 def propose(tokens: Sequence[int], k: int) -> list[int]:

@@ -1,7 +1,7 @@
 """An answer as a sequence of content blocks, as Anthropic's Messages and OpenAI's Responses stream it: a
 text block, then one block per tool call, each opened, grown and closed in turn.
 
-`Blocks` reads the answer's text as it streams (through `server.tools.CallReader` when tools were offered,
+`Blocks` reads the answer's text as it streams (through `server.call_reader.CallReader` when tools were offered,
 which splits text from calls) and says what happened to which block. The API modules turn those happenings
 into their own events; the whole answer is the same reading done at once.
 """
@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from server.tools import Call, CallReader, Delta, ToolFormat
+from server.call_reader import Call, CallReader, Delta
+from server.tools import ToolFormat
 
 
 @dataclass

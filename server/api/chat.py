@@ -23,7 +23,8 @@ from server.errors import InvalidRequest
 from server.logs import REQUEST_ID
 from server.prompt import encode_chat, supports_tools, with_system_text
 from server.request import SamplingParams
-from server.structured import Constraint, Grammar
+from server.grammars import Grammar
+from server.structured import Constraint
 
 
 @dataclass(frozen=True)

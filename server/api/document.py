@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from server.api.auth import API_KEY_HEADER
-from server.api.schemas import EXACT, LIMIT, Limit
+from server.api.fields import EXACT, LIMIT, Limit
 from server.api.state import AppState
 
 _VALIDATION_SCHEMAS = ("HTTPValidationError", "ValidationError")

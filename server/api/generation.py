@@ -1,5 +1,5 @@
-"""What chat and completions share: submitting choices, merging their event streams, SSE framing,
-waiting with an eye on the client, and counting outcomes.
+"""What every generation route shares: submitting choices, merging their event streams, waiting with an eye
+on the client, and counting outcomes (server/api/streaming.py sends them as they come).
 
 Cancellation is abort: whatever way a response ends (done, client gone, error), every engine request it
 submitted is cancelled on the way out; cancelling a finished request is a no-op.
@@ -9,60 +9,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
-from models.sampler import TokenLogprobs
+from models.types import TokenLogprobs
 from server import metrics
-from server.api.errors import ModelNotFound, documented, status_and_body
+from server.api.errors import ModelNotFound
 from server.engine import Engine
 from server.errors import ContextLengthExceeded, EngineUnavailable, GenerationFailed, InvalidRequest, QueueFull, TokenferryError
 from server.request import Event, FinishReason, Hypothesis, SamplingParams, Scored, Usage
 
 T = TypeVar("T")
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-DONE = "data: [DONE]\n\n"
 ABORTED = "the request was aborted because the server is shutting down"
 
 
-def sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-
-def named_sse(kind: str, payload: dict[str, Any]) -> str:
-    """An `event: kind` frame whose JSON carries its kind as `type` (Anthropic's and the Responses API's)."""
-    return f"event: {kind}\n{sse({'type': kind, **payload})}"
-
-
-# Open API 3.1 reads an event stream's schema as that of each event.
-DATA_EVENTS = {
-    "type": "object",
-    "required": ["data"],
-    "properties": {"data": {"type": "string", "description": "a JSON chunk, or [DONE] at the end"}},
-}
-NAMED_EVENTS = {
-    "type": "object",
-    "required": ["event", "data"],
-    "properties": {"event": {"type": "string"}, "data": {"type": "string", "description": "the event as JSON, its `type` the event's"}},
-}
 GENERATION_ERRORS = (InvalidRequest, ContextLengthExceeded, ModelNotFound, QueueFull, EngineUnavailable, GenerationFailed)
-
-
-def generation_responses(
-    body: type, description: str, events: dict[str, Any] = DATA_EVENTS, anthropic: bool = False
-) -> dict[int | str, dict[str, Any]]:
-    """A generation route's `responses=`: one JSON `body`, or with `stream: true` Server-Sent Events, and its errors."""
-    return {
-        200: {"model": body, "description": description, "content": {"text/event-stream": {"schema": events}}},
-        **documented(*GENERATION_ERRORS, anthropic=anthropic),
-    }
 
 
 def renamed(exc: InvalidRequest, names: dict[str, str]) -> InvalidRequest:
@@ -199,7 +166,7 @@ async def collect(choices: Choices, request: Request, route: str) -> list[Choice
     async def gather() -> None:
         async with contextlib.aclosing(choices.events()) as events:
             async for index, event in events:
-                _record(results[index], event)
+                record(results[index], event)
 
     try:
         await until_disconnect(request, gather())
@@ -234,7 +201,7 @@ def _beam_choice(search: ChoiceResult, beam: Hypothesis) -> ChoiceResult:
     )
 
 
-def _record(result: ChoiceResult, event: Event) -> None:
+def record(result: ChoiceResult, event: Event) -> None:
     result.text.append(event.text)
     result.logprobs += event.logprobs
     if event.prompt_logprobs is not None:
@@ -266,97 +233,6 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     with contextlib.suppress(asyncio.CancelledError):
         await task
     raise ClientGone()
-
-
-class ChunkFormat(Protocol):
-    """How an OpenAI API shapes its stream chunks (chat and completions differ)."""
-
-    def start(self, index: int) -> dict[str, Any] | None: ...
-
-    def delta(self, index: int, event: Event) -> dict[str, Any] | None:
-        """The chunk for an event's text and scores; None when there is nothing to send yet."""
-        ...
-
-    def finish(self, index: int, reason: str) -> dict[str, Any]: ...
-
-    def usage(self, usage: dict[str, Any]) -> dict[str, Any]: ...
-
-
-class StreamFormat(Protocol):
-    """How one API frames its event stream: each method returns the SSE frames to send, in order."""
-
-    def opening(self, choices: int) -> list[str]: ...
-
-    def delta(self, index: int, event: Event) -> list[str]: ...
-
-    def finish(self, index: int, result: ChoiceResult) -> list[str]:
-        """The frames that close one choice, which ended normally."""
-        ...
-
-    def closing(self, usage: dict[str, Any]) -> list[str]:
-        """The last frames, once every choice has finished; `usage` as `Choices.usage` counts it."""
-        ...
-
-    def failed(self, error: TokenferryError) -> list[str]:
-        """The last frames when a choice failed after the 200 went out."""
-        ...
-
-
-@dataclass
-class OpenAIStream:
-    """OpenAI's framing: `data: {chunk}` lines, a usage chunk when asked, then `data: [DONE]`."""
-
-    chunks: ChunkFormat
-    include_usage: bool
-
-    def opening(self, choices: int) -> list[str]:
-        return [sse(chunk) for index in range(choices) if (chunk := self.chunks.start(index)) is not None]
-
-    def delta(self, index: int, event: Event) -> list[str]:
-        chunk = self.chunks.delta(index, event)
-        return [sse(chunk)] if chunk is not None else []
-
-    def finish(self, index: int, result: ChoiceResult) -> list[str]:
-        return [sse(self.chunks.finish(index, str(result.finish_reason)))]
-
-    def closing(self, usage: dict[str, Any]) -> list[str]:
-        return ([sse(self.chunks.usage(usage))] if self.include_usage else []) + [DONE]
-
-    def failed(self, error: TokenferryError) -> list[str]:
-        return [sse(status_and_body(error)[1]), DONE]
-
-
-def stream(choices: Choices, frames: StreamFormat, route: str) -> StreamingResponse:
-    """An SSE response: the opening frames, each event's, each choice's closing ones, then the stream's last.
-    An error after the 200 goes out in the API's own error frames."""
-
-    async def body() -> AsyncIterator[str]:
-        results = [ChoiceResult() for _ in choices.ids]
-        for frame in frames.opening(len(results)):
-            yield frame
-        label = "cancelled"
-        try:
-            async with contextlib.aclosing(choices.events()) as events:
-                async for index, event in events:
-                    for frame in frames.delta(index, event):
-                        yield frame
-                    if not event.final:
-                        continue
-                    _record(results[index], event)
-                    if error := failure(results[index]):
-                        label = "error" if event.finish_reason is FinishReason.ERROR else "cancelled"
-                        for frame in frames.failed(error):
-                            yield frame
-                        return
-                    for frame in frames.finish(index, results[index]):
-                        yield frame
-            for frame in frames.closing(choices.usage(results)):
-                yield frame
-            label = outcome(results)
-        finally:  # also when the client disconnects: Starlette cancels this generator
-            metrics.REQUESTS.labels(route, label).inc()
-
-    return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 def created() -> int:

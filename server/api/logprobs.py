@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from models.sampler import TokenLogprobs
+from models.types import TokenLogprobs
 from server.detokenizer import Detokenizer
 from server.request import Scored
 

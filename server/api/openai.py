@@ -8,20 +8,23 @@ from typing import Annotated, Any, ClassVar
 
 from fastapi import APIRouter, Depends, Path, Request, Response
 
-from models.sampler import TokenLogprobs
+from models.types import TokenLogprobs
 from server.api import chat
 from server.api.bodies import ChatCompletion, Completion, ModelCard, ModelList
 from server.api.auth import require_api_key
 from server.api.errors import ModelNotFound, Unauthorized, documented
-from server.api.generation import ChoiceResult, Choices, OpenAIStream, created, generation_responses, stream, whole
+from server.api.generation import ChoiceResult, Choices, created, whole
+from server.api.streaming import OpenAIStream, generation_responses, stream
 from server.api.logprobs import CompletionLogprobs, EchoedPrompt, TokenIds, TokenNames, chat_content
-from server.api.schemas import LIMIT, ChatCompletionRequest, CompletionRequest, Limit, SamplingFields
+from server.api.fields import LIMIT, Limit
+from server.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from server.api.state import AppState, state_of
 from server.engine import Engine
 from server.errors import EngineUnavailable, InvalidRequest
 from server.prompt import encode_completion
 from server.request import Event, SamplingParams, Scored
 from server import tools
+from server.call_reader import CallReader, Delta
 
 CHAT_ROUTE = "/v1/chat/completions"
 COMPLETIONS_ROUTE = "/v1/completions"
@@ -198,14 +201,14 @@ class ToolCallChunks(ChatChunks):
     OpenAI's deltas: its index, id, type and name first, then its arguments in fragments as they are written."""
 
     fmt: tools.ToolFormat = tools.FORMATS["hermes"]
-    readers: dict[int, tools.CallReader] = field(default_factory=dict)
+    readers: dict[int, CallReader] = field(default_factory=dict)
 
-    def _reader(self, index: int) -> tools.CallReader:
-        return self.readers.setdefault(index, tools.CallReader(self.fmt))
+    def _reader(self, index: int) -> CallReader:
+        return self.readers.setdefault(index, CallReader(self.fmt))
 
     def choice(self, index: int, result: ChoiceResult) -> dict[str, Any]:
         answer = super().choice(index, result)
-        reader = tools.CallReader(self.fmt)
+        reader = CallReader(self.fmt)
         reader.feed(answer["message"]["content"])
         reader.finish()
         if reader.calls:
@@ -218,11 +221,11 @@ class ToolCallChunks(ChatChunks):
         return self._delta_chunk(index, self._reader(index).feed(event.text), event)
 
     def finish(self, index: int, reason: str) -> dict[str, Any]:
-        reader = self.readers.pop(index, None) or tools.CallReader(self.fmt)
+        reader = self.readers.pop(index, None) or CallReader(self.fmt)
         held = reader.finish()
         return self._chunk(index, {"content": held.content} if held.content else {}, _finish(reader, reason))
 
-    def _delta_chunk(self, index: int, delta: tools.Delta, event: Event) -> dict[str, Any] | None:
+    def _delta_chunk(self, index: int, delta: Delta, event: Event) -> dict[str, Any] | None:
         scores = event.logprobs and self.logprobs is not None
         if not delta and not scores:
             return None
@@ -234,7 +237,7 @@ class ToolCallChunks(ChatChunks):
         return self._chunk(index, body, logprobs=self._logprobs(event.logprobs))
 
 
-def _finish(reader: tools.CallReader, reason: str) -> str:
+def _finish(reader: CallReader, reason: str) -> str:
     """"tool_calls" for an answer that ended after calling, else its own reason (a call cut by max_tokens is
     "length")."""
     return "tool_calls" if reader.calls and reason == "stop" else reason

@@ -11,17 +11,32 @@ the fuzz test (tests/api/test_fuzz.py) holds the two to agreeing.
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from server import structured
-from server.tools import MAX_TOOLS, CallMessage, ToolRequest, check_answers, parse_tools
-from server.errors import InvalidRequest, require
-from server.request import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, SEED_RANGE, SamplingParams
+from server import features, structured
+from server.grammars import Grammar
+from server.api.fields import (
+    EXACT,
+    INTEGRAL,
+    LIMIT,
+    RESPONSE_FORMAT,
+    STRUCTURED_OUTPUTS,
+    TOOL,
+    TOOL_CHOICE,
+    Float,
+    Limit,
+    StopText,
+    TokenIds,
+    doc,
+)
+from server.api.messages import ChatMessage, template_messages
+from server.tools import MAX_TOOLS, ToolRequest, parse_tools
+from server.errors import InvalidRequest
+from server.request import MAX_STOP_STRINGS, SEED_RANGE, SamplingParams
 
-MAX_CHOICES = 16  # `n`: each choice is its own row in the batch
+MAX_N = 16  # `n`: each choice is its own row in the batch
 MAX_BEST_OF = 20  # as OpenAI: candidates generated per prompt, each its own row
 MAX_TOP_LOGPROBS = 20  # chat's top_logprobs
 MAX_COMPLETION_LOGPROBS = 5  # completions' logprobs, as OpenAI
@@ -44,93 +59,6 @@ REFUSED_EXTRA_FIELDS = (
 def _is_neutral(value: Any) -> bool:
     """Those fields pass only as null or false, which ask for nothing (the document says the same)."""
     return value is None or value is False
-
-
-def doc(**keywords: Any) -> Any:
-    """JSON Schema keywords for the OpenAPI document alone: the check itself is done elsewhere."""
-    return Field(json_schema_extra=keywords)
-
-
-LIMIT = "x-tokenferry-limit"
-# FastAPI's document model turns numeric bounds into floats, which cannot hold 2**64 - 1: such bounds travel
-# under this key, and server/api/document.py puts them in place as exact integers.
-EXACT = "x-tokenferry-exact"
-
-
-class Limit(StrEnum):
-    """Limits that depend on the loaded model; server/api/document.py fills them in where `LIMIT` marks them."""
-
-    SERVED_MODEL = "served_model"  # the one model id (else 404)
-    TOKEN_ID = "token_id"  # below the vocabulary size (the engine checks)
-    PROMPT_IDS = "prompt_ids"  # at most context - 1 token ids
-
-
-def _integral(value: Any) -> Any:
-    """JSON does not tell 3 from 3.0, nor does the document's `integer`: an integral number is an integer.
-    Strings, booleans and fractions stay refused."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-# Last in an Annotated list, so that the constraints before it still reach the document as JSON Schema.
-INTEGRAL = BeforeValidator(_integral)
-Float = Annotated[float, Field(allow_inf_nan=False)]
-TokenId = Annotated[StrictInt, doc(minimum=0, **{LIMIT: Limit.TOKEN_ID.value}), INTEGRAL]
-TokenIds = list[TokenId]
-StopText = Annotated[StrictStr, doc(minLength=1, maxLength=MAX_STOP_STRING_CHARS)]  # SamplingParams checks
-
-# The shapes server/structured.py reads. What they hold (a JSON schema llguidance can enforce, a regex or a
-# grammar that compiles, a tool_choice naming one of the tools) cannot be stated here: those are 400s naming the field.
-_NAME = {"type": "string", "pattern": structured.FUNCTION_NAME.pattern}
-_SPEC_TEXT = {"type": "string", "minLength": 1, "maxLength": structured.MAX_SPEC_CHARS}
-RESPONSE_FORMAT = {
-    "properties": {
-        "type": {"enum": ["text", "json_object", "json_schema"]},
-        "json_schema": {
-            "type": "object",
-            "properties": {"name": _NAME, "schema": {"type": "object"}, "strict": {"type": ["boolean", "null"]}},
-            "required": ["name", "schema"],
-        },
-    },
-    "required": ["type"],
-    # A schema goes with type json_schema alone (structured.parse refuses it beside the others).
-    "if": {"properties": {"type": {"const": "json_schema"}}},
-    "then": {"required": ["json_schema"]},
-    "else": {"properties": {"json_schema": {"type": "null"}}},
-}
-STRUCTURED_OUTPUTS = {
-    "properties": {
-        "json": {"type": ["object", "string", "null"]},
-        "regex": {"anyOf": [_SPEC_TEXT, {"type": "null"}]},
-        "choice": {
-            "anyOf": [
-                {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": structured.MAX_CHOICES},
-                {"type": "null"},
-            ]
-        },
-        "grammar": {"anyOf": [_SPEC_TEXT, {"type": "null"}]},
-    },
-    "additionalProperties": False,
-}
-TOOL = {
-    "type": "object",
-    "properties": {
-        "type": {"const": "function"},
-        "function": {
-            "type": "object",
-            "properties": {"name": _NAME, "description": {"type": "string"}, "parameters": {"type": "object"}},
-            "required": ["name"],
-        },
-    },
-    "required": ["function"],
-}
-TOOL_CHOICE = [
-    {"enum": ["none", "auto", "required", None]},
-    {
-        "type": "object",
-        "properties": {"type": {"const": "function"}, "function": {"type": "object", "properties": {"name": _NAME}, "required": ["name"]}},
-        "required": ["function"],
-    },
-]
 
 
 class StreamOptions(BaseModel):
@@ -173,7 +101,7 @@ class SamplingFields(BaseModel):
     stop_token_ids: TokenIds | None = None
     ignore_eos: StrictBool = False
     min_tokens: Annotated[StrictInt, Field(ge=0, description="at most max_tokens"), INTEGRAL] = 0
-    n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES), INTEGRAL] = 1
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_N), INTEGRAL] = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
@@ -213,7 +141,8 @@ class SamplingFields(BaseModel):
         Here `n` and `best_of` as OpenAI limits them: best_of >= n, and no streaming of candidates not yet ranked."""
         if self.use_beam_search and self.stream:
             raise InvalidRequest("use_beam_search cannot be streamed: the best beams are known only at the end", param="stream")
-        if self.use_beam_search and self.temperature:
+        # The search itself runs at temperature 0 (`sampling_params`), so a client's other value is refused here.
+        if self.use_beam_search and self.temperature is not None and not features.RULES["temperature"].allows("beam", self.temperature):
             raise InvalidRequest("temperature must be 0 (or absent) with use_beam_search", param="temperature")
         if self.best_of is None:
             return
@@ -233,7 +162,7 @@ class SamplingFields(BaseModel):
         return None
 
     def sampling_params(
-        self, max_tokens: int | None, prompt_logprobs: int | None = None, grammar: structured.Grammar | None = None
+        self, max_tokens: int | None, prompt_logprobs: int | None = None, grammar: Grammar | None = None
     ) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         values = {
@@ -276,47 +205,6 @@ class SamplingFields(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class TextPart(BaseModel):
-    # Only text parts are served: `_text_of` refuses the others, naming their message.
-    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra={"required": ["type", "text"]})
-    type: Annotated[StrictStr, doc(enum=["text"])]
-    text: Annotated[StrictStr | None, WithJsonSchema({"type": "string"})] = None
-
-
-ROLES = ("system", "developer", "user", "assistant", "tool")
-
-
-class FunctionCall(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-    name: Annotated[StrictStr, doc(pattern=structured.FUNCTION_NAME.pattern)]
-    arguments: StrictStr  # JSON text, as the call was answered
-
-
-class ToolCall(BaseModel):
-    """A call an earlier assistant message made, sent back with the conversation."""
-
-    model_config = ConfigDict(extra="ignore", strict=True)
-    id: Annotated[StrictStr, doc(minLength=1)]
-    type: Annotated[StrictStr, doc(enum=["function"])] = "function"
-    function: FunctionCall
-
-
-# A tool message names the call it answers; that it answers an earlier one is `template_messages`' 400.
-TOOL_ANSWERS = {
-    "if": {"properties": {"role": {"const": "tool"}}, "required": ["role"]},
-    "then": {"properties": {"tool_call_id": {"type": "string"}}, "required": ["tool_call_id"]},
-}
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=TOOL_ANSWERS)
-    role: Annotated[StrictStr, doc(enum=list(ROLES))]  # `template_messages` checks, naming the message
-    content: StrictStr | list[TextPart] | None = None
-    name: StrictStr | None = None
-    tool_calls: list[ToolCall] | None = None  # assistant messages: the calls they made
-    tool_call_id: StrictStr | None = None  # tool messages: the call they answer
-
-
 def _requires(field: str, condition: dict[str, Any], other: str, value: Any) -> dict[str, Any]:
     """JSON Schema for "when `field` meets `condition`, `other` must be `value`"."""
     return {
@@ -325,18 +213,11 @@ def _requires(field: str, condition: dict[str, Any], other: str, value: Any) -> 
     }
 
 
-# Beam search ranks the model's own log-probabilities, all at the end: nothing reshapes them, nothing streams.
+# What a beam search admits, for the document: server/features.py decides; a beam cannot be streamed.
+_BEAM_FIELDS = [name for name in features.RULES if features.beam_enum(name) and name in SamplingFields.model_fields]
 BEAM_RULE = {
     "if": {"properties": {"use_beam_search": {"const": True}}, "required": ["use_beam_search"]},
-    "then": {
-        "properties": {
-            "stream": {"const": False},
-            "temperature": {"enum": [0, None]},
-            "presence_penalty": {"enum": [0, None]},
-            "frequency_penalty": {"enum": [0, None]},
-            "repetition_penalty": {"enum": [1, None]},
-        }
-    },
+    "then": {"properties": {"stream": {"const": False}, **{name: {"enum": features.beam_enum(name)} for name in _BEAM_FIELDS}}},
 }
 
 
@@ -389,48 +270,6 @@ class ChatCompletionRequest(SamplingFields):
         if self.max_completion_tokens is not None:
             return self.max_completion_tokens, "max_completion_tokens"
         return self.max_tokens, "max_tokens"
-
-
-def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages as server/tools.py's `conversation` takes them: known roles, plain string content, the
-    calls an assistant made, the call a tool message answers (which must be an earlier one)."""
-    result: list[dict[str, Any]] = []
-    for index, message in enumerate(messages):
-        if message.role not in ROLES:
-            raise InvalidRequest(
-                f"messages[{index}].role: unsupported role {message.role!r}; expected one of {', '.join(ROLES)}",
-                param=f"messages[{index}].role",
-            )
-        role = "system" if message.role == "developer" else message.role
-        entry: dict[str, Any] = {"role": role, "content": _text_of(message.content, index)}
-        if message.tool_calls and role == "assistant":
-            calls = message.tool_calls
-            entry["tool_calls"] = [
-                CallMessage.of(c.id, c.function.name, c.function.arguments, f"messages[{index}].tool_calls[{j}].function.arguments")
-                for j, c in enumerate(calls)
-            ]
-        if role == "tool":
-            require(message.tool_call_id is not None, f"messages[{index}].tool_call_id", "a tool message needs the id of the call it answers")
-            entry["tool_call_id"] = message.tool_call_id
-        result.append(entry)
-    check_answers(result)
-    return result
-
-
-def _text_of(content: str | list[TextPart] | None, index: int) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    texts = []
-    for part_index, part in enumerate(content):
-        if part.type != "text" or part.text is None:
-            raise InvalidRequest(
-                f"messages[{index}].content[{part_index}]: only text parts are supported, got {part.type!r}",
-                param=f"messages[{index}].content",
-            )
-        texts.append(part.text)
-    return "".join(texts)
 
 
 # A prompt in each of its forms; `prompts` refuses the empty ones (and the engine, token ids out of range).

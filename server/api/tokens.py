@@ -11,11 +11,12 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 from server.api import chat
 from server.api.auth import require_api_key
 from server.api.errors import ModelNotFound, Unauthorized, documented
-from server.api.schemas import LIMIT, MAX_TOOLS, TOOL, ChatMessage, Limit, TokenIds, doc, template_messages
+from server.api.fields import LIMIT, TOOL, Limit, TokenIds, doc
+from server.api.messages import ChatMessage, template_messages
 from server.api.state import state_of
 from server.errors import EngineUnavailable, InvalidRequest, require
 from server.prompt import encode_completion
-from server.tools import parse_tools
+from server.tools import MAX_TOOLS, parse_tools
 
 router = APIRouter(dependencies=[Depends(require_api_key)], responses=documented(Unauthorized, InvalidRequest, ModelNotFound, EngineUnavailable))
 

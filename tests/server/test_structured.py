@@ -21,7 +21,8 @@ from server import metrics
 from server.engine import Engine
 from server.errors import InvalidRequest
 from server.request import FinishReason, SamplingParams
-from server.structured import JSON_WHITESPACE, Grammar, GrammarCompiler, GrammarState, parse
+from server.grammars import Grammar, GrammarCompiler, GrammarState
+from server.structured import JSON_WHITESPACE, parse
 from tests.helpers import collect, generate_alone, run_with_engine
 
 

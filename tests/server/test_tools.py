@@ -16,7 +16,8 @@ from server import tools
 from server.errors import InvalidRequest
 from server.prompt import encode_chat
 from server.request import SamplingParams
-from server.structured import GrammarCompiler
+from server.call_reader import CallReader
+from server.grammars import GrammarCompiler
 from tests.helpers import generate_alone, generate_together
 from tests.server.test_structured import walk
 
@@ -151,7 +152,7 @@ def test_each_formats_grammar_holds_calls_to_their_schemas(name: str, compiler: 
         assert accepts(compiler, tiny, fmt, auto, "Let me look. " + fmt.render([weather]))
         assert not accepts(compiler, tiny, fmt, required, "Let me look. " + fmt.render([weather]))
     else:  # an answer is text or calls from its first byte: a call after text is text
-        reader = tools.CallReader(fmt)
+        reader = CallReader(fmt)
         reader.feed("Let me look. " + fmt.render([weather]))
         assert not reader.calls and not accepts(compiler, tiny, fmt, required, "Let me look. " + fmt.render([weather]))
     if fmt.parallel:
@@ -168,7 +169,7 @@ def test_random_logits_under_a_tool_grammar_always_end_in_valid_calls(name: str,
     for seed in range(6):
         text, complete = walk(tiny, grammar, seed, max_steps=400)
         assert complete, text
-        reader = tools.CallReader(fmt)
+        reader = CallReader(fmt)
         reader.feed(text)
         reader.finish()
         assert reader.calls and reader.content == "", text
@@ -187,7 +188,7 @@ def test_the_reader_splits_text_and_calls_however_the_text_arrives(name: str, pi
     tricky = '{"city": "Q\\"}{[x", "n": [{"d": 1}]}'  # braces and an escaped quote inside strings
     calls = [("get_weather", tricky), ("add", '{"a": 1, "b": 2}')] if fmt.parallel else [("get_weather", tricky)]
     text = ("Let me < look. " if fmt.text_before else "") + fmt.render(calls)
-    reader = tools.CallReader(fmt)
+    reader = CallReader(fmt)
     deltas = [reader.feed(text[i : i + piece]) for i in range(0, len(text), piece)] + [reader.finish()]
     assert reader.content == ("Let me < look. " if fmt.text_before else "")
     assert "".join(d.content for d in deltas) == reader.content
@@ -203,14 +204,14 @@ def test_the_reader_splits_text_and_calls_however_the_text_arrives(name: str, pi
 
 def test_an_answer_cut_before_a_calls_name_is_text_and_text_alone_is_text() -> None:
     hermes = tools.FORMATS["hermes"]
-    reader = tools.CallReader(hermes)
+    reader = CallReader(hermes)
     assert reader.feed("Hm <tool_ca").content == "Hm "  # the start of the trigger is held back
     reader.feed('ll>\n{"na')
     assert reader.finish().content == '<tool_call>\n{"na' and not reader.calls
-    plain = tools.CallReader(hermes)
+    plain = CallReader(hermes)
     assert plain.feed("a <b> c <tool").content == "a <b> c "
     assert plain.finish().content == "<tool" and plain.content == "a <b> c <tool"
-    llama = tools.CallReader(tools.FORMATS["llama3_json"])
+    llama = CallReader(tools.FORMATS["llama3_json"])
     assert llama.feed("Sure: {not a call}").content == "Sure: {not a call}" and not llama.calls
 
 
@@ -281,7 +282,7 @@ def test_rows_with_tools_batched_beside_rows_without_equal_each_alone(compiler: 
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
     for result, param in zip(alone, params, strict=True):
         if param.grammar is required and result.finish_reason.value == "stop":
-            reader = tools.CallReader(fmt)
+            reader = CallReader(fmt)
             reader.feed(result.text)
             reader.finish()
             assert reader.calls

@@ -1,0 +1,192 @@
+"""One step of the loop thread, phase by phase: retire, prefill the groups the plan chose (or a prompt's chunk
+alone), keep the new rows' blocks in the prefix cache, decode every row (carrying a chunk or verifying a
+draft), keep finished rows' blocks. Each phase's samples become events (server/outputs.py); `flush` hands
+them to their event loops after each prefill group, so first tokens do not wait for the rest of the step.
+A failure in one phase fails the requests it concerned; the loop goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from models.types import ChunkFailed, Sampled
+from server import metrics
+from server.beam import owners, rows_of
+from server.outputs import Outputs
+from server.request import FinishReason, Request
+from server.scheduler import Plan, Scheduler
+
+if TYPE_CHECKING:
+    from models import ModelRunner
+    from models.prefix_cache import PrefixCache
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Steps:
+    runner: ModelRunner[Request]
+    scheduler: Scheduler
+    outputs: Outputs
+    prefix_cache: PrefixCache | None
+    lock: threading.Lock  # guards the scheduler's queue
+    flush: Callable[[], None]  # hand the events so far to their event loops
+
+    def fail_all(self, message: str) -> None:
+        """A bug outside any one request: every row in the batch (and staged) ends with an error."""
+        rows = [*self.runner.rows, *self.runner.staged]
+        self.outputs.fail(owners(rows), message)
+        self.runner.drop(rows)
+
+    def step(self, plan: Plan) -> None:
+        """Run the plan's phases."""
+        for request in plan.aborted:
+            self.outputs.finish(request, FinishReason.ABORT)
+        self._retire(plan.leaving)
+        joined = []
+        for group in plan.groups:
+            joined += self._prefill(group)
+            self.flush()  # a group's first tokens leave now, not after the next group or the decode step
+        chunk = plan.chunk
+        if chunk is not None and not self.runner.rows:  # nothing to decode beside it: the chunk runs alone
+            joined += self._chunk(*chunk)
+            self.flush()
+            chunk = None
+        if joined:
+            self._save(joined)
+            with self.lock:
+                leaving = self.scheduler.retire()
+            self._retire(leaving)
+        if self.runner.rows:
+            rows = list(self.runner.rows)
+            chunked = self._decode(plan.draft, chunk)
+            # A finished request's prompt and answer stay cached for its next turn (beam rows are not kept).
+            done = [r for r in rows if isinstance(r, Request) and r.finished and r.finish_reason is not FinishReason.ERROR]
+            self._save(chunked + done)
+
+    def _save(self, rows: list[Request]) -> None:
+        """Keep the KV blocks of these rows (still in the batch) in the prefix cache."""
+        cache = self.prefix_cache
+        if cache is None or not rows:
+            return
+        evictions = cache.evictions
+        try:
+            self.runner.save(rows)
+        except Exception:  # the cache is an optimisation: a failure here must not fail the requests
+            log.exception("saving to the prefix cache failed")
+        metrics.PREFIX_CACHE_EVICTIONS.inc(cache.evictions - evictions)
+        metrics.PREFIX_CACHE_BYTES.set(cache.bytes_used)
+
+    def _retire(self, leaving: list[Request]) -> None:
+        """Drop finished and cancelled rows from the batch; a cancelled one ends here."""
+        if not leaving:
+            return
+        self.runner.drop(rows_of(leaving))
+        for request in leaving:
+            if not request.finished:
+                self.outputs.finish(request, FinishReason.ABORT)
+
+    def _prefill(self, joining: list[Request]) -> list[Request]:
+        """Prefill one group; returns the rows that joined the batch."""
+        started = time.monotonic()
+        for request in joining:
+            self._started(request, started)
+        rows = [r.search.rows[0] if r.search else r for r in joining]  # a beam request is prefilled once, as slot 0
+        try:
+            samples = self.runner.prefill(rows, [r.cached_tokens for r in joining])
+        except Exception:
+            self._prefill_failed(joining)
+            return []
+        metrics.STEP_TIME.labels("prefill").observe(time.monotonic() - started)
+        metrics.PREFILL_TOKENS.inc(sum(len(r.prompt_ids) - r.cached_tokens for r in joining))
+        self.outputs.accept(rows, samples)
+        return joining
+
+    def _chunk(self, request: Request, tokens: int) -> list[Request]:
+        """Prefill one chunk of a long prompt while no row runs (else it rides in `_decode`); returns the request
+        once its last chunk has been read (it then runs)."""
+        started = time.monotonic()
+        try:
+            sampled = self.runner.prefill_chunk(request, tokens, self._reused(request, started), request.max_tokens > 1)
+        except Exception:
+            self._prefill_failed([request])
+            return []
+        metrics.STEP_TIME.labels("prefill").observe(time.monotonic() - started)
+        metrics.PREFILL_TOKENS.inc(tokens)
+        if sampled is None:
+            return []
+        self.outputs.accept([request], [sampled])
+        return [request]
+
+    def _prefill_failed(self, requests: list[Request]) -> None:
+        """Inside an `except`: log the failure with its traceback and end these requests with an error."""
+        log.exception("prefill failed", extra={"request_ids": [r.id for r in requests]})
+        self.outputs.fail(requests, "the model failed while reading the prompt")
+
+    def _reused(self, request: Request, now: float) -> int:
+        """Prompt tokens a chunked request reads from the prefix cache: all at its first chunk, which starts it."""
+        if request.scheduled_at is not None:
+            return 0
+        self._started(request, now)
+        return request.cached_tokens
+
+    def _started(self, request: Request, now: float) -> None:
+        request.scheduled_at = now
+        metrics.QUEUE_TIME.observe(now - request.arrived_at)
+        metrics.PROMPT_TOKENS.inc(len(request.prompt_ids))
+        if request.cached_tokens:
+            metrics.PREFIX_CACHE_HITS.inc()
+            metrics.PREFIX_CACHED_TOKENS.inc(request.cached_tokens)
+
+    def _decode(self, draft: list[int], chunk: tuple[Request, int] | None = None) -> list[Request]:
+        """One decode step for every row; or, with a draft (for a lone greedy row), its verification, which
+        may give that row several tokens; or, with a prompt's chunk, the step and the chunk in one forward.
+        Returns the chunked request if its last chunk was read (it then runs). A decode step that fails fails
+        every row in it."""
+        started = time.monotonic()
+        rows = list(self.runner.rows)
+        try:
+            carried = self._decode_with_chunk(*chunk, started) if chunk is not None else None
+            if carried is not None:
+                samples, first = carried
+            else:
+                samples, first = self.runner.verify(draft) if draft else self.runner.decode(), None
+        except Exception:
+            failing = owners(rows)
+            if chunk is not None and not chunk[0].finished:  # its chunk was in the failed step
+                failing.append(chunk[0])
+            log.exception("decode step failed", extra={"request_ids": [r.id for r in failing]})
+            self.outputs.fail(failing, "the model failed during a decode step")
+            self.runner.drop(rows)
+            return []
+        metrics.STEP_TIME.labels("decode").observe(time.monotonic() - started)
+        width = max(r.num_tokens for r in rows)
+        metrics.PADDING_RATIO.set(1 - sum(r.num_tokens for r in rows) / (len(rows) * width))
+        if first is not None:
+            request = chunk[0]
+            self.outputs.accept([*rows, request], [*samples, first])
+            return [request]
+        if not draft:
+            self.outputs.accept(rows, samples)
+            return []
+        metrics.SPECULATIVE_TOKENS.labels("drafted").inc(len(draft))
+        metrics.SPECULATIVE_TOKENS.labels("accepted").inc(len(samples) - 1)
+        for sampled in samples:  # in order; tokens after one that ends the request are dropped
+            self.outputs.accept(rows, [sampled])
+        return []
+
+    def _decode_with_chunk(self, request: Request, tokens: int, now: float) -> tuple[list[Sampled], Sampled | None] | None:
+        """The decode step carrying `request`'s next chunk; None if the chunk failed, which fails its request
+        alone (the runner leaves the running rows as they were, to be decoded without it)."""
+        try:
+            carried = self.runner.decode_with_chunk(request, tokens, self._reused(request, now), request.max_tokens > 1)
+        except ChunkFailed:
+            self._prefill_failed([request])
+            return None
+        metrics.PREFILL_TOKENS.inc(tokens)
+        return carried
