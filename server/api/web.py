@@ -20,7 +20,10 @@ WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 # name -> media type; anything else under /web/ is a 404.
 FILES = {
     "index.html": "text/html; charset=utf-8",
-    "app.js": "text/javascript; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",  # the page; it imports the three below
+    "markdown.js": "text/javascript; charset=utf-8",
+    "store.js": "text/javascript; charset=utf-8",
+    "api.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
     "favicon.svg": "image/svg+xml",
 }

@@ -57,10 +57,15 @@ def test_everything_the_page_loads_is_served_here() -> None:
     html = (WEB_DIR / "index.html").read_text()
     references = re.findall(r'(?:src|href)="([^"]*)"', html)
     assert references and all(ref.removeprefix("/web/") in FILES for ref in references), references
-    script = (WEB_DIR / "app.js").read_text()
-    fetched = re.findall(r'fetch\(\s*"([^"]*)"', script)
+    scripts = {name: (WEB_DIR / name).read_text() for name in FILES if name.endswith(".js")}
+    fetched = [url for script in scripts.values() for url in re.findall(r'fetch\(\s*"([^"]*)"', script)]
     assert fetched and all(url.startswith("/v1/") for url in fetched), fetched
-    assert not re.search(r"\bimport\b|https?://\w", script), "app.js must not load anything from elsewhere"
+    for name, script in scripts.items():
+        # Modules import each other by relative path, and nothing else.
+        imported = re.findall(r'^import .* from "([^"]*)";$', script, re.M)
+        assert all(path.startswith("./") and path[2:] in FILES for path in imported), (name, imported)
+        assert len(re.findall(r"\bimport\b", script)) == len(imported), f"{name}: an import that is not a module's"
+        assert not re.search(r"https?://\w", script), f"{name} must not load anything from elsewhere"
     assert "@import" not in (WEB_DIR / "style.css").read_text() and "url(" not in (WEB_DIR / "style.css").read_text()
 
 
