@@ -8,8 +8,10 @@ an invalid body, a prompt over the context; an Anthropic message and a Responses
 streamed, some calling a tool), a chat that offers tools, a beam search, a JSON schema, a long prompt. Every few seconds the server's resident memory is read from
 /proc, the prefix cache's use and bound from /metrics, and /ready is checked.
 
-The prefix cache grows toward its bound by design, so memory is judged net of what the cache reports
-holding (RSS less `tokenferry_prefix_cache_bytes`). Before the load, distinct long prompts fill the cache
+The prefix cache grows toward its bound by design, and the running batch's KV storage follows the widest
+window of the moment (long prompts beside 16 streams hold hundreds of MiB while they run), so memory is judged
+net of what the server reports holding: RSS less `tokenferry_prefix_cache_bytes` and
+`tokenferry_kv_store_bytes`. Before the load, distinct long prompts fill the cache
 until it evicts, so the whole run sees it full and a leak cannot hide behind its filling (`--no-fill` skips
 that). At the end every request the clients made is matched, by outcome, against the server's
 `tokenferry_requests_total`, and the engine must track nothing. Exits 1 when a request is unaccounted for,
@@ -63,6 +65,7 @@ OVER_CONTEXT_WORDS = 12_000  # SmolLM2's context is 8192 tokens
 FILL_NUMBERS = 500  # a filling prompt: this many random numbers, a few thousand tokens
 FILL_CONCURRENCY = 4
 CACHE_BYTES = "tokenferry_prefix_cache_bytes"
+STORE_BYTES = "tokenferry_kv_store_bytes"
 CACHE_CAPACITY = "tokenferry_prefix_cache_capacity_bytes"
 
 
@@ -89,12 +92,13 @@ class MemorySample:
     at_s: float
     rss_mib: float
     cache_mib: float  # what the prefix cache reports holding
+    store_mib: float  # what the running batch's KV storage holds allocated
     ready: bool
 
     @property
     def net_mib(self) -> float:
-        """Resident memory less the prefix cache's blocks: what must not grow."""
-        return self.rss_mib - self.cache_mib
+        """Resident memory less the prefix cache's blocks and the batch's KV storage: what must not grow."""
+        return self.rss_mib - self.cache_mib - self.store_mib
 
 
 def rss_mib(pid: int) -> float:
@@ -334,8 +338,9 @@ async def sample_memory(server: ServerProcess, deadline: float, started: float, 
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
         while True:
             ready = (await client.get("/ready")).status_code == 200
-            cache_bytes, = await scrape(client, CACHE_BYTES)
-            samples.append(MemorySample(time.monotonic() - started, rss_mib(server.process.pid), cache_bytes / MIB, ready))
+            cache_bytes, store_bytes = await scrape(client, CACHE_BYTES, STORE_BYTES)
+            rss = rss_mib(server.process.pid)
+            samples.append(MemorySample(time.monotonic() - started, rss, cache_bytes / MIB, store_bytes / MIB, ready))
             if time.monotonic() >= deadline:
                 return
             await asyncio.sleep(SAMPLE_EVERY_S)
@@ -386,6 +391,7 @@ def main() -> None:
     second_peak = max(s.net_mib for s in samples[half:])
     peak_rss = max(s.rss_mib for s in samples)
     cache_peak = max(s.cache_mib for s in samples)
+    store_peak = max(s.store_mib for s in samples)
     not_ready = sum(not s.ready for s in samples)
     problems = list(dict.fromkeys(tally.wrong))[:20]
     if tally.outcomes != counted:
@@ -397,7 +403,7 @@ def main() -> None:
     if cache_peak > capacity_mib:
         problems.append(f"the prefix cache held {cache_peak:.0f} MiB, over its bound of {capacity_mib:.0f} MiB")
     if second_peak - first_peak > args.max_growth_mib:
-        problems.append(f"RSS net of the prefix cache kept growing: peak {first_peak:.0f} MiB in the first half, {second_peak:.0f} MiB in the second")
+        problems.append(f"RSS net of the prefix cache and the KV store kept growing: peak {first_peak:.0f} MiB in the first half, {second_peak:.0f} MiB in the second")
 
     total = sum(tally.outcomes.values())
     report = "\n".join([
@@ -406,12 +412,13 @@ def main() -> None:
         f"Server flags: `{' '.join(SERVER_FLAGS)}`; prefix cache bound {capacity_mib:.0f} MiB, "
         + (f"{fill} before the load." if fill else "empty at the start."),
         "",
-        "| requests | by outcome (client = server) | RSS after load | peak RSS | peak cache | net peak 1st half | net peak 2nd half | end RSS | not ready |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| requests | by outcome (client = server) | RSS after load | peak RSS | peak cache | peak KV store | net peak 1st half | net peak 2nd half | end RSS | not ready |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         f"| {total} | {dict(sorted(tally.outcomes.items()))} (429s: {tally.queue_full}) | {loaded_rss:.0f} MiB | {peak_rss:.0f} MiB | "
-        f"{cache_peak:.0f} MiB | {first_peak:.0f} MiB | {second_peak:.0f} MiB | {end_rss:.0f} MiB | {not_ready} |",
+        f"{cache_peak:.0f} MiB | {store_peak:.0f} MiB | {first_peak:.0f} MiB | {second_peak:.0f} MiB | {end_rss:.0f} MiB | {not_ready} |",
         "",
-        "Samples (s: RSS / cache MiB): " + ", ".join(f"{s.at_s:.0f}: {s.rss_mib:.0f}/{s.cache_mib:.0f}" for s in samples),
+        "Samples (s: RSS / cache / KV store MiB): "
+        + ", ".join(f"{s.at_s:.0f}: {s.rss_mib:.0f}/{s.cache_mib:.0f}/{s.store_mib:.0f}" for s in samples),
         "",
         ("Problems:\n" + "\n".join(f"- {p}" for p in problems)) if problems else "Every request accounted for; nothing left in the engine.",
         "",

@@ -82,6 +82,11 @@ class KVStore:
         self.keys = [allocate(size, shape) for _ in range(shape.num_layers)]
         self.values = [allocate(size, shape) for _ in range(shape.num_layers)]
 
+    @property
+    def bytes(self) -> int:
+        """What the store holds allocated: keys and values of every layer."""
+        return 2 * sum(t.numel() * t.element_size() for t in self.keys)
+
     def window(self, rows: slice, start: int, write_at: int) -> Cache:
         """A transformers Cache over `rows`: new states land at column `write_at`, attention reads `[start, write_at + q)`."""
         layers = [_WindowLayer(k, v, rows, start, write_at) for k, v in zip(self.keys, self.values)]

@@ -57,6 +57,12 @@ class ModelRunner(Generic[R]):
         return [*self.batch.keys, *self._read()]
 
     @property
+    def store_bytes(self) -> int:
+        """KV storage allocated for the running batch and the prompts being read in chunks."""
+        batches = [self.batch, *self._staging.values()]
+        return sum(b.store.bytes for b in batches if b.store is not None)
+
+    @property
     def staged(self) -> list[R]:
         """Rows whose prompts are being prefilled in chunks."""
         return [row for row in self._staging if not self._chunk_read(row)]

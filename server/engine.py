@@ -219,6 +219,7 @@ class Engine:
     def _flush(self) -> None:
         """Hand this step's events to their event loops: one wake-up per loop, not one per token."""
         metrics.RUNNING.set(len(self._runner.rows))  # before anyone hears a token, the gauge counts its row
+        metrics.KV_STORE_BYTES.set(self._runner.store_bytes)
         for request in self._outputs.flush():  # its event loop has closed: nobody is listening any more
             self.cancel(request.id)
 

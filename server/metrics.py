@@ -60,6 +60,9 @@ PREFIX_CACHE_HITS = Counter("tokenferry_prefix_cache_hits_total", "Requests that
 PREFIX_CACHED_TOKENS = Counter(
     "tokenferry_prefix_cache_reused_tokens_total", "Prompt tokens read from the prefix cache instead of computed."
 )
+KV_STORE_BYTES = Gauge(
+    "tokenferry_kv_store_bytes", "Bytes of KV storage allocated for the running batch and prompts read in chunks."
+)
 PREFIX_CACHE_BYTES = Gauge("tokenferry_prefix_cache_bytes", "Bytes of KV blocks held in the prefix cache.")
 PREFIX_CACHE_CAPACITY = Gauge(
     "tokenferry_prefix_cache_capacity_bytes", "Bytes of KV blocks the prefix cache may hold (its bound, in whole blocks)."

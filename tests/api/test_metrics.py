@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -25,6 +27,7 @@ EXPECTED = {
     "tokenferry_prefix_cache_bytes": "gauge",
     "tokenferry_prefix_cache_capacity_bytes": "gauge",
     "tokenferry_prefix_cache_evictions": "counter",
+    "tokenferry_kv_store_bytes": "gauge",
 }
 
 
@@ -69,3 +72,9 @@ def test_metrics_parse_and_move(tiny_server: ServerProcess) -> None:
     assert 0 < total(after, "tokenferry_prefix_cache_bytes") <= total(after, "tokenferry_prefix_cache_capacity_bytes") <= 4 << 30
     assert total(after, "tokenferry_step_duration_seconds_count", phase="decode") > total(before, "tokenferry_step_duration_seconds_count", phase="decode")
     assert total(after, "tokenferry_waiting_requests") == 0 and total(after, "tokenferry_running_requests") == 0
+    # The batch's KV storage is allocated while rows run and released once the batch is empty (at the step
+    # that retires the last row, which may come just after the last answer went out).
+    deadline = time.monotonic() + 10
+    while total(scrape(tiny_server), "tokenferry_kv_store_bytes") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert total(scrape(tiny_server), "tokenferry_kv_store_bytes") == 0
