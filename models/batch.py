@@ -20,7 +20,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from models.attention import Span
-from models.kv_cache import CacheShape, KVStore, flat_cache
+from models.kv_cache import CacheShape, KVStore, flat_cache, return_freed_memory
 
 Key = TypeVar("Key", bound=Hashable)
 
@@ -244,6 +244,7 @@ class Batch(Generic[Key]):
         self.keys.extend(other.keys)
         self.lengths.extend(other.lengths)
         other.keys, other.lengths, other.end, other._store = [], [], 0, None
+        return_freed_memory()
 
     def make_room(self, rows: int, width: int, layers: range) -> None:
         """Ready the store, a share of its layers at a time, for a later `join` that brings the batch to `rows`
@@ -279,6 +280,7 @@ class Batch(Generic[Key]):
         kept = len(self) - len(dropped)
         if kept == 0:
             self.keys, self.lengths, self.end, self._store, self._zeroed = [], [], 0, None, None
+            return_freed_memory()
             return
         # NOTE: rows [0, kept) will be the survivors. Dropped rows below `kept` are holes and kept rows at
         # or above `kept` are movers; there are exactly as many of each, so moving each mover into a hole
@@ -343,3 +345,6 @@ class Batch(Generic[Key]):
         if store is not None and len(self):
             store.copy_to(new, len(self), slice(self.start, self.end), dst_start=end - self.width)
         self._store, self.end, self._zeroed = new, end, None
+        if store is not None:
+            del store  # the last reference to the old store: free it, then return its memory
+            return_freed_memory()

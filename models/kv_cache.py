@@ -9,6 +9,9 @@ is copied or recomputed, and a row that leaves is replaced by moving one other r
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +56,29 @@ class CacheShape:
             dtype=param.dtype,
             device=param.device,
         )
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), "malloc_trim", None)
+    except OSError:
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()  # glibc's; None on other C libraries
+
+
+def return_freed_memory() -> None:
+    """Hand the memory a dropped store leaves in the C heap back to the system.
+
+    A store's layers are megabytes each, yet glibc serves an allocation of that size from its heap once an
+    earlier one was freed (its mmap threshold rises with every such free, up to 32 MiB) and keeps what is freed
+    there: the process would stay as large as the widest store the batch ever needed. Measured with the soak's
+    mix: 1.5 GiB more resident after the load than before it, all of it returned by malloc_trim. The call takes
+    well under a millisecond and runs only when a store is dropped.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def allocate(size: tuple[int, ...], shape: CacheShape) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch
 
 from models.attention import Parts
 from models.batch import Batch, Forward, flatten
+from models import kv_cache
 from models.kv_cache import CacheShape
 
 T, F = True, False
@@ -332,3 +333,34 @@ def test_a_join_clears_a_row_appended_after_make_room_in_the_slot_of_one_that_le
     running.filter({"e"})
     play(running.prefill(["f"], [[11, 12]]))  # in the same slot: e's tokens now lie left of the window
     join_thirty_tokens(running)
+
+
+def test_a_dropped_store_hands_its_memory_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Growing past its store and emptying both drop a store, and each time the batch returns the C heap's
+    freed memory (kv_cache.return_freed_memory), so the process does not stay as large as its widest batch."""
+    calls: list[int] = []
+    monkeypatch.setattr("models.batch.return_freed_memory", lambda: calls.append(1))
+    batch: Batch[str] = Batch(SHAPE, max_rows=8)
+    play(batch.prefill(["a"], [[1, 2]]))
+    assert calls == []
+    play(batch.prefill(["b", "c", "d"], [[3] * 300, [4], [5]]))  # more rows and a wider window: a new store
+    assert len(calls) == 1
+    batch.filter({"a", "b", "c", "d"})
+    assert len(calls) == 2 and batch.store is None
+
+
+def resident_mib() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+
+@pytest.mark.skipif(kv_cache._MALLOC_TRIM is None, reason="malloc_trim is glibc's; other C libraries keep their own rules")
+def test_return_freed_memory_gives_freed_stores_back_to_the_system() -> None:
+    """Stores of a few sizes, each freed after use, as the batch grows and empties under changing load: glibc
+    alone keeps hundreds of MiB of them resident (its mmap threshold rises with each free); returned, a few."""
+    start = resident_mib()
+    for cols in [400, 900, 650, 1200, 300, 1000, 800, 1100] * 3:
+        store = [torch.ones(16, 3, cols, 64) for _ in range(20)]
+        del store
+        kv_cache.return_freed_memory()
+    assert resident_mib() - start < 64
