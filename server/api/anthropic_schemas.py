@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from server import structured
 from server.api import chat
-from server.api.fields import INTEGRAL, LIMIT, Float, Limit, StopText, doc
+from server.api.fields import INTEGRAL, LIMIT, Float, Limit, StopText, Strict, doc
 from server.errors import InvalidRequest, require
 from server.request import MAX_STOP_STRINGS, SamplingParams
 from server.structured import FUNCTION_NAME
@@ -30,17 +30,13 @@ NAMES = {
 }
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-
-class TextBlock(_Strict):
+class TextBlock(Strict):
     type: Literal["text"]
     text: StrictStr
     cache_control: dict[str, Any] | None = None
 
 
-class ToolUseBlock(_Strict):
+class ToolUseBlock(Strict):
     type: Literal["tool_use"]
     id: Annotated[StrictStr, Field(min_length=1)]
     name: Annotated[StrictStr, Field(pattern=FUNCTION_NAME.pattern)]
@@ -48,7 +44,7 @@ class ToolUseBlock(_Strict):
     cache_control: dict[str, Any] | None = None
 
 
-class ToolResultBlock(_Strict):
+class ToolResultBlock(Strict):
     type: Literal["tool_result"]
     tool_use_id: Annotated[StrictStr, Field(min_length=1)]
     content: list[TextBlock] | StrictStr = ""
@@ -60,12 +56,12 @@ class ToolResultBlock(_Strict):
 ContentBlock = Annotated[TextBlock | ToolUseBlock | ToolResultBlock, Field(discriminator="type")]
 
 
-class Message(_Strict):
+class Message(Strict):
     role: Literal["user", "assistant"]
     content: list[ContentBlock] | StrictStr  # the list first: its errors name the block at fault
 
 
-class Tool(_Strict):
+class Tool(Strict):
     type: Literal["custom"] | None = None  # server tools (bash, web search, ...) are refused by their type
     name: Annotated[StrictStr, Field(pattern=FUNCTION_NAME.pattern)]
     description: StrictStr | None = None
@@ -73,44 +69,44 @@ class Tool(_Strict):
     cache_control: dict[str, Any] | None = None
 
 
-class ChoiceAuto(_Strict):
+class ChoiceAuto(Strict):
     type: Literal["auto"]
     disable_parallel_tool_use: StrictBool = False
 
 
-class ChoiceAny(_Strict):
+class ChoiceAny(Strict):
     type: Literal["any"]
     disable_parallel_tool_use: StrictBool = False
 
 
-class ChoiceTool(_Strict):
+class ChoiceTool(Strict):
     type: Literal["tool"]
     name: Annotated[StrictStr, Field(pattern=FUNCTION_NAME.pattern)]
     disable_parallel_tool_use: StrictBool = False
 
 
-class ChoiceNone(_Strict):
+class ChoiceNone(Strict):
     type: Literal["none"]
 
 
 ToolChoice = Annotated[ChoiceAuto | ChoiceAny | ChoiceTool | ChoiceNone, Field(discriminator="type")]
 
 
-class Thinking(_Strict):
+class Thinking(Strict):
     type: Annotated[Literal["disabled"], Field(description="extended thinking is not served: only 'disabled'")]
 
 
-class OutputFormat(_Strict):
+class OutputFormat(Strict):
     type: Literal["json_schema"]
     schema_: Annotated[dict[str, Any], Field(alias="schema")]
 
 
-class OutputConfig(_Strict):
+class OutputConfig(Strict):
     effort: Annotated[None, Field(description="not served: a value is a 400")] = None
     format: OutputFormat | None = None  # structured output, as response_format's json_schema
 
 
-class Metadata(_Strict):
+class Metadata(Strict):
     user_id: StrictStr | None = None
 
 

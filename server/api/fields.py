@@ -8,7 +8,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field, StrictInt, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr
 
 from server import structured
 from server.request import MAX_STOP_STRING_CHARS
@@ -99,3 +99,9 @@ TOOL_CHOICE = [
         "required": ["function"],
     },
 ]
+
+
+class Strict(BaseModel):
+    """A nested object of a request body: strict types, and unknown keys ignored as the APIs do."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, St
 
 from server import structured
 from server.api import chat
-from server.api.fields import INTEGRAL, LIMIT, Float, Limit, doc
+from server.api.fields import INTEGRAL, LIMIT, Float, Limit, Strict, doc
 from server.errors import InvalidRequest, require
 from server.request import SamplingParams
 from server.structured import FUNCTION_NAME
@@ -28,29 +28,25 @@ NAMES = {
 }
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-
-class InputText(_Strict):
+class InputText(Strict):
     type: Literal["input_text", "output_text"]
     text: StrictStr
 
 
-class MessageItem(_Strict):
+class MessageItem(Strict):
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system", "developer"]
     content: list[InputText] | StrictStr  # images and files are refused by their part's type
 
 
-class FunctionCallItem(_Strict):
+class FunctionCallItem(Strict):
     type: Literal["function_call"]
     call_id: Annotated[StrictStr, Field(min_length=1)]
     name: Annotated[StrictStr, Field(pattern=FUNCTION_NAME.pattern)]
     arguments: StrictStr  # JSON text of an object
 
 
-class FunctionCallOutputItem(_Strict):
+class FunctionCallOutputItem(Strict):
     type: Literal["function_call_output"]
     call_id: Annotated[StrictStr, Field(min_length=1)]
     output: list[InputText] | StrictStr
@@ -69,7 +65,7 @@ Item = Annotated[
 ]
 
 
-class FunctionTool(_Strict):
+class FunctionTool(Strict):
     type: Literal["function"]  # hosted tools (web_search, file_search, ...) are refused by their type
     name: Annotated[StrictStr, Field(pattern=FUNCTION_NAME.pattern)]
     description: StrictStr | None = None
@@ -77,12 +73,12 @@ class FunctionTool(_Strict):
     strict: StrictBool | None = None
 
 
-class NamedFunction(_Strict):
+class NamedFunction(Strict):
     type: Literal["function"]
     name: Annotated[StrictStr, Field(pattern=FUNCTION_NAME.pattern)]
 
 
-class TextFormat(_Strict):
+class TextFormat(Strict):
     type: Literal["text", "json_object", "json_schema"]
     name: Annotated[StrictStr, Field(pattern=FUNCTION_NAME.pattern)] | None = None
     schema_: Annotated[dict[str, Any] | None, Field(alias="schema")] = None
@@ -90,7 +86,7 @@ class TextFormat(_Strict):
     description: StrictStr | None = None
 
 
-class TextConfig(_Strict):
+class TextConfig(Strict):
     format: TextFormat | None = None
     verbosity: Annotated[Literal["medium"] | None, Field(description="only the model's own: 'medium'")] = None
 

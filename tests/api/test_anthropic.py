@@ -3,6 +3,7 @@ loop, count_tokens, Anthropic's error shape and status codes, and the same answe
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +17,8 @@ import pytest
 from bench.process import ServerProcess
 from tests.api.documented import assert_documented
 from tests.api.test_tools import SCHEMAS, WEATHER
+from server.config import Config
+from tests.api.test_errors import in_process
 from tests.conftest import API_KEY
 
 QUESTION = [{"role": "user", "content": "What is the weather in Oslo?"}]
@@ -143,20 +146,19 @@ def test_a_full_queue_is_429_on_the_agent_routes(locked_server: ServerProcess) -
         assert all(f.result().status_code == 200 for f in busy)
 
 
-def test_while_loading_messages_are_529_overloaded() -> None:
-    import asyncio
-
-    from tests.api.test_errors import in_process
-    from server.config import Config
-
-    async def main() -> httpx.Response:
-        test_client, _ = in_process(Config(model="tiny"))
+def test_while_loading_messages_are_529_overloaded_and_responses_503() -> None:
+    async def main() -> tuple[httpx.Response, httpx.Response]:
+        test_client, _ = in_process(Config(model="tiny"))  # no lifespan here: the model never finishes loading
         async with test_client:
-            return await test_client.post("/v1/messages", json={"model": "tiny", "max_tokens": 5, "messages": QUESTION})
+            message = await test_client.post("/v1/messages", json={"model": "tiny", "max_tokens": 5, "messages": QUESTION})
+            response = await test_client.post("/v1/responses", json={"input": "hi"})
+            return message, response
 
-    response = asyncio.run(main())
-    assert_anthropic_error(response, 529, "overloaded_error", "loading")
-    assert response.headers["retry-after"]
+    message, response = asyncio.run(main())
+    assert_anthropic_error(message, 529, "overloaded_error", "loading")
+    assert message.headers["retry-after"] and response.headers["retry-after"]
+    assert response.status_code == 503 and response.json()["error"]["type"] == "service_unavailable"
+    assert_documented(response)
 
 
 def test_a_streamed_message_is_anthropics_event_sequence(tiny_server: ServerProcess) -> None:

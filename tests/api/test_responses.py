@@ -3,10 +3,9 @@ function-call loop, text.format with a JSON schema, the stateless refusals; and 
 
 from __future__ import annotations
 
-import asyncio
 import json
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 import jsonschema
@@ -15,8 +14,8 @@ import pytest
 
 from bench.process import ServerProcess
 from tests.api.documented import assert_documented
-from tests.api.test_openai_client import async_client, client
-from tests.api.test_tools import SCHEMAS, WEATHER
+from tests.api.test_openai_client import client
+from tests.api.test_tools import SCHEMAS, WEATHER, run_weather_agent
 
 QUESTION = "What is the weather in Oslo?"
 TOOL = {"type": "function", **WEATHER["function"]}
@@ -141,20 +140,7 @@ def test_an_agent_framework_runs_its_tool_loop_over_the_responses_api(tiny_serve
     """The OpenAI Agents SDK's default model speaks the Responses API: the model's turn calls the tool and the SDK
     runs it. The run stops on that tool's output: a random model's free-text turn after it would run to
     max_output_tokens, which the SDK treats as a failed run (the function_call_output turn is tested above)."""
-    agents = pytest.importorskip("agents")
-    agents.set_tracing_disabled(True)
-    seen: list[str] = []
-
-    @agents.function_tool
-    def get_weather(city: Literal["Oslo", "Bergen"]) -> str:  # an enum: the random model's call ends in a few tokens
-        """The weather in a city."""
-        seen.append(city)
-        return f"It is sunny in {city}."
-
-    model = agents.OpenAIResponsesModel(model="tiny", openai_client=async_client(tiny_server))
-    settings = agents.ModelSettings(tool_choice="required", parallel_tool_calls=False, temperature=0, max_tokens=120, store=False)
-    agent = agents.Agent(name="weather", instructions="Answer briefly.", model=model, model_settings=settings, tools=[get_weather],
-                         tool_use_behavior="stop_on_first_tool")  # fmt: skip
-    result = asyncio.run(agents.Runner.run(agent, "What is the weather in Oslo?", max_turns=4))
+    result, seen = run_weather_agent("OpenAIResponsesModel", tiny_server, {"temperature": 0, "store": False},
+                                     tool_use_behavior="stop_on_first_tool")  # fmt: skip
     assert seen in (["Oslo"], ["Bergen"])
     assert result.final_output == f"It is sunny in {seen[0]}."

@@ -111,9 +111,9 @@ def test_auto_answers_in_text_or_in_valid_calls_and_parallel_false_makes_one(tin
         assert len(calls) == 1 and finish == "tool_calls"
 
 
-def test_an_agent_framework_runs_its_own_tool_loop_to_the_end(tiny_server: ServerProcess) -> None:
-    """The OpenAI Agents SDK, its chat-completions model pointed at the server: the first turn must call the
-    tool (the SDK then resets tool_choice to auto), the tool runs in the SDK, and the run ends with text."""
+def run_weather_agent(model_class: str, server: ServerProcess, settings: dict[str, Any], **agent: Any) -> tuple[Any, list[str]]:
+    """The OpenAI Agents SDK with one Python function tool, its `model_class` pointed at the server: the run's
+    result, and the cities the tool was called for."""
     agents = pytest.importorskip("agents")
     agents.set_tracing_disabled(True)
     seen: list[str] = []
@@ -124,10 +124,17 @@ def test_an_agent_framework_runs_its_own_tool_loop_to_the_end(tiny_server: Serve
         seen.append(city)
         return f"It is sunny in {city}."
 
-    model = agents.OpenAIChatCompletionsModel(model="tiny", openai_client=async_client(tiny_server))
-    settings = agents.ModelSettings(tool_choice="required", parallel_tool_calls=False, temperature=0.8, max_tokens=120, extra_body={"seed": 7})
-    agent = agents.Agent(name="weather", instructions="Answer briefly.", model=model, model_settings=settings, tools=[get_weather])
-    result = asyncio.run(agents.Runner.run(agent, "What is the weather in Oslo?", max_turns=4))
+    model = getattr(agents, model_class)(model="tiny", openai_client=async_client(server))
+    model_settings = agents.ModelSettings(tool_choice="required", parallel_tool_calls=False, max_tokens=120, **settings)
+    weather = agents.Agent(name="weather", instructions="Answer briefly.", model=model, model_settings=model_settings,
+                           tools=[get_weather], **agent)  # fmt: skip
+    return asyncio.run(agents.Runner.run(weather, "What is the weather in Oslo?", max_turns=4)), seen
+
+
+def test_an_agent_framework_runs_its_own_tool_loop_to_the_end(tiny_server: ServerProcess) -> None:
+    """The OpenAI Agents SDK, its chat-completions model pointed at the server: the first turn must call the
+    tool (the SDK then resets tool_choice to auto), the tool runs in the SDK, and the run ends with text."""
+    result, seen = run_weather_agent("OpenAIChatCompletionsModel", tiny_server, {"temperature": 0.8, "extra_body": {"seed": 7}})
     assert seen in (["Oslo"], ["Bergen"])
     assert isinstance(result.final_output, str)
 
