@@ -78,13 +78,12 @@ NO_TOOL = [
 ]
 
 
-def ask(client: openai.OpenAI, question: str, max_tokens: int) -> tuple[list, str]:
+def ask(client: openai.OpenAI, question: str, max_tokens: int) -> list:
     answer = client.chat.completions.create(
         model="bench", messages=[{"role": "user", "content": question}], tools=TOOLS, tool_choice="auto",
         temperature=0, max_tokens=max_tokens,
     )  # fmt: skip
-    choice = answer.choices[0]
-    return list(choice.message.tool_calls or []), choice.finish_reason
+    return list(answer.choices[0].message.tool_calls or [])
 
 
 def main() -> None:
@@ -98,7 +97,7 @@ def main() -> None:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
         called, right, invalid = 0, 0, 0
         for question, tool in CALL_FOR_A_TOOL:
-            calls, _ = ask(client, question, args.max_tokens)
+            calls = ask(client, question, args.max_tokens)
             called += bool(calls)
             right += any(c.function.name == tool for c in calls)
             for call in calls:
@@ -108,7 +107,7 @@ def main() -> None:
                     invalid += 1
         spurious = 0
         for question in NO_TOOL:
-            calls, _ = ask(client, question, args.max_tokens)
+            calls = ask(client, question, args.max_tokens)
             spurious += bool(calls)
     finally:
         server.terminate()

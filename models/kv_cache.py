@@ -107,11 +107,7 @@ class KVStore:
         size = (rows, shape.kv_heads, cols, shape.head_dim)
         self.keys = [allocate(size, shape) for _ in range(shape.num_layers)]
         self.values = [allocate(size, shape) for _ in range(shape.num_layers)]
-
-    @property
-    def bytes(self) -> int:
-        """What the store holds allocated: keys and values of every layer."""
-        return 2 * sum(t.numel() * t.element_size() for t in self.keys)
+        self.bytes = 2 * sum(t.numel() * t.element_size() for t in self.keys)  # allocated: keys and values, every layer
 
     def window(self, rows: slice, start: int, write_at: int) -> Cache:
         """A transformers Cache over `rows`: new states land at column `write_at`, attention reads `[start, write_at + q)`."""

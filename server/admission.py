@@ -72,6 +72,7 @@ def admit(
         request.search = BeamSearch(request, _stop_string_check(model.tokenizer, params.stop))
     return request
 
+
 def _stop_string_check(tokenizer: Any, stop: tuple[str, ...]) -> Callable[[list[int]], bool] | None:
     """Whether some output tokens' text holds a stop string (beam search asks it of each continuation, on the
     loop thread: `tokenizer` is the loop thread's own)."""

@@ -33,6 +33,7 @@ COMPILE_TIMEOUT_S = 10.0
 CACHE_SIZE = 256
 MAX_ERROR_CHARS = 400
 
+
 class GrammarError(Exception):
     """The backend refused a grammar; the message says why and is safe to show a client."""
 

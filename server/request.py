@@ -72,6 +72,11 @@ class SamplingParams:
     length_penalty: float = 1.0  # a sequence's score: its logprob sum / its length ** length_penalty
     early_stopping: bool | str = False  # True, False or "never", as transformers
 
+    @classmethod
+    def given(cls, **values: Any) -> SamplingParams:
+        """The parameters an API body gave; a field it left out (None) keeps its default."""
+        return cls(**{name: value for name, value in values.items() if value is not None})
+
     def __post_init__(self) -> None:
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)

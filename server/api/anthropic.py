@@ -137,7 +137,7 @@ class AnthropicStream:
         return [delta, named_sse("message_stop", {})]
 
     def failed(self, error: TokenferryError) -> list[str]:
-        body = status_and_body(error, anthropic=True)[1]
+        body = status_and_body(error, MESSAGES_ROUTE)[1]
         return [named_sse("error", {"error": body["error"]})]
 
     def _frames(self, changes: list[Change]) -> list[str]:
@@ -171,17 +171,13 @@ class AnthropicStream:
 )
 async def messages(body: MessagesRequest, request: Request) -> Response:
     state = state_of(request)
-    engine = _prepare(state, body)
-    turn = body.turn()
-    with chat.named_as(NAMES):
-        prompt = chat.encode(state, turn)
-        grammar = await chat.grammar(state, turn)
-    choices = chat.submit(engine, [prompt], body.sampling_params(grammar), {"prompt": "messages"})
+    _prepare(state, body)
+    started = await chat.start(state, body.turn(), body.sampling_params, {"prompt": "messages"}, NAMES)
+    choices, fmt = started.choices, started.fmt
     message_id = f"msg_{choices.request_id}"
-    fmt = state.tool_format if turn.calls else None
     if body.stream:
         start = _message(message_id, state.model_name, [], None, None)
-        start["usage"] = {"input_tokens": len(prompt), "output_tokens": 0}
+        start["usage"] = {"input_tokens": len(started.prompt), "output_tokens": 0}
         return stream(choices, AnthropicStream(start, Blocks(fmt)), MESSAGES_ROUTE)
 
     def build(results: list[ChoiceResult]) -> dict[str, Any]:
@@ -200,11 +196,10 @@ async def count_tokens(body: CountTokensRequest, request: Request) -> dict[str, 
         return {"input_tokens": len(chat.encode(state, body.turn()))}
 
 
-def _prepare(state: AppState, body: CountTokensRequest) -> Any:
-    engine = state.require_engine()
+def _prepare(state: AppState, body: CountTokensRequest) -> None:
+    state.require_engine()
     state.check_model(body.model)
     body.refused()
-    return engine
 
 
 def _message(

@@ -209,10 +209,11 @@ class MessagesRequest(CountTokensRequest):
     service_tier: Literal["auto", "standard_only"] | None = None  # one tier here: both mean it
 
     def sampling_params(self, grammar: Any) -> SamplingParams:
-        values = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
-        return SamplingParams(
+        return SamplingParams.given(
             max_tokens=self.max_tokens,
             stop=tuple(self.stop_sequences or ()),
             grammar=grammar,
-            **{name: value for name, value in values.items() if value is not None},
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
         )

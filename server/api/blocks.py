@@ -17,10 +17,9 @@ from server.tools import ToolFormat
 
 @dataclass
 class Block:
-    kind: Literal["text", "call"]
     index: int  # its place among the answer's blocks
     text: str = ""  # the text, or the call's arguments so far (JSON text)
-    call: Call | None = None  # a call's id and name
+    call: Call | None = None  # a call's id and name; None: a text block
 
 
 @dataclass(frozen=True)
@@ -48,7 +47,7 @@ class Blocks:
 
     @property
     def text(self) -> str:
-        return "".join(b.text for b in self.blocks if b.kind == "text")
+        return "".join(b.text for b in self.blocks if b.call is None)
 
     def feed(self, text: str) -> list[Change]:
         return self._apply(self._reader.feed(text) if self._reader else Delta(content=text))
@@ -69,13 +68,13 @@ class Blocks:
     def _apply(self, delta: Delta) -> list[Change]:
         changes: list[Change] = []
         if delta.content:
-            if self._open is None or self._open.kind != "text":
-                changes += self._close() + self._start(Block("text", len(self.blocks)))
+            if self._open is None or self._open.call is not None:
+                changes += self._close() + self._start(Block(len(self.blocks)))
             changes += self._grow(delta.content)
         for piece in delta.tool_calls:
-            if "id" in piece:  # a call's header: a new block, whose arguments follow
-                call = self._reader.calls[piece["index"]] if self._reader else None
-                changes += self._close() + self._start(Block("call", len(self.blocks), call=call))
+            if "id" in piece:  # a call's header (only a reader makes one): a new block, whose arguments follow
+                assert self._reader is not None
+                changes += self._close() + self._start(Block(len(self.blocks), call=self._reader.calls[piece["index"]]))
             if arguments := piece["function"].get("arguments"):
                 changes += self._grow(arguments)
         return changes

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -78,6 +78,31 @@ async def _compile_tools(engine: Engine, fmt: tools.ToolFormat, tool_request: to
         for part in parts:
             await engine.grammars.compile(part)  # raises, naming tools[i].function.parameters
         raise
+
+
+@dataclass(frozen=True)
+class Started:
+    """A chat turn on its way: its prompt, its engine requests, and how to read calls back out of its answer."""
+
+    prompt: list[int]
+    choices: Choices
+    fmt: tools.ToolFormat | None  # the tool-call format when the answer may call tools; None: it is text
+
+
+async def start(
+    state: AppState,
+    turn: ChatTurn,
+    sampling: Callable[[Grammar | None], SamplingParams],
+    names: dict[str, str],
+    renames: dict[str, str],
+) -> Started:
+    """Encode, compile and submit one turn whose errors name fields as `renames` says (see `named_as`), with the
+    sampling parameters `sampling` makes around its grammar."""
+    with named_as(renames):
+        prompt = encode(state, turn)
+        compiled = await grammar(state, turn)
+    choices = submit(state.require_engine(), [prompt], sampling(compiled), names)
+    return Started(prompt, choices, state.tool_format if turn.calls else None)
 
 
 def submit(

@@ -147,24 +147,28 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def anthropic_body(message: str, status: int) -> dict[str, Any]:
-    return {"type": "error", "error": {"type": ANTHROPIC_TYPES.get(status, "api_error"), "message": message}}
+INTERNAL = error_body("internal server error", "internal_error")  # what a 500 says, whatever went wrong
 
 
-def status_and_body(exc: TokenferryError, anthropic: bool = False) -> tuple[int, dict[str, Any]]:
+def shaped(status: int, body: dict[str, Any], path: str) -> tuple[int, dict[str, Any]]:
+    """An answer built in OpenAI's shape, in the shape (and status) of the API `path` belongs to."""
+    if not is_anthropic(path):
+        return status, body
+    status = ANTHROPIC_STATUS.get(status, status)
+    return status, {"type": "error", "error": {"type": ANTHROPIC_TYPES.get(status, "api_error"), "message": body["error"]["message"]}}
+
+
+def status_and_body(exc: TokenferryError, path: str = "") -> tuple[int, dict[str, Any]]:
     status, body = next(
         ((status, error_body(exc.message, type_, exc.param, exc.code)) for cls, status, type_ in _STATUS if isinstance(exc, cls)),
-        (500, error_body("internal server error", "internal_error")),
+        (500, INTERNAL),
     )
-    if anthropic:
-        status = ANTHROPIC_STATUS.get(status, status)
-        return status, anthropic_body(body["error"]["message"], status)
-    return status, body
+    return shaped(status, body, path)
 
 
 def error_response(exc: TokenferryError, path: str = "") -> JSONResponse:
     """The answer to `exc` on a request for `path`, in that route's API's shape."""
-    status, body = status_and_body(exc, is_anthropic(path))
+    status, body = status_and_body(exc, path)
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status in RETRY_AFTER_STATUSES else None
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -191,19 +195,15 @@ def install(app: FastAPI) -> None:
         if exc.status_code == 404:
             return await on_tokenferry_error(request, NotFound(f"no route {request.method} {request.url.path}"))
         metrics.REQUESTS.labels(route_label(request), "rejected").inc()
-        if is_anthropic(request.url.path):
-            body = anthropic_body(str(exc.detail), exc.status_code)
-        else:
-            body = error_body(str(exc.detail), "invalid_request_error")
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+        status, body = shaped(exc.status_code, error_body(str(exc.detail), "invalid_request_error"), request.url.path)
+        return JSONResponse(body, status_code=status, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error", exc_info=exc)
         metrics.REQUESTS.labels(route_label(request), "error").inc()
-        if is_anthropic(request.url.path):
-            return JSONResponse(anthropic_body("internal server error", 500), status_code=500)
-        return JSONResponse(error_body("internal server error", "internal_error"), status_code=500)
+        status, body = shaped(500, INTERNAL, request.url.path)
+        return JSONResponse(body, status_code=status)
 
 
 def _from_validation(exc: RequestValidationError) -> InvalidRequest:

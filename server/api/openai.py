@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Path, Request, Response
 
 from models.types import TokenLogprobs
 from server.api import chat
+from server.api.blocks import Blocks
 from server.api.bodies import ChatCompletion, Completion, ModelCard, ModelList
 from server.api.auth import require_api_key
 from server.api.errors import ModelNotFound, Unauthorized, documented
@@ -31,6 +32,7 @@ COMPLETIONS_ROUTE = "/v1/completions"
 
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=documented(Unauthorized))
+
 
 def _generation_responses(body: type) -> dict[int | str, dict[str, Any]]:
     return generation_responses(
@@ -208,13 +210,11 @@ class ToolCallChunks(ChatChunks):
 
     def choice(self, index: int, result: ChoiceResult) -> dict[str, Any]:
         answer = super().choice(index, result)
-        reader = CallReader(self.fmt)
-        reader.feed(answer["message"]["content"])
-        reader.finish()
-        if reader.calls:
-            calls = [call.json() for call in reader.calls]
-            answer["message"] = {"role": "assistant", "content": reader.content or None, "tool_calls": calls}
-            answer["finish_reason"] = _finish(reader, answer["finish_reason"])
+        blocks = Blocks.read(self.fmt, answer["message"]["content"])
+        if blocks.calls:
+            calls = [call.json() for call in blocks.calls]
+            answer["message"] = {"role": "assistant", "content": blocks.text or None, "tool_calls": calls}
+            answer["finish_reason"] = _finish(True, answer["finish_reason"])
         return answer
 
     def delta(self, index: int, event: Event) -> dict[str, Any] | None:
@@ -223,7 +223,7 @@ class ToolCallChunks(ChatChunks):
     def finish(self, index: int, reason: str) -> dict[str, Any]:
         reader = self.readers.pop(index, None) or CallReader(self.fmt)
         held = reader.finish()
-        return self._chunk(index, {"content": held.content} if held.content else {}, _finish(reader, reason))
+        return self._chunk(index, {"content": held.content} if held.content else {}, _finish(bool(reader.calls), reason))
 
     def _delta_chunk(self, index: int, delta: Delta, event: Event) -> dict[str, Any] | None:
         scores = event.logprobs and self.logprobs is not None
@@ -237,10 +237,10 @@ class ToolCallChunks(ChatChunks):
         return self._chunk(index, body, logprobs=self._logprobs(event.logprobs))
 
 
-def _finish(reader: CallReader, reason: str) -> str:
+def _finish(called: bool, reason: str) -> str:
     """"tool_calls" for an answer that ended after calling, else its own reason (a call cut by max_tokens is
     "length")."""
-    return "tool_calls" if reader.calls and reason == "stop" else reason
+    return "tool_calls" if called and reason == "stop" else reason
 
 
 @dataclass

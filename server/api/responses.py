@@ -205,17 +205,12 @@ class ResponsesStream:
 )
 async def responses(body: ResponsesRequest, request: Request) -> Response:
     state = state_of(request)
-    engine = state.require_engine()
+    state.require_engine()
     state.check_model(body.model)
     body.refused()
-    turn = body.turn()
-    with chat.named_as(NAMES):
-        prompt = chat.encode(state, turn)
-        grammar = await chat.grammar(state, turn)
-    params = body.sampling_params(grammar)
-    choices = chat.submit(engine, [prompt], params, {"prompt": "input", "max_tokens": "max_output_tokens"})
+    started = await chat.start(state, body.turn(), body.sampling_params, {"prompt": "input", "max_tokens": "max_output_tokens"}, NAMES)
+    choices, fmt = started.choices, started.fmt
     envelope = Envelope(f"resp_{choices.request_id}", state.model_name, body)
-    fmt = state.tool_format if turn.calls else None
     if body.stream:
         return stream(choices, ResponsesStream(envelope, Blocks(fmt)), RESPONSES_ROUTE)
 

@@ -172,8 +172,9 @@ class ResponsesRequest(BaseModel):
         return {"type": "json_schema", "json_schema": spec}
 
     def sampling_params(self, grammar: Any) -> SamplingParams:
-        values = {"max_tokens": self.max_output_tokens, "temperature": self.temperature, "top_p": self.top_p}
-        return SamplingParams(grammar=grammar, **{name: value for name, value in values.items() if value is not None})
+        return SamplingParams.given(
+            max_tokens=self.max_output_tokens, temperature=self.temperature, top_p=self.top_p, grammar=grammar
+        )
 
 
 def _asks_nothing(value: Any) -> bool:

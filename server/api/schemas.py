@@ -194,7 +194,7 @@ class SamplingFields(BaseModel):
                 "length_penalty": self.length_penalty,
                 "early_stopping": self.early_stopping,
             }
-        return SamplingParams(**{k: v for k, v in values.items() if v is not None})
+        return SamplingParams.given(**values)
 
     def constraint(self) -> structured.Constraint | None:
         """The structured-output constraint asked for, validated; None for free text."""

@@ -43,6 +43,8 @@ NAMED_EVENTS = {
     "required": ["event", "data"],
     "properties": {"event": {"type": "string"}, "data": {"type": "string", "description": "the event as JSON, its `type` the event's"}},
 }
+
+
 def generation_responses(
     body: type, description: str, events: dict[str, Any] = DATA_EVENTS, anthropic: bool = False
 ) -> dict[int | str, dict[str, Any]]:
