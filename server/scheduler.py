@@ -80,6 +80,20 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.chunking)
 
+    @property
+    def kv_usage(self) -> float:
+        """Share of `max_batch_tokens` the running batch holds (rows x padded length, as admission counts
+        it), at most 1: a lone prompt longer than the budget runs anyway. A gateway reads it as saturation."""
+        rows, width = self._held()
+        return min(1.0, rows * width / self.budgets.max_batch_tokens)
+
+    def _held(self) -> tuple[int, int]:
+        """Rows the running batch holds, and its padded length so far."""
+        # A beam request holds all its rows from admission on (request.rows), though it is prefilled as one.
+        rows = sum(r.rows for r in self.running) + (self.chunking is not None)
+        width = max((r.num_tokens for r in self.running), default=0)
+        return rows, width
+
     def add(self, request: Request) -> None:
         """Queue a request, or raise QueueFull when `max_waiting` requests already wait."""
         if len(self.waiting) >= self.budgets.max_waiting:
@@ -149,9 +163,7 @@ class Scheduler:
     ) -> tuple[list[Request], tuple[Request, int] | None]:
         """Newcomers that join whole this step, and the chunk planned (a newcomer's first, if none yet)."""
         budgets = self.budgets
-        # A beam request holds all its rows from admission on (request.rows), though it is prefilled as one.
-        rows = sum(r.rows for r in self.running) + (self.chunking is not None)
-        width = max((r.num_tokens for r in self.running), default=0)
+        rows, width = self._held()
         joining: list[Request] = []
         started: Request | None = None  # a newcomer whose first chunk is planned
         for request in self.waiting:

@@ -8,6 +8,7 @@ from functools import cached_property
 
 from fastapi import Request
 
+from models.types import model_name
 from server.api.errors import ModelNotFound
 from server.api.logprobs import TokenText
 from server.config import Config
@@ -26,10 +27,8 @@ class AppState:
 
     @property
     def model_name(self) -> str:
-        """The id clients use for the model."""
-        if self.config.served_model_name:
-            return self.config.served_model_name
-        return self.engine.info.name if self.engine else self.config.model
+        """The id clients use for the model (known while it loads, too)."""
+        return self.config.served_model_name or model_name(self.config.model)
 
     @cached_property
     def tool_format(self) -> ToolFormat:

@@ -11,6 +11,7 @@ from transformers import LlamaConfig, MistralConfig
 from models import LoadedModel, ModelLoadError, load, loader
 from models.kv_cache import check_supported
 from models.loader import converted_gguf, default_gguf, resolve_device, resolve_dtype
+from models.types import model_name
 
 
 def test_a_missing_model_is_a_one_line_error_naming_the_path(tmp_path: Path) -> None:
@@ -67,6 +68,17 @@ def test_the_default_gguf_is_converted_once_and_cached(smol: LoadedModel) -> Non
     assert smol.info.context_length == 8192 and smol.info.vocab_size == 49152
     assert smol.info.eos_token_ids == (2,)
     assert smol.info.dtype == "float32" and smol.info.device == "cpu"
+    # What a gateway reads: the tokenizer's folder, and the model's kind.
+    assert smol.info.tokenizer_source == str(folder) and smol.info.model_type == "llama"
+    assert smol.info.architectures == ("LlamaForCausalLM",)
+
+
+def test_a_spec_names_its_model_before_it_loads(tmp_path: Path) -> None:
+    assert model_name("default") == "SmolLM2-135M-Instruct" and model_name("tiny") == "tiny"
+    (tmp_path / "my-model").mkdir()
+    assert model_name(str(tmp_path / "my-model")) == "my-model"
+    assert model_name(str(tmp_path / "my-model" / ".." / "my-model" / ".")) == "my-model"
+    assert model_name(str(tmp_path / "q4.gguf")) == "q4"
 
 
 def test_loading_runs_on_a_thread_that_has_ended_when_load_returns(monkeypatch: pytest.MonkeyPatch) -> None:
