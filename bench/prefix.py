@@ -81,24 +81,33 @@ async def stream_chat(client: httpx.AsyncClient, body: dict) -> tuple[str, Turn]
     return "".join(text), turn
 
 
-async def conversations(url: str, args: argparse.Namespace) -> tuple[list[list[Turn]], float]:
-    system = "You are a patient guide. Here is the story you know: " + words(args.system_tokens * 3 // 4, 0)
+async def conversations(
+    url: str, count: int, turns: int, max_tokens: int, system_tokens: int, seed: int | None = None, model: str | None = None
+) -> tuple[list[list[Turn]], float]:
+    """`count` conversations at once, `turns` turns each; the turns of each conversation, and the seconds.
+
+    All share one system prompt, or, with `seed`, each has its own (story `seed + index`). `model` is sent
+    when given (a gateway routes by it)."""
+
+    def system(index: int) -> str:
+        story = 0 if seed is None else seed + index
+        return "You are a patient guide. Here is the story you know: " + words(system_tokens * 3 // 4, story)
 
     async def one(index: int) -> list[Turn]:
-        messages = [{"role": "system", "content": system}]
-        turns = []
-        for turn in range(args.turns):
+        messages = [{"role": "system", "content": system(index)}]
+        measured = []
+        for turn in range(turns):
             messages.append({"role": "user", "content": f"{QUESTIONS[(index + turn) % len(QUESTIONS)]} ({index})"})
-            body = {"messages": messages, "max_tokens": args.max_tokens, "ignore_eos": True}
-            text, measured = await stream_chat(client, body)
+            body = {"messages": messages, "max_tokens": max_tokens, "ignore_eos": True, **({"model": model} if model else {})}
+            text, answer = await stream_chat(client, body)
             messages.append({"role": "assistant", "content": text})
-            turns.append(measured)
-        return turns
+            measured.append(answer)
+        return measured
 
-    limits = httpx.Limits(max_connections=args.conversations + 4)
+    limits = httpx.Limits(max_connections=count + 4)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(1800.0), limits=limits) as client:
         started = time.perf_counter()
-        results = await asyncio.gather(*(one(i) for i in range(args.conversations)))
+        results = await asyncio.gather(*(one(i) for i in range(count)))
         return results, time.perf_counter() - started
 
 
@@ -151,7 +160,9 @@ def main() -> None:
         for label, flags in (("cache", ()), ("no cache", ("--prefix-cache-bytes", "0"))):
             server = serve(args.out, *flags)
             try:
-                runs[label] = asyncio.run(conversations(server.url, args))
+                runs[label] = asyncio.run(
+                    conversations(server.url, args.conversations, args.turns, args.max_tokens, args.system_tokens)
+                )
             finally:
                 server.terminate()
         lines += [
