@@ -154,6 +154,11 @@ class Engine:
         return len(self._scheduler.running)
 
     @property
+    def batch_tokens(self) -> int:
+        """Rows x padded length of the running batch (the KV it holds, as admission counts it)."""
+        return self._scheduler.batch_tokens
+
+    @property
     def num_requests(self) -> int:
         """Requests the engine still tracks: waiting, running, or finished but not yet retired."""
         return len(self._requests)

@@ -81,11 +81,16 @@ class Scheduler:
         return bool(self.waiting or self.running or self.chunking)
 
     @property
-    def kv_usage(self) -> float:
-        """Share of `max_batch_tokens` the running batch holds (rows x padded length, as admission counts
-        it), at most 1: a lone prompt longer than the budget runs anyway. A gateway reads it as saturation."""
+    def batch_tokens(self) -> int:
+        """Rows x padded length of the running batch: what admission holds against `max_batch_tokens`."""
         rows, width = self._held()
-        return min(1.0, rows * width / self.budgets.max_batch_tokens)
+        return rows * width
+
+    @property
+    def kv_usage(self) -> float:
+        """Share of `max_batch_tokens` the running batch holds, at most 1 (a lone prompt longer than the
+        budget runs anyway). A gateway reads it as saturation."""
+        return min(1.0, self.batch_tokens / self.budgets.max_batch_tokens)
 
     def _held(self) -> tuple[int, int]:
         """Rows the running batch holds, and its padded length so far."""

@@ -1,5 +1,6 @@
-"""What a gateway reads to register this server as one of its workers: the SGLang Model Gateway's
-/model_info and /server_info (and the /get_* names it falls back to), in SGLang's shapes.
+"""What a gateway reads to register this server as one of its workers and to weigh its load: the SGLang
+Model Gateway's /model_info and /server_info (and the /get_* names it falls back to) and /get_load (which
+its power_of_two policy polls), in SGLang's shapes.
 
 The gateway registers a worker once its /health answers, which it does while the model loads: so
 /server_info answers then too, with the served model's id (what the gateway files the worker under) and
@@ -81,3 +82,19 @@ async def server_info(request: Request) -> ServerInfo:
         max_prefill_tokens=budgets.max_prefill_tokens,
         max_queued_requests=budgets.max_waiting,
     )
+
+
+class Load(BaseModel):
+    dp_rank: int  # always 0: one engine per server
+    num_reqs: int  # running and waiting
+    num_waiting_reqs: int
+    num_tokens: int  # rows x padded length of the running batch
+
+
+@router.get("/get_load")
+async def get_load(request: Request) -> list[Load]:
+    """The engine's load, one entry per data-parallel rank (SGLang's shape); the power_of_two policy sends
+    a request to the less loaded of two replicas by `num_tokens`."""
+    engine = state_of(request).require_engine()
+    waiting = engine.num_waiting
+    return [Load(dp_rank=0, num_reqs=engine.num_running + waiting, num_waiting_reqs=waiting, num_tokens=engine.batch_tokens)]

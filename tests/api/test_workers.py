@@ -77,6 +77,7 @@ def test_the_model_server_protocol_metrics_follow_the_engine(tiny_server: Server
     thread.start()
     assert started.wait(60)
     seen.append(aliases_agree(tiny_server.metrics()))
+    (load,) = httpx.get(f"{tiny_server.url}/get_load", timeout=10).json()
     thread.join(120)
     deadline = time.monotonic() + 10  # the gauges are set by the step after the one that ended the stream
     while any((after := aliases_agree(tiny_server.metrics())).values()) and time.monotonic() < deadline:
@@ -85,3 +86,6 @@ def test_the_model_server_protocol_metrics_follow_the_engine(tiny_server: Server
     # One row of a few hundred tokens: a small share of the default budget, but not none.
     assert busy["vllm:num_requests_running"] == 1 and 0 < busy["vllm:kv_cache_usage_perc"] < 0.05, busy
     assert after == dict.fromkeys(ALIASES, 0.0), after
+    # SGLang's load, as its gateway's power_of_two policy reads it: the same row, in tokens.
+    assert load["dp_rank"] == 0 and load["num_reqs"] == 1 and load["num_waiting_reqs"] == 0
+    assert 200 < load["num_tokens"] < 1024, load

@@ -80,6 +80,21 @@ def test_the_gateway_registers_each_replica_under_its_model(replicas: list[Serve
         gateway.terminate()
 
 
+def test_power_of_two_reads_each_replica_s_load(replicas: list[ServerProcess], server_logs: Path) -> None:
+    """power_of_two polls /get_load (every second here): a replica without it reads -1, and the choice is
+    random; with it, the less loaded of two replicas takes the request."""
+    gateway = start_gateway([r.url for r in replicas], "power_of_two", server_logs, "--worker-startup-check-interval", "1", "--log-level", "warn")
+    try:
+        time.sleep(2.5)
+        loads = httpx.get(f"{gateway.url}/get_loads", timeout=10).json()["workers"]
+        assert sorted(w["worker"] for w in loads) == sorted(r.url for r in replicas)
+        assert all(w["load"] == 0 for w in loads), loads  # idle, and read (an unreadable load is -1)
+        for i in range(4):
+            chat(gateway.url, [{"role": "user", "content": f"load {i}"}])
+    finally:
+        gateway.terminate()
+
+
 def test_cache_aware_routing_reuses_far_more_of_each_conversation_than_round_robin(
     replicas: list[ServerProcess], server_logs: Path
 ) -> None:
