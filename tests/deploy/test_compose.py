@@ -90,3 +90,27 @@ def test_grafana_provisions_the_datasource_the_dashboard_uses() -> None:
     for panel in dashboard["panels"]:
         assert panel["datasource"]["uid"] == datasource["uid"]
         assert all(target["expr"] for target in panel["targets"])
+
+
+def test_the_gateway_file_puts_two_ready_replicas_behind_the_gateway() -> None:
+    """deploy/compose/gateway.yml: the gateway's command, read by sglang-router's own parser, names both
+    replicas on their port, routes by prefix and checks /ready, which the replicas' health checks use too."""
+    from sglang_router.launch_router import parse_router_args
+
+    services = yaml.safe_load((COMPOSE / "gateway.yml").read_text())["services"]
+    gateway = services.pop("gateway")
+    assert set(services) == {"replica-a", "replica-b"}
+    args = parse_router_args(gateway["command"])
+    assert args.worker_urls == [f"http://{name}:8000" for name in services]
+    assert args.policy == "cache_aware" and args.health_check_endpoint == "/ready"
+    assert gateway["depends_on"] == {name: {"condition": "service_healthy"} for name in services}
+    assert (COMPOSE / gateway["build"]["context"] / "Dockerfile").is_file()
+    # The image runs the version the tests run.
+    pinned = re.search(r"^sglang-router==(\S+)$", (COMPOSE.parents[1] / "constraints.txt").read_text(), re.M)
+    dockerfile = (COMPOSE / gateway["build"]["context"] / "Dockerfile").read_text()
+    assert pinned and f"SGLANG_ROUTER_VERSION={pinned[1]}" in dockerfile and gateway["image"].endswith(pinned[1])
+    for replica in services.values():
+        assert "/ready" in replica["healthcheck"]["test"][-1]
+        assert int(replica["stop_grace_period"].removesuffix("s")) > float(replica["environment"]["TOKENFERRY_DRAIN_TIMEOUT"])
+        build = replica["build"]
+        assert (COMPOSE / build["context"] / build["dockerfile"]).is_file()

@@ -67,3 +67,37 @@ def test_the_autoscaler_scales_on_the_queue_metric_the_adapter_serves() -> None:
     assert rule["name"]["as"] == metric == "tokenferry_waiting_requests"
     assert rule["seriesQuery"].startswith("tokenferry_waiting_requests{")
     assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
+
+
+def test_the_gateway_discovers_the_tokenferry_pods_and_routes_by_prefix() -> None:
+    """The gateway's arguments, read by sglang-router's own parser, find the tokenferry pods (not itself)
+    on their port, check /ready, and may watch the pods they find."""
+    from sglang_router.launch_router import parse_router_args
+
+    role, binding, account, deployment, service = (None,) * 5
+    for document in yaml.safe_load_all((KUBERNETES / "gateway.yaml").read_text()):
+        match document["kind"]:
+            case "Role":
+                role = document
+            case "RoleBinding":
+                binding = document
+            case "ServiceAccount":
+                account = document
+            case "Deployment":
+                deployment = document
+            case "Service":
+                service = document
+    pod = deployment["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    args = parse_router_args([a.replace("$(POD_NAMESPACE)", "default") for a in container["args"]])
+    assert args.service_discovery and args.policy == "cache_aware" and args.health_check_endpoint == "/ready"
+    replicas = load("deployment.yaml")["spec"]["template"]
+    assert args.selector.items() <= replicas["metadata"]["labels"].items()
+    assert not args.selector.items() <= pod["metadata"]["labels"].items(), "the gateway would route to itself"
+    assert args.service_discovery_port == replicas["spec"]["containers"][0]["ports"][0]["containerPort"]
+    assert {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}} in container["env"]
+    assert {"list", "watch"} <= set(role["rules"][0]["verbs"]) and role["rules"][0]["resources"] == ["pods"]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"][0]["name"] == account["metadata"]["name"] == pod["spec"]["serviceAccountName"]
+    assert service["spec"]["selector"] == pod["metadata"]["labels"]
+    assert "gateway.yaml" in load("kustomization.yaml")["resources"]
