@@ -9,8 +9,9 @@ history as a chat front end does) run, one setup at a time, against:
 3. the gateway, `cache_aware`, in front of two replicas;
 4. the gateway, `round_robin`, in front of the same two.
 Each setup gets conversations of its own, so no setup reads another's prompts from a cache. Reports, per
-setup, the share of prompt tokens read from a prefix cache (turns after the first), time to first token
-p50 / p99, and output tokens/s.
+setup, the requests each replica served, the share of prompt tokens read from a prefix cache (turns
+after the first), time to first token p50 / p99, and output tokens/s. And the hop alone: one short
+request at a time (one token), direct and through the gateway, latency p50.
 
 On a machine of few cores the two replicas share its cores, so this shows routing and the hop, not scale:
 each replica runs with `threads` threads (all cores for one, half each for two).
@@ -85,15 +86,28 @@ def replica(log_dir: Path, threads: int) -> ServerProcess:
     return ServerProcess("--log-level", "warning", log_dir=log_dir, env=env).wait_ready()
 
 
-def summarize(label: str, runs: tuple[list[list], float]) -> str:
+def summarize(label: str, runs: tuple[list[list], float], served: list[int]) -> str:
     convs, seconds = runs
     later = [t for c in convs for t in c[1:]]  # a first turn has nothing to reuse
     share = sum(t.cached for t in later) / max(1, sum(t.prompt for t in later))
     ttft = [t.ttft for c in convs for t in c]
     tokens = sum(t.tokens for c in convs for t in c)
     return (
-        f"| {label} | {share:.0%} | {percentile(ttft, 0.5):.3f} | {percentile(ttft, 0.99):.3f} | {tokens / seconds:.1f} |"
+        f"| {label} | {' / '.join(map(str, served))} | {share:.0%} | {percentile(ttft, 0.5):.3f} | "
+        f"{percentile(ttft, 0.99):.3f} | {tokens / seconds:.1f} |"
     )
+
+
+def hop_latency(url: str, model: str, requests: int) -> float:
+    """p50 seconds of a one-token chat request, one at a time."""
+    body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    seconds = []
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for _ in range(requests):
+            started = time.perf_counter()
+            client.post("/v1/chat/completions", json=body).raise_for_status()
+            seconds.append(time.perf_counter() - started)
+    return percentile(seconds, 0.5)
 
 
 def main() -> None:
@@ -102,25 +116,36 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--system-tokens", type=int, default=300)
     parser.add_argument("--max-tokens", type=int, default=32, help="answer length per turn")
+    parser.add_argument("--hop-requests", type=int, default=30, help="one-token requests per round of the hop measurement")
     parser.add_argument("--out", type=Path, default=Path("bench/reports") / time.strftime("gateway-%Y%m%d-%H%M%S"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     cores = len(os.sched_getaffinity(0))
     seed = iter(range(1, 1000))
 
-    def run(url: str) -> tuple[list[list], float]:
+    def run(label: str, url: str, replicas: list[ServerProcess]) -> str:
         model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
-        return asyncio.run(
+        before = [r.outcomes() for r in replicas]
+        runs = asyncio.run(
             conversations(url, args.conversations, args.turns, args.max_tokens, args.system_tokens, next(seed) * 1000, model)
         )
+        return summarize(label, runs, [sum((r.outcomes() - b).values()) for r, b in zip(replicas, before)])
+
+    def warm(url: str) -> None:
+        """Prefill and decode the shapes the runs will, once, so no setup pays a fresh process's first steps."""
+        model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+        asyncio.run(conversations(url, args.conversations, 1, args.max_tokens, args.system_tokens, 999_000, model))
 
     rows = []
     one = replica(args.out, cores)
     try:
-        rows.append(summarize(f"1 replica ({cores} threads), direct", run(one.url)))
+        warm(one.url)
+        rows.append(run(f"1 replica ({cores} threads), direct", one.url, [one]))
         gateway = start_gateway([one.url], "cache_aware", args.out, "--log-level", "warn")
         try:
-            rows.append(summarize("gateway -> the same replica", run(gateway.url)))
+            rows.append(run("gateway -> the same replica", gateway.url, [one]))
+            model = httpx.get(f"{one.url}/v1/models", timeout=10).json()["data"][0]["id"]
+            hop = [hop_latency(url, model, args.hop_requests) for url in (one.url, gateway.url, one.url, gateway.url)]
         finally:
             gateway.terminate()
     finally:
@@ -128,15 +153,18 @@ def main() -> None:
     half = max(1, cores // 2)
     two = [replica(args.out, half) for _ in range(2)]
     try:
+        for r in two:
+            warm(r.url)
         for policy in POLICIES:
             gateway = start_gateway([r.url for r in two], policy, args.out, "--log-level", "warn")
             try:
-                rows.append(summarize(f"gateway {policy} -> 2 replicas ({half} threads each)", run(gateway.url)))
+                rows.append(run(f"gateway {policy} -> 2 replicas ({half} threads each)", gateway.url, two))
             finally:
                 gateway.terminate()
     finally:
         for r in two:
             r.terminate()
+    direct, through = min(hop[0], hop[2]), min(hop[1], hop[3])  # two rounds, alternating: the quieter of each
     report = "\n".join([
         f"# Behind the SGLang Model Gateway ({time.strftime('%Y-%m-%d %H:%M')}, {cores} cores)",
         "",
@@ -145,9 +173,12 @@ def main() -> None:
         f"{args.conversations} conversations x {args.turns} turns, each its own {args.system_tokens}-token system prompt, "
         f"{args.max_tokens} tokens per answer, all conversations at once.",
         "",
-        "| setup | prompt tokens from cache (turns 2+) | TTFT p50 (s) | TTFT p99 (s) | output tok/s |",
-        "| --- | --- | --- | --- | --- |",
+        "| setup | requests per replica | prompt tokens from cache (turns 2+) | TTFT p50 (s) | TTFT p99 (s) | output tok/s |",
+        "| --- | --- | --- | --- | --- | --- |",
         *rows,
+        "",
+        f"The hop: a one-token chat request, one at a time, {args.hop_requests} per round, two rounds alternating: "
+        f"p50 {direct * 1e3:.1f} ms direct, {through * 1e3:.1f} ms through the gateway (+{(through - direct) * 1e3:.1f} ms).",
     ]) + "\n"  # fmt: skip
     (args.out / "gateway.md").write_text(report)
     print(report)
