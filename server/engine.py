@@ -32,7 +32,7 @@ from server import metrics
 from server.admission import ModelFacts, admit
 from server.errors import EngineUnavailable, InvalidRequest
 from server.outputs import Outputs
-from server.request import Event, FinishReason, Request, SamplingParams, Status
+from server.request import Event, Request, SamplingParams
 from server.scheduler import Budgets, Scheduler
 from server.steps import Steps
 from server.grammars import GrammarCompiler
@@ -71,7 +71,7 @@ class Engine:
         self._accepting = True
         self._stopping = False
         self._stopped = False  # the loop has ended, normally or not
-        self._outputs = Outputs(self._tokenizer, self._runner.adopt, self._forget)
+        self._outputs = Outputs(self._tokenizer)
         self._steps = Steps(self._runner, self._scheduler, self._outputs, cache, self._lock, self._flush)
         self._thread = threading.Thread(target=self._loop, name="tokenferry-engine", daemon=True)
         self.heartbeat = time.monotonic()
@@ -215,17 +215,15 @@ class Engine:
                 return
             self._wake.wait(IDLE_WAKE_S)
 
-    def _forget(self, request: Request, reason: FinishReason) -> None:
-        """A request has ended (Outputs.finish): mark it, and stop tracking it."""
-        with self._lock:
-            request.status = Status.FINISHED
-            request.finish_reason = reason
-            self._requests.pop(request.id, None)
-
     def _flush(self) -> None:
         """Hand this step's events to their event loops: one wake-up per loop, not one per token."""
         metrics.RUNNING.set(len(self._runner.rows))  # before anyone hears a token, the gauge counts its row
         metrics.KV_STORE_BYTES.set(self._runner.store_bytes)
+        ended = self._outputs.take_ended()
+        if ended:  # before their final events leave: a client that has its answer finds its id free
+            with self._lock:
+                for request in ended:
+                    self._requests.pop(request.id, None)
         for request in self._outputs.flush():  # its event loop has closed: nobody is listening any more
             self.cancel(request.id)
 

@@ -1,9 +1,10 @@
 """From a step's samples to each request's events: text, scores, stops, beam steps and the request's end.
 
 Runs on the engine's loop thread. `accept` gives each row its new token (detokenized, checked against
-stop tokens, stop strings, the grammar and max_tokens); a request ends in `finish`, with one final event
-carrying its last text and scores, the finish reason and the usage. Events wait in an outbox until
-`flush` hands them to their event loops: one `call_soon_threadsafe` per loop, not one per token.
+stop tokens, stop strings, the grammar and max_tokens) and returns what the beam searches decided, for
+the loop to apply to the batch; a request ends in `finish`, with one final event carrying its last text
+and scores, the finish reason and the usage. Events wait in an outbox until `flush` hands them to their
+event loops: one `call_soon_threadsafe` per loop, not one per token. Outputs touch no batch and no lock.
 """
 
 from __future__ import annotations
@@ -12,38 +13,43 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 
 from models.types import Sampled, TokenLogprobs
 from server import metrics
 from server.beam import BeamRow, BeamSearch, render
 from server.detokenizer import Decoder, Detokenizer
-from server.request import Event, FinishReason, Hypothesis, Request, Scored
+from server.request import Event, FinishReason, Hypothesis, Request, Scored, Status
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BeamMove:
+    """One step of a beam search, for the loop to apply to the batch: `rows[i]` continues from the cache
+    of `parents[i]` (rows not yet in the batch join it)."""
+
+    request: Request
+    rows: list[BeamRow]
+    parents: list[BeamRow]
 
 
 class Outputs:
     """The loop thread's side of every request's event stream."""
 
-    def __init__(
-        self,
-        tokenizer: Decoder,
-        adopt: Callable[[Sequence[BeamRow], Sequence[BeamRow]], None],
-        forget: Callable[[Request, FinishReason], None],
-    ) -> None:
-        """`tokenizer`: the loop thread's own; `adopt`: the runner's (beam rows take their parents' caches);
-        `forget`: the engine's, called as a request ends, to mark it finished and stop tracking it."""
+    def __init__(self, tokenizer: Decoder) -> None:
+        """`tokenizer`: the loop thread's own."""
         self._tokenizer = tokenizer
-        self._adopt = adopt
-        self._forget = forget
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Request, Event]]] = defaultdict(list)
+        self._ended: list[Request] = []
 
-    def accept(self, rows: Sequence[Request | BeamRow], samples: Sequence[Sampled]) -> None:
-        """Give each row its new token: detokenize, check for the end, queue the event."""
+    def accept(self, rows: Sequence[Request | BeamRow], samples: Sequence[Sampled]) -> list[BeamMove]:
+        """Give each row its new token: detokenize, check for the end, queue the event. Returns the moves of
+        the beam searches that go on, which the caller applies before the next step."""
         now = time.monotonic()
+        moves = []
         for row, sampled in zip(rows, samples, strict=True):
             request = row.search.request if isinstance(row, BeamRow) else row
             if request.finished:  # failed or finished earlier in this step (a search's other rows included)
@@ -53,12 +59,13 @@ class Outputs:
                     self.finish(request, FinishReason.LENGTH, prompt_logprobs=sampled.prompt_logprobs)
                 elif request.search is not None:
                     if row.slot == 0:  # every row of a search carries the same candidates: one step per search
-                        self._beam_step(request, request.search, sampled, now)
+                        moves += self._beam_step(request, request.search, sampled, now)
                 else:
                     self._advance(request, sampled, now)
             except Exception:
                 log.exception("request failed", extra={"request_id": request.id})
                 self.fail([request], "internal error while producing text")
+        return moves
 
     def _advance(self, request: Request, sampled: Sampled, now: float) -> None:
         token = sampled.token
@@ -98,8 +105,9 @@ class Outputs:
         ends the request ("stop"). A token the grammar refuses raises, failing this request alone."""
         return request.grammar is not None and request.grammar.accept(token)
 
-    def _beam_step(self, request: Request, search: BeamSearch, sampled: Sampled, now: float) -> None:
-        """Advance a beam search by one step: its rows take their parents' caches, or it ends with its best."""
+    def _beam_step(self, request: Request, search: BeamSearch, sampled: Sampled, now: float) -> list[BeamMove]:
+        """Advance a beam search by one step: its move (rows take their parents' caches), or its end with its
+        best sequences (no move)."""
         # Tokens the step computed for the search: one row's at its prefill, then each of its K rows'.
         metrics.GENERATED_TOKENS.inc(len(search.rows) if request.first_token_at is not None else 1)
         if request.first_token_at is None:
@@ -108,16 +116,14 @@ class Outputs:
         request.last_token_at = now
         parents = search.step(sampled.candidates or ())
         if parents is not None:
-            self._adopt(search.rows, [search.rows[p] for p in parents])
-            return
+            return [BeamMove(request, list(search.rows), [search.rows[p] for p in parents])]
         scores = request.params.logprobs is not None
         beams = tuple(
             render(f, Detokenizer(self._tokenizer, request.params.stop), request.stop_token_ids, scores)
             for f in search.best()
         )
-        self.finish(
-            request, beams[0].finish_reason, prompt_logprobs=search.prompt_logprobs, beams=beams
-        )
+        self.finish(request, beams[0].finish_reason, prompt_logprobs=search.prompt_logprobs, beams=beams)
+        return []
 
     def finish(
         self,
@@ -132,7 +138,9 @@ class Outputs:
     ) -> None:
         """End a request with one final event carrying its last text and scores, the reason and the usage
         (a beam search's: its returned sequences and their tokens)."""
-        self._forget(request, reason)
+        request.status = Status.FINISHED
+        request.finish_reason = reason
+        self._ended.append(request)
         if request.first_token_at is not None:
             metrics.E2E_LATENCY.observe(time.monotonic() - request.arrived_at)
         usage = request.usage()
@@ -162,6 +170,11 @@ class Outputs:
 
     def _emit(self, request: Request, event: Event) -> None:
         self._outbox[request.loop].append((request, event))
+
+    def take_ended(self) -> list[Request]:
+        """The requests that ended since the last call: the engine stops tracking them."""
+        ended, self._ended = self._ended, []
+        return ended
 
     def flush(self) -> list[Request]:
         """Hand the events so far to their event loops; returns the requests whose loop has closed (nobody

@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from models.types import ChunkFailed, Sampled
 from server import metrics
-from server.beam import owners, rows_of
+from server.beam import BeamRow, owners, rows_of
 from server.outputs import Outputs
 from server.request import FinishReason, Request
 from server.scheduler import Plan, Scheduler
@@ -69,6 +69,15 @@ class Steps:
             done = [r for r in rows if isinstance(r, Request) and r.finished and r.finish_reason is not FinishReason.ERROR]
             self._save(chunked + done)
 
+    def _accept(self, rows: Sequence[Request | BeamRow], samples: Sequence[Sampled]) -> None:
+        """Turn samples into events, then apply the beam searches' moves to the batch."""
+        for move in self.outputs.accept(rows, samples):
+            try:
+                self.runner.adopt(move.rows, move.parents)
+            except Exception:
+                log.exception("beam step failed", extra={"request_id": move.request.id})
+                self.outputs.fail([move.request], "internal error while producing text")
+
     def _save(self, rows: list[Request]) -> None:
         """Keep the KV blocks of these rows (still in the batch) in the prefix cache."""
         cache = self.prefix_cache
@@ -104,7 +113,7 @@ class Steps:
             return []
         metrics.STEP_TIME.labels("prefill").observe(time.monotonic() - started)
         metrics.PREFILL_TOKENS.inc(sum(len(r.prompt_ids) - r.cached_tokens for r in joining))
-        self.outputs.accept(rows, samples)
+        self._accept(rows, samples)
         return joining
 
     def _chunk(self, request: Request, tokens: int) -> list[Request]:
@@ -120,7 +129,7 @@ class Steps:
         metrics.PREFILL_TOKENS.inc(tokens)
         if sampled is None:
             return []
-        self.outputs.accept([request], [sampled])
+        self._accept([request], [sampled])
         return [request]
 
     def _prefill_failed(self, requests: list[Request]) -> None:
@@ -169,15 +178,15 @@ class Steps:
         metrics.PADDING_RATIO.set(1 - sum(r.num_tokens for r in rows) / (len(rows) * width))
         if first is not None:
             request = chunk[0]
-            self.outputs.accept([*rows, request], [*samples, first])
+            self._accept([*rows, request], [*samples, first])
             return [request]
         if not draft:
-            self.outputs.accept(rows, samples)
+            self._accept(rows, samples)
             return []
         metrics.SPECULATIVE_TOKENS.labels("drafted").inc(len(draft))
         metrics.SPECULATIVE_TOKENS.labels("accepted").inc(len(samples) - 1)
         for sampled in samples:  # in order; tokens after one that ends the request are dropped
-            self.outputs.accept(rows, [sampled])
+            self._accept(rows, [sampled])
         return []
 
     def _decode_with_chunk(self, request: Request, tokens: int, now: float) -> tuple[list[Sampled], Sampled | None] | None:
