@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from server.beam import BeamSearch
 from server.detokenizer import Detokenizer
 from server.errors import ContextLengthExceeded, InvalidRequest
-from server.request import Request, SamplingParams
+from server.request import Request, SamplingParams, Stream
 
 if TYPE_CHECKING:
     from models import ModelInfo
@@ -64,12 +64,11 @@ def admit(
         params=params,
         max_tokens=max_tokens,
         stop_token_ids=frozenset(stop_ids),
-        detokenizer=Detokenizer(model.tokenizer, params.stop),
-        loop=loop,
+        stream=Stream(loop, Detokenizer(model.tokenizer, params.stop)),
         grammar=params.grammar.start() if params.grammar is not None else None,
     )
     if params.beam_width is not None:
-        request.search = BeamSearch(request, _stop_string_check(model.tokenizer, params.stop))
+        request.begin_search(BeamSearch(request, _stop_string_check(model.tokenizer, params.stop)))
     return request
 
 

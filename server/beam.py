@@ -1,7 +1,7 @@
 """Beam search as plain numbers: the running beams, the finished hypotheses and transformers' rules for both.
 
-A beam request holds K rows of the running batch, one per running beam (`BeamRow`, slots 0..K-1, best
-first). Each step the sampler hands the search its best continuations over all K rows (top `keep` =
+A beam request holds K rows of the running batch, one per running beam (server/row.py, slots 0..K-1,
+best first). Each step the sampler hands the search its best continuations over all K rows (top `keep` =
 max(2, 1 + stop tokens) * K by score, as transformers keeps); `BeamSearch.step` then does what
 transformers' `_beam_search` does with them, in the same order and with the same float32 arithmetic:
   - a continuation ending in a stop token or a stop string, or reaching max_tokens, is finished;
@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 from models.types import Candidate, TokenLogprobs
 from server.detokenizer import Detokenizer
-from server.request import FinishReason, Hypothesis, Request, SamplingParams, Scored
+from server.request import FinishReason, Hypothesis, Request, Scored
+from server.row import Row
 
 # transformers marks what may not be chosen by adding this to a float32 score.
 EXCLUDED = -1.0e9
@@ -32,50 +33,6 @@ EXCLUDED = -1.0e9
 def f32(value: float) -> float:
     """`value` rounded to float32, as transformers' tensors hold every score."""
     return struct.unpack("f", struct.pack("f", value))[0]
-
-
-@dataclass(eq=False)
-class BeamRow:
-    """One running beam: a batch row of its search (identity is the object, as for every batch key)."""
-
-    search: BeamSearch
-    slot: int
-    output_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
-    score: float = 0.0  # sum of its tokens' log-probabilities, a float32 value
-
-    @property
-    def beam(self) -> BeamRow:
-        return self
-
-    @property
-    def group(self) -> BeamSearch:
-        return self.search
-
-    @property
-    def keep(self) -> int:
-        return self.search.keep
-
-    @property
-    def prompt_ids(self) -> list[int]:
-        return self.search.request.prompt_ids
-
-    @property
-    def params(self) -> SamplingParams:
-        return self.search.request.params
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
-
-    def suppressed_token_ids(self) -> frozenset[int]:
-        """Before min_tokens, no stop token may end the beam (transformers' MinNewTokensLengthLogitsProcessor)."""
-        request = self.search.request
-        return request.stop_token_ids if len(self.output_ids) < request.params.min_tokens else frozenset()
-
-    def allowed_tokens(self) -> None:
-        """Beams are never constrained: the API refuses a grammar with beam search."""
-        return None
 
 
 @dataclass
@@ -98,7 +55,7 @@ class BeamSearch:
         self.request = request
         self.width = params.beam_width or 1
         self.keep = max(2, 1 + len(request.stop_token_ids)) * self.width
-        self.rows = [BeamRow(self, slot) for slot in range(self.width)]
+        self.rows = [Row(request, [], self, slot) for slot in range(self.width)]
         self.finished = [_Finished(EXCLUDED) for _ in range(self.width)]
         self.improvable = True  # transformers' is_early_stop_heuristic_unsatisfied; once False, stays False
         self.prompt_logprobs: tuple[TokenLogprobs, ...] | None = None
@@ -187,13 +144,3 @@ def render(finished: _Finished, detokenizer: Detokenizer, stop_token_ids: frozen
         score=finished.score,
         finish_reason=finished.reason,
     )
-
-
-def owners(rows: Sequence[Request | BeamRow]) -> list[Request]:
-    """The requests behind some batch rows, each once, in row order."""
-    return list(dict.fromkeys(row.search.request if isinstance(row, BeamRow) else row for row in rows))
-
-
-def rows_of(requests: Sequence[Request]) -> list[Request | BeamRow]:
-    """The batch rows some requests hold: a beam request's are its search's rows."""
-    return [row for request in requests for row in (request.search.rows if request.search else [request])]

@@ -166,7 +166,7 @@ class Engine:
     async def _stream(self, request: Request) -> AsyncIterator[Event]:
         try:
             while True:
-                event = await request.events.get()
+                event = await request.stream.events.get()
                 yield event
                 if event.final:
                     return

@@ -19,9 +19,10 @@ from dataclasses import dataclass, replace
 
 from models.types import Sampled, TokenLogprobs
 from server import metrics
-from server.beam import BeamRow, BeamSearch, render
+from server.beam import BeamSearch, render
 from server.detokenizer import Decoder, Detokenizer
 from server.request import Event, FinishReason, Hypothesis, Request, Scored, Status
+from server.row import Row
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,8 @@ class BeamMove:
     of `parents[i]` (rows not yet in the batch join it)."""
 
     request: Request
-    rows: list[BeamRow]
-    parents: list[BeamRow]
+    rows: list[Row]
+    parents: list[Row]
 
 
 class Outputs:
@@ -45,13 +46,13 @@ class Outputs:
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Request, Event]]] = defaultdict(list)
         self._ended: list[Request] = []
 
-    def accept(self, rows: Sequence[Request | BeamRow], samples: Sequence[Sampled]) -> list[BeamMove]:
+    def accept(self, rows: Sequence[Row], samples: Sequence[Sampled]) -> list[BeamMove]:
         """Give each row its new token: detokenize, check for the end, queue the event. Returns the moves of
         the beam searches that go on, which the caller applies before the next step."""
         now = time.monotonic()
         moves = []
         for row, sampled in zip(rows, samples, strict=True):
-            request = row.search.request if isinstance(row, BeamRow) else row
+            request = row.request
             if request.finished:  # failed or finished earlier in this step (a search's other rows included)
                 continue
             try:
@@ -71,16 +72,17 @@ class Outputs:
         token = sampled.token
         metrics.GENERATED_TOKENS.inc()
         prompt_logprobs = sampled.prompt_logprobs  # set on the first token only
-        if request.first_token_at is None:
-            request.first_token_at = now
+        stream = request.stream
+        if stream.first_token_at is None:
+            stream.first_token_at = now
             metrics.TIME_TO_FIRST_TOKEN.observe(now - request.arrived_at)
         else:
-            metrics.INTER_TOKEN_LATENCY.observe(now - request.last_token_at)
-        request.last_token_at = now
+            metrics.INTER_TOKEN_LATENCY.observe(now - stream.last_token_at)
+        stream.last_token_at = now
         request.output_ids.append(token)
-        detokenizer = request.detokenizer
+        detokenizer = stream.detokenizer
         if sampled.logprobs is not None:
-            request.unsent_logprobs.append(Scored(sampled.logprobs, text_offset=detokenizer.decoded_chars))
+            stream.unsent_logprobs.append(Scored(sampled.logprobs, text_offset=detokenizer.decoded_chars))
         reason = None
         complete = self._advance_grammar(request, token)
         if token in request.stop_token_ids or (complete and token in request.grammar.end_tokens):
@@ -109,11 +111,12 @@ class Outputs:
         """Advance a beam search by one step: its move (rows take their parents' caches), or its end with its
         best sequences (no move)."""
         # Tokens the step computed for the search: one row's at its prefill, then each of its K rows'.
-        metrics.GENERATED_TOKENS.inc(len(search.rows) if request.first_token_at is not None else 1)
-        if request.first_token_at is None:
-            request.first_token_at = now
+        stream = request.stream
+        metrics.GENERATED_TOKENS.inc(len(search.rows) if stream.first_token_at is not None else 1)
+        if stream.first_token_at is None:
+            stream.first_token_at = now
             search.prompt_logprobs = sampled.prompt_logprobs
-        request.last_token_at = now
+        stream.last_token_at = now
         parents = search.step(sampled.candidates or ())
         if parents is not None:
             return [BeamMove(request, list(search.rows), [search.rows[p] for p in parents])]
@@ -141,7 +144,7 @@ class Outputs:
         request.status = Status.FINISHED
         request.finish_reason = reason
         self._ended.append(request)
-        if request.first_token_at is not None:
+        if request.stream.first_token_at is not None:
             metrics.E2E_LATENCY.observe(time.monotonic() - request.arrived_at)
         usage = request.usage()
         if beams is not None:
@@ -169,7 +172,7 @@ class Outputs:
                 self.finish(request, FinishReason.ERROR, error=message)
 
     def _emit(self, request: Request, event: Event) -> None:
-        self._outbox[request.loop].append((request, event))
+        self._outbox[request.stream.loop].append((request, event))
 
     def take_ended(self) -> list[Request]:
         """The requests that ended since the last call: the engine stops tracking them."""
@@ -195,12 +198,13 @@ def _take_logprobs(request: Request) -> tuple[Scored, ...]:
     NOTE: a token whose text a stop string cut off starts past the end of the released text: its offset
     is clamped there, so every offset stays within the text the client receives.
     """
-    end = request.detokenizer.released_chars
-    scored = tuple(replace(s, text_offset=min(s.text_offset, end)) for s in request.unsent_logprobs)
-    request.unsent_logprobs.clear()
+    stream = request.stream
+    end = stream.detokenizer.released_chars
+    scored = tuple(replace(s, text_offset=min(s.text_offset, end)) for s in stream.unsent_logprobs)
+    stream.unsent_logprobs.clear()
     return scored
 
 
 def _deliver(items: list[tuple[Request, Event]]) -> None:
     for request, event in items:
-        request.events.put_nowait(event)
+        request.stream.events.put_nowait(event)

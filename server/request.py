@@ -1,4 +1,5 @@
-"""One generation request: its prompt, its parameters, its progress and the channel its events leave by."""
+"""One generation request: its prompt, its parameters and its progress as the engine tracks them, its rows
+in the batch, and its stream (what turns its tokens into events, and where they go)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from enum import Enum, StrEnum
 from typing import TYPE_CHECKING, Any
 
 from models.types import TokenLogprobs
-from server.detokenizer import Detokenizer
 from server import features
+from server.detokenizer import Detokenizer
 from server.errors import InvalidRequest, require
+from server.row import Row
 
 if TYPE_CHECKING:
     from server.beam import BeamSearch
@@ -218,20 +220,30 @@ class Event:
 
 
 @dataclass(eq=False)
+class Stream:
+    """What turns a request's tokens into its events, and where they go: written on the loop thread by
+    server/outputs.py, read on the request's event loop. (vLLM keeps the same in its output processor.)"""
+
+    loop: asyncio.AbstractEventLoop
+    detokenizer: Detokenizer
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    unsent_logprobs: list[Scored] = field(default_factory=list)  # scores of tokens whose text is held back
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+
+@dataclass(eq=False)
 class Request:
-    """A request as the engine tracks it. Identity is the object: it is also the batch row's key."""
+    """A request as the engine tracks it: admitted, scheduled, ended. Its rows stand in the batch for it."""
 
     id: str
     prompt_ids: list[int]
     params: SamplingParams
     max_tokens: int  # resolved: the params' value, or what the context leaves
     stop_token_ids: frozenset[int]  # end-of-sequence (unless ignore_eos) and the params' stop tokens
-    detokenizer: Detokenizer
-    loop: asyncio.AbstractEventLoop
+    stream: Stream
     block_keys: list[int] = field(default_factory=list)  # prefix-cache chain of the prompt less its last token
-    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     output_ids: list[int] = field(default_factory=list)
-    unsent_logprobs: list[Scored] = field(default_factory=list)  # scores of tokens whose text is held back
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
     cancelled: bool = False
@@ -239,44 +251,25 @@ class Request:
     prefilled: int = 0  # prompt tokens whose KV exists or is planned, while prefilled in chunks
     arrived_at: float = field(default_factory=time.monotonic)
     scheduled_at: float | None = None
-    first_token_at: float | None = None
-    last_token_at: float | None = None
     grammar: GrammarState | None = None  # this request's own walk through params.grammar
-    search: BeamSearch | None = None  # beam requests: their server.beam.BeamSearch, whose rows stand in the batch for this one
+    search: BeamSearch | None = None  # a beam request's search (`begin_search`), which owns its rows
+    rows: list[Row] = field(init=False)  # its own row, or its search's
 
-    @property
-    def beam(self) -> None:
-        """A request's own row never belongs to a beam search (its search's rows do)."""
-        return None
+    def __post_init__(self) -> None:
+        self.rows = [Row(self, self.output_ids)]
 
-    @property
-    def rows(self) -> int:
-        """Batch rows the request holds while it runs."""
-        return self.params.beam_width or 1
+    def begin_search(self, search: BeamSearch) -> None:
+        """Run as a beam search: its beams are its rows."""
+        self.search, self.rows = search, search.rows
 
     @property
     def num_tokens(self) -> int:
-        """Prompt and output tokens: the row's length once its last sampled token is fed (a beam's, all alike)."""
-        if self.search is not None:
-            return self.search.rows[0].num_tokens
-        return len(self.prompt_ids) + len(self.output_ids)
+        """Prompt and output tokens of its rows (a beam search's are all alike)."""
+        return self.rows[0].num_tokens
 
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
-
-    def suppressed_token_ids(self) -> frozenset[int]:
-        """Before min_tokens, no stop token may be sampled (as in vLLM), unless the grammar allows nothing else:
-        then it must end, and suppressing would leave no token at all."""
-        if len(self.output_ids) >= self.params.min_tokens:
-            return frozenset()
-        if self.grammar is not None and self.grammar.allows_only(self.stop_token_ids):
-            return frozenset()
-        return self.stop_token_ids
-
-    def allowed_tokens(self) -> Any:
-        """The grammar's bitmask of the tokens allowed now; None for free text."""
-        return None if self.grammar is None else self.grammar.allowed_tokens()
 
     def usage(self) -> Usage:
         return Usage(len(self.prompt_ids), len(self.output_ids), self.cached_tokens)

@@ -94,8 +94,8 @@ class Scheduler:
 
     def _held(self) -> tuple[int, int]:
         """Rows the running batch holds, and its padded length so far."""
-        # A beam request holds all its rows from admission on (request.rows), though it is prefilled as one.
-        rows = sum(r.rows for r in self.running) + (self.chunking is not None)
+        # A beam request holds all its rows from admission on, though it is prefilled as one.
+        rows = sum(len(r.rows) for r in self.running) + (self.chunking is not None)
         width = max((r.num_tokens for r in self.running), default=0)
         return rows, width
 
@@ -144,9 +144,9 @@ class Scheduler:
         weights, too, so verifying several tokens costs about what decoding one does."""
         if not self.budgets.speculative_tokens or plan.groups or plan.chunk or self.chunking or self.waiting:
             return []
-        if len(self.running) != 1 or self.running[0].rows != 1:  # a beam search holds several rows
+        if len(self.running) != 1 or len(self.running[0].rows) != 1:  # a beam search holds several rows
             return []
-        return speculation.draft(self.running[0], self.budgets.speculative_tokens)
+        return speculation.draft(self.running[0].rows[0], self.budgets.speculative_tokens)
 
     def _hit(self, request: Request) -> int:
         """Prompt tokens the prefix cache holds for `request` (whole blocks; never its last token)."""
@@ -172,7 +172,7 @@ class Scheduler:
         joining: list[Request] = []
         started: Request | None = None  # a newcomer whose first chunk is planned
         for request in self.waiting:
-            new_rows = rows + sum(r.rows for r in joining) + request.rows
+            new_rows = rows + sum(len(r.rows) for r in joining) + len(request.rows)
             width = max(width, len(request.prompt_ids))
             if new_rows > budgets.max_batch_size:
                 break

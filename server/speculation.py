@@ -26,7 +26,7 @@ SEARCH_WINDOW = 4096
 
 
 class Speculable(Protocol):
-    """What speculation reads of a request; the engine's Request satisfies it."""
+    """What speculation reads of a row (server/row.py)."""
 
     prompt_ids: Sequence[int]
     output_ids: Sequence[int]

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 
 from models.types import ChunkFailed, Sampled
 from server import metrics
-from server.beam import BeamRow, owners, rows_of
 from server.outputs import Outputs
 from server.request import FinishReason, Request
+from server.row import Row, owners, rows_of
 from server.scheduler import Plan, Scheduler
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Steps:
-    runner: ModelRunner[Request]
+    runner: ModelRunner[Row]
     scheduler: Scheduler
     outputs: Outputs
     prefix_cache: PrefixCache | None
@@ -65,11 +65,11 @@ class Steps:
         if self.runner.rows:
             rows = list(self.runner.rows)
             chunked = self._decode(plan.draft, chunk)
-            # A finished request's prompt and answer stay cached for its next turn (beam rows are not kept).
-            done = [r for r in rows if isinstance(r, Request) and r.finished and r.finish_reason is not FinishReason.ERROR]
+            # A finished request's prompt and answer stay cached for its next turn.
+            done = [r for r in owners(rows) if r.finished and r.finish_reason is not FinishReason.ERROR]
             self._save(chunked + done)
 
-    def _accept(self, rows: Sequence[Request | BeamRow], samples: Sequence[Sampled]) -> None:
+    def _accept(self, rows: Sequence[Row], samples: Sequence[Sampled]) -> None:
         """Turn samples into events, then apply the beam searches' moves to the batch."""
         for move in self.outputs.accept(rows, samples):
             try:
@@ -78,14 +78,16 @@ class Steps:
                 log.exception("beam step failed", extra={"request_id": move.request.id})
                 self.outputs.fail([move.request], "internal error while producing text")
 
-    def _save(self, rows: list[Request]) -> None:
-        """Keep the KV blocks of these rows (still in the batch) in the prefix cache."""
+    def _save(self, requests: list[Request]) -> None:
+        """Keep the KV blocks of these requests' rows (still in the batch) in the prefix cache; a beam
+        search's are not kept."""
         cache = self.prefix_cache
-        if cache is None or not rows:
+        requests = [r for r in requests if r.search is None]
+        if cache is None or not requests:
             return
         evictions = cache.evictions
         try:
-            self.runner.save(rows)
+            self.runner.save(rows_of(requests))
         except Exception:  # the cache is an optimisation: a failure here must not fail the requests
             log.exception("saving to the prefix cache failed")
         metrics.PREFIX_CACHE_EVICTIONS.inc(cache.evictions - evictions)
@@ -105,7 +107,7 @@ class Steps:
         started = time.monotonic()
         for request in joining:
             self._started(request, started)
-        rows = [r.search.rows[0] if r.search else r for r in joining]  # a beam request is prefilled once, as slot 0
+        rows = [r.rows[0] for r in joining]  # a beam request is prefilled once, as slot 0
         try:
             samples = self.runner.prefill(rows, [r.cached_tokens for r in joining])
         except Exception:
@@ -121,7 +123,7 @@ class Steps:
         once its last chunk has been read (it then runs)."""
         started = time.monotonic()
         try:
-            sampled = self.runner.prefill_chunk(request, tokens, self._reused(request, started), request.max_tokens > 1)
+            sampled = self.runner.prefill_chunk(request.rows[0], tokens, self._reused(request, started), request.max_tokens > 1)
         except Exception:
             self._prefill_failed([request])
             return []
@@ -129,7 +131,7 @@ class Steps:
         metrics.PREFILL_TOKENS.inc(tokens)
         if sampled is None:
             return []
-        self._accept([request], [sampled])
+        self._accept(request.rows, [sampled])
         return [request]
 
     def _prefill_failed(self, requests: list[Request]) -> None:
@@ -178,7 +180,7 @@ class Steps:
         metrics.PADDING_RATIO.set(1 - sum(r.num_tokens for r in rows) / (len(rows) * width))
         if first is not None:
             request = chunk[0]
-            self._accept([*rows, request], [*samples, first])
+            self._accept([*rows, *request.rows], [*samples, first])
             return [request]
         if not draft:
             self._accept(rows, samples)
@@ -193,7 +195,7 @@ class Steps:
         """The decode step carrying `request`'s next chunk; None if the chunk failed, which fails its request
         alone (the runner leaves the running rows as they were, to be decoded without it)."""
         try:
-            carried = self.runner.decode_with_chunk(request, tokens, self._reused(request, now), request.max_tokens > 1)
+            carried = self.runner.decode_with_chunk(request.rows[0], tokens, self._reused(request, now), request.max_tokens > 1)
         except ChunkFailed:
             self._prefill_failed([request])
             return None

@@ -11,7 +11,7 @@ from models import LoadedModel
 from server.beam import BeamSearch
 from server.detokenizer import Detokenizer
 from server.engine import Engine
-from server.request import FinishReason, Request, SamplingParams
+from server.request import FinishReason, Request, SamplingParams, Stream
 from server.scheduler import Budgets, Scheduler
 from tests.helpers import collect, run_with_engine
 
@@ -24,10 +24,10 @@ def request(name: str, params: SamplingParams) -> Request:
     loop = asyncio.new_event_loop()
     loop.close()
     r = Request(
-        id=name, prompt_ids=[1] * 4, params=params, max_tokens=10, stop_token_ids=frozenset(), detokenizer=Detokenizer(None), loop=loop
+        id=name, prompt_ids=[1] * 4, params=params, max_tokens=10, stop_token_ids=frozenset(), stream=Stream(loop, Detokenizer(None))
     )
     if params.beam_width is not None:
-        r.search = BeamSearch(r)
+        r.begin_search(BeamSearch(r))
     return r
 
 
@@ -36,7 +36,7 @@ def test_a_beam_request_counts_its_rows_at_admission() -> None:
     for name, params in (("a", beam(3)), ("b", SamplingParams()), ("c", beam(2)), ("d", SamplingParams())):
         scheduler.add(request(name, params))
     assert [r.id for r in scheduler.schedule().joining] == ["a", "b"]  # 3 + 1 rows; c's 2 more would make 6
-    assert sum(r.rows for r in scheduler.running) == 4
+    assert sum(len(r.rows) for r in scheduler.running) == 4
 
 
 def test_the_returned_sequences_are_sorted_and_counted(tiny: LoadedModel) -> None:

@@ -46,7 +46,7 @@ GRAPH = {
     name: {i for i in runtime_imports(path) if i in MODULES and i != name and i not in PACKAGES}
     for name, path in MODULES.items()
 }
-PLAIN = ("server.config", "server.errors", "server.features", "server.request", "server.detokenizer", "server.speculation", "server.scheduler")
+PLAIN = ("server.config", "server.errors", "server.features", "server.request", "server.row", "server.detokenizer", "server.speculation", "server.scheduler")
 
 
 def layer(name: str) -> int:

@@ -104,7 +104,7 @@ def test_cancel_frees_the_row_within_one_step(tiny: LoadedModel) -> None:
         drop = engine._runner.drop
 
         def watched(rows: list) -> None:
-            if any(getattr(row, "id", None) == "victim" for row in rows):
+            if any(row.request.id == "victim" for row in rows):
                 dropped_at.append(engine.steps)
             drop(rows)
 

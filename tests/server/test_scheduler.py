@@ -8,7 +8,7 @@ import pytest
 
 from server.detokenizer import Detokenizer
 from server.errors import QueueFull
-from server.request import Request, SamplingParams, Status
+from server.request import Request, SamplingParams, Status, Stream
 from server.scheduler import MAX_GROUP_PADDING, Budgets, Scheduler, group_by_length
 
 
@@ -21,8 +21,7 @@ def request(name: str, prompt_len: int, output_len: int = 0) -> Request:
         params=SamplingParams(),
         max_tokens=100,
         stop_token_ids=frozenset(),
-        detokenizer=Detokenizer(None),
-        loop=loop,
+        stream=Stream(loop, Detokenizer(None)),
         output_ids=[1] * output_len,
     )
 
