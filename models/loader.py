@@ -23,7 +23,8 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from models import attention, decoder, kv_cache, packed, quant, tiny
+from models import attention, decoder, gguf_blocks, kv_cache, packed, quant, tiny
+from models.quant_cache import cache_name
 from models.types import model_name
 
 log = logging.getLogger(__name__)
@@ -150,10 +151,10 @@ def _load(spec: str, device: str, dtype: str, quantization: str, fuse: bool) -> 
             raise ModelLoadError(f"model not found: {path}")
         if path.is_file() and path.suffix == ".gguf":
             folder = converted_gguf(path)
-            gguf_file, quant_cache = path, folder / quant.cache_name(quantization)
+            gguf_file, quant_cache = path, folder / cache_name(quantization)
         elif path.is_dir():
             folder = path
-            quant_cache = _folder_cache(folder) / quant.cache_name(quantization)
+            quant_cache = _folder_cache(folder) / cache_name(quantization)
         else:
             raise ModelLoadError(f"not a model folder or .gguf file: {path}")
         model, tokenizer = _read_folder(folder, source=path)
@@ -199,7 +200,7 @@ def _quantize(
 ) -> None:
     started = time.monotonic()
     try:
-        blocks = quant.gguf_int4_blocks(gguf_file, model) if gguf_file is not None and mode == "int4" else None
+        blocks = gguf_blocks.gguf_int4_blocks(gguf_file, model) if gguf_file is not None and mode == "int4" else None
         fusions = decoder.fusions(model) if fuse else None
         outcome = quant.quantize(model, mode, file_blocks=blocks, cache_file=cache, fuse=fusions)
     except quant.QuantizationError as exc:

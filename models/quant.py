@@ -13,34 +13,28 @@ so batched greedy output still equals greedy output alone.
 `quantize` can also fuse Linears that read one input (q, k and v; gate and up) into one module, whose one
 kernel call computes their outputs side by side: models/decoder.py's forward reads them so.
 
-Where the weights come from, best first: a GGUF file's own Q4_0 / Q4_1 blocks (int4: the file's 4-bit codes
-served as they are), a cache file written by an earlier start, or quantizing the float weights now.
+Where the weights come from, best first: a GGUF file's own Q4_0 / Q4_1 blocks (models/gguf_blocks.py; int4:
+the file's 4-bit codes served as they are), a cache file written by an earlier start (models/quant_cache.py),
+or quantizing the float weights now (models/quant_weights.py).
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-log = logging.getLogger(__name__)
+from models.quant_cache import cached
+from models.quant_weights import GROUP_SIZE, Int4Weight, Int8Weight, kind_of, quantize_int4, quantize_int8, stack
 
 MODES = ("none", "int8", "int4")
 ACTIVATION_DTYPE = torch.bfloat16  # what both kernels multiply their weights with
-GROUP_SIZE = 32  # int4: inputs sharing one scale and offset, as in GGUF's Q4 blocks
-INT4_OFFSET = 8  # the int4 kernel dequantizes code q as (q - 8) * scale + zero
 _INNER_K_TILES = 2  # layout argument of the int4 packing; any K that is a multiple of 32 accepts it
-_CACHE_VERSION = 2  # bump when the cached layout changes
 KERNEL_ALIGNMENT = 64  # bytes: where every buffer a kernel reads starts (a cache line, an AVX-512 register)
 INT4_OUT_MULTIPLE = 16  # int4: output sizes the kernel's packing accepts
 INT8_WIDTH_MULTIPLE = 16  # int8: input widths padded to this, so every weight and input row stays aligned
@@ -48,29 +42,6 @@ INT8_WIDTH_MULTIPLE = 16  # int8: input widths padded to this, so every weight a
 
 class QuantizationError(ValueError):
     """The model cannot run in the requested mode; the message is one line."""
-
-
-@dataclass(frozen=True)
-class Int4Weight:
-    """Codes in 0..15, one scale and one zero per group: weight = (code - 8) * scale + zero."""
-
-    codes: torch.Tensor  # [out, in] uint8
-    scales: torch.Tensor  # [out, in / 32] float32
-    zeros: torch.Tensor  # [out, in / 32] float32
-
-    def dequantize(self) -> torch.Tensor:
-        """The float weight the kernel serves, with scales and zeros rounded to bfloat16 as it reads them."""
-        scales = self.scales.to(torch.bfloat16).float().repeat_interleave(GROUP_SIZE, dim=1)
-        zeros = self.zeros.to(torch.bfloat16).float().repeat_interleave(GROUP_SIZE, dim=1)
-        return (self.codes.float() - INT4_OFFSET) * scales + zeros  # [out, in]
-
-
-@dataclass(frozen=True)
-class Int8Weight:
-    """Symmetric per output channel: weight = code * scale."""
-
-    codes: torch.Tensor  # [out, in] int8
-    scales: torch.Tensor  # [out] float32
 
 
 class QuantizedLinear(nn.Module, ABC):
@@ -156,29 +127,6 @@ def kernel_buffer(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def quantize_int8(weight: torch.Tensor) -> Int8Weight:
-    """Symmetric per output channel: the largest magnitude of each row maps to 127."""
-    weight = weight.detach().float()  # [out, in]
-    # Rounded to bfloat16 before use, so the codes are chosen for the scale the kernel will read.
-    scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.bfloat16).float()  # [out]
-    codes = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
-    return Int8Weight(codes=codes, scales=scales)
-
-
-def quantize_int4(weight: torch.Tensor) -> Int4Weight:
-    """Asymmetric, groups of 32 inputs: each group's minimum to maximum spans the codes 0..15."""
-    weight = weight.detach().float()  # [out, in]
-    out_features, in_features = weight.shape
-    groups = weight.reshape(out_features, in_features // GROUP_SIZE, GROUP_SIZE)  # [out, in / 32, 32]
-    low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # [out, in / 32]
-    # Scale and zero rounded to bfloat16 first, so the codes are chosen for the values the kernel will read.
-    scales = ((high - low) / 15).clamp(min=1e-12).to(torch.bfloat16).float()
-    zeros = (low + INT4_OFFSET * scales).to(torch.bfloat16).float()
-    codes = torch.round((groups - zeros[..., None]) / scales[..., None]) + INT4_OFFSET
-    codes = codes.clamp(0, 15).to(torch.uint8).reshape(out_features, in_features)
-    return Int4Weight(codes=codes, scales=scales, zeros=zeros)
-
-
 def quantizable(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
     """The Linear layers to replace: every one in the decoder, and the LM head."""
     for name, module in model.named_modules():
@@ -242,7 +190,7 @@ def quantize(
             raise QuantizationError(f"{name}: int4 needs input sizes that are multiples of {GROUP_SIZE}, got {linear.in_features}")
         if kinds[name] == "int4" and linear.out_features % INT4_OUT_MULTIPLE:
             raise QuantizationError(f"{name}: int4 needs output sizes that are multiples of {INT4_OUT_MULTIPLE}, got {linear.out_features}")
-    made, from_cache = _cached(
+    made, from_cache = cached(
         cache_file,
         lambda: {name: _quantize_one(kinds[name], linear.weight) for name, linear in rest.items()},
         {name: kinds[name] for name in rest},
@@ -250,9 +198,9 @@ def quantize(
     weights: dict[str, Int4Weight | Int8Weight] = {**file_blocks, **made}
     biases: dict[str, torch.Tensor | None] = {name: linear.bias for name, linear in targets.items()}
     for fused, parts in (fuse or {}).items():
-        if len({_kind(weights[part]) for part in parts}) != 1 or any(biases[part] is not None for part in parts):
+        if len({kind_of(weights[part]) for part in parts}) != 1 or any(biases[part] is not None for part in parts):
             raise QuantizationError(f"{fused}: only Linears of one kind and without bias fuse, not {', '.join(parts)}")
-        weights[fused] = _stack([weights.pop(part) for part in parts])
+        weights[fused] = stack([weights.pop(part) for part in parts])
         biases[fused] = None
         for part in parts:
             set_module(model, part, None)
@@ -267,17 +215,6 @@ def quantize(
 def _head_name(model: nn.Module) -> str | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return next((name for name, module in model.named_modules() if module is head), None)
-
-
-def _stack(weights: Sequence[Int4Weight | Int8Weight]) -> Int4Weight | Int8Weight:
-    """One weight of `weights`' kind whose output rows are theirs, one after another: every field of both kinds
-    is indexed by output row first."""
-    kind = type(weights[0])
-    return kind(*(torch.cat([getattr(w, f.name) for w in weights]) for f in fields(kind)))
-
-
-def _kind(weight: Int4Weight | Int8Weight) -> str:
-    return "int4" if isinstance(weight, Int4Weight) else "int8"
 
 
 def _quantize_one(kind: str, weight: torch.Tensor) -> Int4Weight | Int8Weight:
@@ -296,148 +233,3 @@ def set_module(model: nn.Module, name: str, module: nn.Module | None) -> None:
         delattr(owner, child)
     else:
         setattr(owner, child, module)
-
-
-def cache_name(mode: str) -> str:
-    """The cache file's name inside a model's cache folder."""
-    return f"quant-{mode}-g{GROUP_SIZE}-v{_CACHE_VERSION}.safetensors"
-
-
-def _cached(
-    path: Path | None, compute: Callable[[], dict[str, Int4Weight | Int8Weight]], kinds: dict[str, str]
-) -> tuple[dict[str, Int4Weight | Int8Weight], bool]:
-    """`compute()`, or what an earlier start saved at `path`; saved there (atomically) when it was computed.
-
-    A cache holding other layers or kinds than `kinds` (another model's, or a different split between file
-    blocks and quantized layers) is recomputed and overwritten.
-    """
-    if path is not None and path.exists():
-        cached = _unflatten(load_file(path))
-        if {name: _kind(w) for name, w in cached.items()} == kinds:
-            return cached, True
-        log.warning("quantization cache does not match the model; quantizing again", extra={"cache": str(path)})
-    weights = compute()
-    if path is not None and weights:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(prefix=".quant-", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(_flatten(weights), temp)
-            os.replace(temp, path)
-        finally:
-            Path(temp).unlink(missing_ok=True)
-    return weights, False
-
-
-def _flatten(weights: dict[str, Int4Weight | Int8Weight]) -> dict[str, torch.Tensor]:
-    flat = {}
-    for name, w in weights.items():
-        if isinstance(w, Int4Weight):
-            # NOTE: two codes per byte, even input index in the low nibble; `in` is even (a multiple of 32).
-            flat[f"{name}.codes"] = (w.codes[:, 0::2] | (w.codes[:, 1::2] << 4)).contiguous()
-            flat[f"{name}.zeros"] = w.zeros.contiguous()
-        else:
-            flat[f"{name}.codes"] = w.codes.contiguous()
-        flat[f"{name}.scales"] = w.scales.contiguous()
-    return flat
-
-
-def _unflatten(flat: dict[str, torch.Tensor]) -> dict[str, Int4Weight | Int8Weight]:
-    names = {key.rsplit(".", 1)[0] for key in flat}
-    weights: dict[str, Int4Weight | Int8Weight] = {}
-    for name in names:
-        codes, scales = flat[f"{name}.codes"], flat[f"{name}.scales"]
-        if f"{name}.zeros" in flat:  # int4
-            unpacked = torch.stack([codes & 0x0F, codes >> 4], dim=-1).reshape(codes.shape[0], -1)  # [out, in]
-            weights[name] = Int4Weight(codes=unpacked, scales=scales, zeros=flat[f"{name}.zeros"])
-        else:
-            weights[name] = Int8Weight(codes=codes, scales=scales)
-    return weights
-
-
-# --- GGUF Q4_0 / Q4_1 blocks -------------------------------------------------------------------------------
-
-_Q4_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20}  # fp16 scale, (Q4_1: fp16 minimum), 16 bytes of codes
-
-
-def gguf_int4_blocks(path: Path, model: nn.Module) -> dict[str, Int4Weight]:
-    """The Q4_0 / Q4_1 tensors of a GGUF file as int4 weights, keyed by the model's module names.
-
-    Each is checked against the float weight transformers dequantized from the same file (already in
-    `model`), so a wrong name mapping or row order is an error at load, never wrong answers.
-    """
-    from gguf import GGUFReader  # only GGUF models need it
-
-    targets = dict(quantizable(model))
-    names = _gguf_names(model)
-    config = model.config
-    weights: dict[str, Int4Weight] = {}
-    for tensor in GGUFReader(str(path)).tensors:
-        kind = tensor.tensor_type.name
-        module = names.get(tensor.name)
-        if kind not in _Q4_BLOCK_BYTES or module not in targets:
-            continue
-        weight = _decode_q4(np.asarray(tensor.data), kind)
-        # llama.cpp stores a Llama's q and k with each head's rotary halves interleaved; transformers undoes
-        # that on load (its LlamaTensorProcessor, used for model_type "llama" alone), and so does this.
-        if config.model_type == "llama" and tensor.name.endswith(".attn_q.weight"):
-            weight = _unpermute_rows(weight, config.num_attention_heads)
-        elif config.model_type == "llama" and tensor.name.endswith(".attn_k.weight"):
-            weight = _unpermute_rows(weight, config.num_key_value_heads)
-        reference = targets[module].weight.detach()
-        served = (weight.codes.float() - INT4_OFFSET) * weight.scales.repeat_interleave(GROUP_SIZE, 1)
-        served += weight.zeros.repeat_interleave(GROUP_SIZE, 1)
-        # The model's copy is rounded to its dtype (bfloat16 with --dtype bfloat16); a wrong mapping is off by
-        # far more than that rounding.
-        tolerance = max(1e-5, torch.finfo(reference.dtype).eps)
-        if served.shape != reference.shape or not torch.allclose(served, reference.float(), rtol=tolerance, atol=tolerance / 10):
-            raise QuantizationError(f"{path}: tensor {tensor.name} does not match the model's {module}")
-        weights[module] = weight
-    return weights
-
-
-def _decode_q4(raw: np.ndarray, kind: str) -> Int4Weight:
-    """Raw blocks [out, in / 32 * block bytes] uint8 -> codes, scales and zeros in the kernel's terms.
-
-    NOTE: a block is an fp16 scale d, for Q4_1 an fp16 minimum m, then 16 bytes whose low nibbles are codes
-    0..15 of the block and high nibbles codes 16..31. Q4_1 reads d * q + m, Q4_0 reads d * (q - 8); the
-    kernel reads (q - 8) * scale + zero, so scale = d and zero = m + 8 d (Q4_1) or 0 (Q4_0).
-    """
-    block_bytes = _Q4_BLOCK_BYTES[kind]
-    out_features = raw.shape[0]
-    blocks = raw.reshape(out_features, -1, block_bytes)  # [out, groups, bytes]
-    d = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32))  # [out, groups]
-    if kind == "Q4_1":
-        m = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
-        zeros = m + INT4_OFFSET * d
-    else:
-        zeros = torch.zeros_like(d)
-    packed = torch.from_numpy(blocks[..., block_bytes - 16 :].copy())  # [out, groups, 16]
-    codes = torch.cat([packed & 0x0F, packed >> 4], dim=-1).reshape(out_features, -1)  # [out, in]
-    return Int4Weight(codes=codes, scales=d, zeros=zeros)
-
-
-def _unpermute_rows(weight: Int4Weight, heads: int) -> Int4Weight:
-    """Undo llama.cpp's per-head rotary permutation of output rows (as transformers does for float weights)."""
-
-    def rows(t: torch.Tensor) -> torch.Tensor:
-        half = t.shape[0] // heads // 2
-        return t.reshape(heads, half, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
-
-    return Int4Weight(codes=rows(weight.codes), scales=rows(weight.scales), zeros=rows(weight.zeros))
-
-
-def _gguf_names(model: nn.Module) -> dict[str, str]:
-    """GGUF tensor name (`blk.0.attn_q.weight`) -> module name (`model.layers.0.self_attn.q_proj`)."""
-    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
-
-    arch = next((key for key, value in MODEL_ARCH_NAMES.items() if value == model.config.model_type), None)
-    if arch is None:
-        return {}
-    name_map = get_tensor_name_map(arch, model.config.num_hidden_layers)
-    names = {}
-    for module, _ in quantizable(model):
-        gguf_name = name_map.get_name(module)
-        if gguf_name is not None:
-            names[f"{gguf_name}.weight"] = module
-    return names

@@ -15,7 +15,7 @@ from gguf.quants import quantize as gguf_quantize
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
-from models import LoadedModel, ModelLoadError, decoder, load, loader, quant
+from models import LoadedModel, ModelLoadError, decoder, gguf_blocks, load, loader, quant, quant_cache, quant_weights
 from models.loader import default_gguf
 from server.request import SamplingParams
 from tests.helpers import generate_alone, generate_together
@@ -172,8 +172,8 @@ def test_gguf_q4_blocks_decode_to_what_gguf_dequantizes(kind: str) -> None:
     qtype = GGMLQuantizationType[kind]
     raw = gguf_quantize(weights, qtype)  # [6, 3 blocks * block bytes] uint8
     expected = torch.from_numpy(gguf_dequantize(raw, qtype))
-    decoded = quant._decode_q4(raw, kind)
-    served = (decoded.codes.float() - quant.INT4_OFFSET) * decoded.scales.repeat_interleave(32, 1)
+    decoded = gguf_blocks._decode_q4(raw, kind)
+    served = (decoded.codes.float() - quant_weights.INT4_OFFSET) * decoded.scales.repeat_interleave(32, 1)
     served += decoded.zeros.repeat_interleave(32, 1)
     assert torch.allclose(served, expected, rtol=1e-6, atol=1e-7)
 
@@ -182,7 +182,7 @@ def test_the_row_unpermutation_is_transformers_own() -> None:
     rows = np.arange(12 * 4, dtype=np.float32).reshape(12, 4)
     expected = LlamaTensorProcessor()._reverse_permute_weights(rows, 3)
     weight = quant.Int4Weight(torch.from_numpy(rows), torch.from_numpy(rows), torch.from_numpy(rows))
-    assert torch.equal(quant._unpermute_rows(weight, 3).codes, torch.from_numpy(expected))
+    assert torch.equal(gguf_blocks._unpermute_rows(weight, 3).codes, torch.from_numpy(expected))
 
 
 def _tied_tiny() -> LlamaForCausalLM:
@@ -289,8 +289,8 @@ def test_every_quantized_buffer_of_the_default_model_is_kernel_ready(smol_transf
     """As the loader quantizes it (the GGUF file's blocks in int4), fresh and then from its cache file."""
     for from_cache in (False, True):
         model = copy.deepcopy(smol_transformers.model)
-        loader._quantize(model, mode, default_gguf(), tmp_path / quant.cache_name(mode), "default", fuse=True)
-        assert (tmp_path / quant.cache_name(mode)).exists()
+        loader._quantize(model, mode, default_gguf(), tmp_path / quant_cache.cache_name(mode), "default", fuse=True)
+        assert (tmp_path / quant_cache.cache_name(mode)).exists()
         assert assert_kernel_ready(model) == 30 * 4 + 1
         x = torch.randn(16, 576).to(torch.bfloat16)
         assert model.lm_head.matmul(x).shape == (16, 49152)  # the head that crashed on AVX-512 read from the cache
@@ -299,7 +299,7 @@ def test_every_quantized_buffer_of_the_default_model_is_kernel_ready(smol_transf
 @pytest.mark.slow
 def test_int4_serves_the_gguf_files_own_blocks(smol_transformers: LoadedModel) -> None:
     loaded = load("default", quantization="int4")
-    blocks = quant.gguf_int4_blocks(default_gguf(), smol_transformers.model)
+    blocks = gguf_blocks.gguf_int4_blocks(default_gguf(), smol_transformers.model)
     assert len(blocks) == 30 * 7  # every decoder Linear of the file is Q4_1
     # k (a permuted one) is served as rows [q, q + k) of the layer's fused q/k/v module (models/decoder.py).
     config = smol_transformers.model.config
