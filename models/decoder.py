@@ -23,7 +23,7 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 from models.attention import attend
-from models.batch import Forward
+from models.forward import Forward
 from models.quant import set_module
 
 QKV = "qkv_proj"  # a fused module's name in each layer's self_attn: q, k and v side by side

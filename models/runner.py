@@ -9,26 +9,18 @@ each row's token and, for rows that asked, its raw log-probabilities (and, at pr
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from dataclasses import replace
 from typing import Generic, TypeVar
 
 import torch
 from transformers import PreTrainedModel
 
 from models import decoder
-from models.batch import Batch, Forward, flatten
+from models.batch import Batch
+from models.forward import Forward, flatten
 from models.kv_cache import CacheShape
 from models.prefix_cache import PrefixCache
 from models.types import ChunkFailed, Row, Sampled
-from models.sampler import (
-    beam_candidates,
-    make_generator,
-    raw_logprobs,
-    sample,
-    score,
-    unpack_candidates,
-    unpack_scores,
-)
+from models.sampler import make_generator, sample_step, to_host
 
 R = TypeVar("R", bound=Row)
 
@@ -217,7 +209,7 @@ class ModelRunner(Generic[R]):
         logits = self._forward(forward, every_position=True)  # [1, 1 + len(draft), vocab]
         # NOTE: position j's logits predict the token after input j: position 0 checks draft[0], and the
         # position after the last accepted draft token gives the model's own next token.
-        predicted = [int(t) for t in _to_host([logits[0].float().argmax(dim=-1)])[0]]
+        predicted = [int(t) for t in to_host([logits[0].float().argmax(dim=-1)])[0]]
         accepted = 0
         while accepted < len(draft) and predicted[accepted] == draft[accepted]:
             accepted += 1
@@ -255,77 +247,5 @@ class ModelRunner(Generic[R]):
         )
         return output.logits[0, :, None] if flat else output.logits
 
-    @torch.inference_mode()
     def _sample(self, logits: torch.Tensor, rows: Sequence[R], prompt_scores: bool) -> list[Sampled]:
-        last = logits[:, -1, :]  # [rows, vocab]
-        searches = _beam_groups(rows)
-        plain = [i for i, row in enumerate(rows) if row.beam is None]
-        asked = [i for i in plain if rows[i].params.logprobs is not None]
-        k = max((rows[i].params.logprobs for i in asked), default=0)
-        # Scores and beam candidates come from the raw logits, so they are taken before sampling modifies them in place.
-        logprobs = raw_logprobs(last[asked]) if asked else None
-        beam_top = [rows[group[0]].params.logprobs or 0 for group in searches]
-        beam_parts = [beam_candidates(last[group], [rows[i] for i in group], top) for group, top in zip(searches, beam_top)]
-        if searches:  # beam rows draw no token of their own
-            tokens = torch.full((len(rows),), -1, dtype=torch.long, device=last.device)
-            if plain:
-                tokens[plain] = sample(last[plain], [rows[i] for i in plain], [self._generators[rows[i]] for i in plain])
-        else:
-            tokens = sample(last, rows, [self._generators[row] for row in rows])
-        parts = [tokens]
-        if logprobs is not None:
-            parts.append(score(logprobs, tokens[asked], k))
-        scored_prompts = [i for i, row in enumerate(rows) if prompt_scores and row.params.prompt_logprobs is not None]
-        for i in scored_prompts:
-            parts.append(self._prompt_scores(logits[i], rows[i]))
-        parts += beam_parts
-        values = _to_host(parts)  # the step's one device-to-host copy
-
-        results = [Sampled(token=int(t)) for t in values[0]]
-        if asked:
-            width = 2 + 2 * k
-            for n, i in enumerate(asked):
-                row_values = values[1][n * width : (n + 1) * width]
-                results[i] = Sampled(results[i].token, unpack_scores(row_values, k, rows[i].params.logprobs))
-        for part, i in enumerate(scored_prompts, start=len(parts) - len(beam_parts) - len(scored_prompts)):
-            k_prompt = rows[i].params.prompt_logprobs
-            width = 2 + 2 * k_prompt
-            flat = values[part]
-            prompt = tuple(unpack_scores(flat[j : j + width], k_prompt, k_prompt) for j in range(0, len(flat), width))
-            results[i] = Sampled(results[i].token, results[i].logprobs, prompt)
-        for part, (group, top) in enumerate(zip(searches, beam_top), start=len(parts) - len(searches)):
-            candidates = unpack_candidates(values[part], top, top)
-            for i in group:
-                results[i] = replace(results[i], candidates=candidates)
-        return results
-
-    def _prompt_scores(self, logits: torch.Tensor, row: R) -> torch.Tensor:
-        """logits [q, vocab] of one prefill row -> `score` rows for its prompt tokens 1..P-1.
-
-        NOTE: the row is right-aligned in its group of width q, so its P prompt tokens sit at the last P
-        positions, and the logits at position j predict the token at j + 1: positions [q-P, q-1) score
-        prompt[1:]. The first prompt token has no score (nothing predicts it).
-        """
-        prompt = row.prompt_ids
-        q = logits.shape[0]
-        predicted = torch.tensor(prompt[1:], device=logits.device, dtype=torch.long)
-        return score(raw_logprobs(logits[q - len(prompt) : q - 1]), predicted, row.params.prompt_logprobs)
-
-
-def _beam_groups(rows: Sequence[Row]) -> list[list[int]]:
-    """Row indices of each beam search in the batch, each in slot order (what `beam_candidates` expects)."""
-    groups: dict[object, list[int]] = {}
-    for i, row in enumerate(rows):
-        if row.beam is not None:
-            groups.setdefault(row.beam.group, []).append(i)
-    return [sorted(group, key=lambda i: rows[i].beam.slot) for group in groups.values()]
-
-
-def _to_host(parts: Sequence[torch.Tensor]) -> list[list[float]]:
-    """Several tensors in one device-to-host copy: flattened into one float64 tensor, then split again."""
-    flat = torch.cat([p.reshape(-1).double() for p in parts]).tolist()
-    out, at = [], 0
-    for part in parts:
-        out.append(flat[at : at + part.numel()])
-        at += part.numel()
-    return out
+        return sample_step(logits, rows, self._generators, prompt_scores)

@@ -1,4 +1,5 @@
-"""Logits -> next token, one per row, each row by its own parameters.
+"""Logits -> next token, one per row, each row by its own parameters; and a step's logits -> each row's
+`Sampled` (its token, its scores, a beam search's candidates) after one device-to-host copy (`sample_step`).
 
 Vectorised over rows; what cannot be (a row's random draw) uses that row's own generator, so a seeded
 row draws the same numbers whatever else is in the batch. The order is vLLM's: suppressed tokens,
@@ -8,12 +9,13 @@ row's grammar mask comes before all of them (models/grammar.py).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import torch
 
 from models.grammar import apply_masks
-from models.types import Candidate, Row, TokenLogprobs
+from models.types import Candidate, Row, Sampled, TokenLogprobs
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -195,3 +197,85 @@ def _draw_top_k_top_p(
     keep = (ranks < top_k[:, None]) & (mass_before < top_p[:, None] * sorted_probs.sum(dim=-1, keepdim=True))
     picked = _draw(sorted_probs * keep, uniform)
     return order.gather(-1, picked[:, None]).squeeze(-1)
+
+
+@torch.inference_mode()
+def sample_step(
+    logits: torch.Tensor, rows: Sequence[Row], generators: Mapping[Row, torch.Generator], prompt_scores: bool
+) -> list[Sampled]:
+    """One step's logits [rows, q, vocab] -> each row's Sampled: its token (or, for a beam search, the
+    search's candidates) and the scores it asked for, and at a prefill (`prompt_scores`) its prompt's, all
+    after one device-to-host copy."""
+    last = logits[:, -1, :]  # [rows, vocab]
+    searches = _beam_groups(rows)
+    plain = [i for i, row in enumerate(rows) if row.beam is None]
+    asked = [i for i in plain if rows[i].params.logprobs is not None]
+    k = max((rows[i].params.logprobs for i in asked), default=0)
+    # Scores and beam candidates come from the raw logits, so they are taken before sampling modifies them in place.
+    logprobs = raw_logprobs(last[asked]) if asked else None
+    beam_top = [rows[group[0]].params.logprobs or 0 for group in searches]
+    beam_parts = [beam_candidates(last[group], [rows[i] for i in group], top) for group, top in zip(searches, beam_top)]
+    if searches:  # beam rows draw no token of their own
+        tokens = torch.full((len(rows),), -1, dtype=torch.long, device=last.device)
+        if plain:
+            tokens[plain] = sample(last[plain], [rows[i] for i in plain], [generators[rows[i]] for i in plain])
+    else:
+        tokens = sample(last, rows, [generators[row] for row in rows])
+    parts = [tokens]
+    if logprobs is not None:
+        parts.append(score(logprobs, tokens[asked], k))
+    scored_prompts = [i for i, row in enumerate(rows) if prompt_scores and row.params.prompt_logprobs is not None]
+    for i in scored_prompts:
+        parts.append(_prompt_scores(logits[i], rows[i]))
+    parts += beam_parts
+    values = to_host(parts)  # the step's one device-to-host copy
+
+    results = [Sampled(token=int(t)) for t in values[0]]
+    if asked:
+        width = 2 + 2 * k
+        for n, i in enumerate(asked):
+            row_values = values[1][n * width : (n + 1) * width]
+            results[i] = Sampled(results[i].token, unpack_scores(row_values, k, rows[i].params.logprobs))
+    for part, i in enumerate(scored_prompts, start=len(parts) - len(beam_parts) - len(scored_prompts)):
+        k_prompt = rows[i].params.prompt_logprobs
+        width = 2 + 2 * k_prompt
+        flat = values[part]
+        prompt = tuple(unpack_scores(flat[j : j + width], k_prompt, k_prompt) for j in range(0, len(flat), width))
+        results[i] = Sampled(results[i].token, results[i].logprobs, prompt)
+    for part, (group, top) in enumerate(zip(searches, beam_top), start=len(parts) - len(searches)):
+        candidates = unpack_candidates(values[part], top, top)
+        for i in group:
+            results[i] = replace(results[i], candidates=candidates)
+    return results
+
+
+def _prompt_scores(logits: torch.Tensor, row: Row) -> torch.Tensor:
+    """logits [q, vocab] of one prefill row -> `score` rows for its prompt tokens 1..P-1.
+
+    NOTE: the row is right-aligned in its group of width q, so its P prompt tokens sit at the last P
+    positions, and the logits at position j predict the token at j + 1: positions [q-P, q-1) score
+    prompt[1:]. The first prompt token has no score (nothing predicts it).
+    """
+    prompt = row.prompt_ids
+    q = logits.shape[0]
+    predicted = torch.tensor(prompt[1:], device=logits.device, dtype=torch.long)
+    return score(raw_logprobs(logits[q - len(prompt) : q - 1]), predicted, row.params.prompt_logprobs)
+
+
+def _beam_groups(rows: Sequence[Row]) -> list[list[int]]:
+    """Row indices of each beam search in the batch, each in slot order (what `beam_candidates` expects)."""
+    groups: dict[object, list[int]] = {}
+    for i, row in enumerate(rows):
+        if row.beam is not None:
+            groups.setdefault(row.beam.group, []).append(i)
+    return [sorted(group, key=lambda i: rows[i].beam.slot) for group in groups.values()]
+
+
+def to_host(parts: Sequence[torch.Tensor]) -> list[list[float]]:
+    """Several tensors in one device-to-host copy: flattened into one float64 tensor, then split again."""
+    flat = torch.cat([p.reshape(-1).double() for p in parts]).tolist()
+    out, at = [], 0
+    for part in parts:
+        out.append(flat[at : at + part.numel()])
+        at += part.numel()
+    return out

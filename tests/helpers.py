@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from models import LoadedModel
-from models.batch import Forward
+from models.forward import Forward
 from models.runner import ModelRunner
 from server.engine import Engine
 from server.request import Event, FinishReason, SamplingParams

@@ -17,7 +17,7 @@ import torch
 from prometheus_client import generate_latest
 
 from models import LoadedModel
-from models.batch import Forward
+from models.forward import Forward
 from server.app import create_app
 from server.config import Config
 from server.engine import Engine

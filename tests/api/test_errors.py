@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from models import LoadedModel
-from models.batch import Forward
+from models.forward import Forward
 from server.api.state import AppState
 from server.app import create_app
 from server.config import Config

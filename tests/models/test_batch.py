@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from models.attention import Parts
-from models.batch import Batch, Forward, flatten
+from models.batch import Batch
+from models.forward import Forward, flatten
 from models import kv_cache
 from models.kv_cache import CacheShape
 

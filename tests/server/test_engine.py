@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models import LoadedModel
-from models.batch import Forward
+from models.forward import Forward
 from server.detokenizer import Detokenizer
 from server.engine import Engine
 from server.errors import ContextLengthExceeded, EngineUnavailable, InvalidRequest, QueueFull

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models import LoadedModel
-from models.batch import Forward
+from models.forward import Forward
 from server.engine import Engine
 from server.request import SamplingParams
 from tests.helpers import around_forward, collect, run_with_engine

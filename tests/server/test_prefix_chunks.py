@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from models import LoadedModel
-from models.batch import Batch, Forward
+from models.batch import Batch
+from models.forward import Forward
 from server import metrics
 from server.engine import Engine
 from server.request import FinishReason, SamplingParams
