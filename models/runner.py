@@ -1,7 +1,7 @@
 """The only code that runs the model (models/decoder.py's forward for a Llama, transformers' for others):
 prefill newcomers, decode every row, sample one token per row.
 
-The engine thread drives it with its own request objects as row keys; `prefill` and `decode` each run
+The engine thread drives it with its own row objects as keys (server/row.py); `prefill` and `decode` each run
 one forward under `torch.inference_mode` and return plain Python values after one device-to-host copy:
 each row's token and, for rows that asked, its raw log-probabilities (and, at prefill, its prompt's).
 """
