@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import shutil
 import sys
@@ -98,8 +99,9 @@ def summarize(label: str, runs: tuple[list[list], float], served: list[int]) -> 
     )
 
 
-def hop_latency(url: str, model: str, requests: int) -> float:
+def hop_latency(url: str, requests: int) -> float:
     """p50 seconds of a one-token chat request, one at a time."""
+    model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
     body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
     seconds = []
     with httpx.Client(base_url=url, timeout=60) as client:
@@ -121,20 +123,20 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     cores = len(os.sched_getaffinity(0))
-    seed = iter(range(1, 1000))
+    stories = itertools.count(1000, 1000)  # each setup's conversations start at a story of their own
+
+    def converse(url: str, turns: int) -> tuple[list[list], float]:
+        model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+        return asyncio.run(conversations(url, args.conversations, turns, args.max_tokens, args.system_tokens, next(stories), model))
 
     def run(label: str, url: str, replicas: list[ServerProcess]) -> str:
-        model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
         before = [r.outcomes() for r in replicas]
-        runs = asyncio.run(
-            conversations(url, args.conversations, args.turns, args.max_tokens, args.system_tokens, next(seed) * 1000, model)
-        )
+        runs = converse(url, args.turns)
         return summarize(label, runs, [sum((r.outcomes() - b).values()) for r, b in zip(replicas, before)])
 
     def warm(url: str) -> None:
         """Prefill and decode the shapes the runs will, once, so no setup pays a fresh process's first steps."""
-        model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
-        asyncio.run(conversations(url, args.conversations, 1, args.max_tokens, args.system_tokens, 999_000, model))
+        converse(url, 1)
 
     rows = []
     one = replica(args.out, cores)
@@ -144,8 +146,7 @@ def main() -> None:
         gateway = start_gateway([one.url], "cache_aware", args.out, "--log-level", "warn")
         try:
             rows.append(run("gateway -> the same replica", gateway.url, [one]))
-            model = httpx.get(f"{one.url}/v1/models", timeout=10).json()["data"][0]["id"]
-            hop = [hop_latency(url, model, args.hop_requests) for url in (one.url, gateway.url, one.url, gateway.url)]
+            hop = [hop_latency(url, args.hop_requests) for url in (one.url, gateway.url, one.url, gateway.url)]
         finally:
             gateway.terminate()
     finally:
