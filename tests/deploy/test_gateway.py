@@ -108,10 +108,11 @@ def test_cache_aware_routing_reuses_far_more_of_each_conversation_than_round_rob
         finally:
             gateway.terminate()
         served[policy] = [sum((r.outcomes() - b).values()) for r, b in zip(replicas, before)]
-    # Round robin sends every second turn of a conversation to the replica that never saw it; cache_aware
-    # sends every turn back to the replica that holds the conversation so far.
-    assert shares["cache_aware"] >= 0.6, shares
-    assert shares["cache_aware"] >= 2 * shares["round_robin"], shares
+    # Round robin sends every second turn of a conversation to the replica that never saw it (turn 2 reuses
+    # nothing, turn 3 its first turn's prompt: measured 0.46); cache_aware sends every turn back to the replica
+    # that holds the conversation so far (measured 0.93).
+    assert shares["cache_aware"] >= 0.85, shares
+    assert shares["cache_aware"] >= 1.5 * shares["round_robin"], shares
     assert sum(served["round_robin"]) == CONVERSATIONS * TURNS and min(served["round_robin"]) > 0, served
     # Each conversation stayed whole on one replica. (One request at a time, as here, is no load: cache_aware
     # then sends a new conversation to the least loaded replica, which is the first; under load it spreads.)
@@ -155,9 +156,11 @@ def run_streams_while(url: str, count: int, event: Callable[[], None]) -> dict[i
     return results
 
 
-def new_requests_all_answered(url: str, count: int) -> None:
+def new_requests_all_answered(url: str, count: int, streams: dict[int, str]) -> None:
     for i in range(count):
-        assert chat(url, [{"role": "user", "content": f"after {i}"}], max_tokens=3)["choices"][0]["finish_reason"] == "length"
+        body = {"model": "tiny", "messages": [{"role": "user", "content": f"after {i}"}], "max_tokens": 3}
+        response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        assert response.status_code == 200, (i, response.text, streams)
 
 
 @pytest.mark.parametrize("how", ["killed", "drained"])
@@ -175,7 +178,7 @@ def test_a_replica_that_goes_away_mid_run(how: str, server_logs: Path) -> None:
             signal_ = signal.SIGKILL if how == "killed" else signal.SIGTERM
             results = run_streams_while(gateway.url, 6, lambda: leaving.process.send_signal(signal_))
             time.sleep(2)  # two health checks: the gateway has taken it out
-            new_requests_all_answered(gateway.url, 4)
+            new_requests_all_answered(gateway.url, 4, results)
         finally:
             gateway.terminate()
         outcomes = sorted(results.values())
@@ -186,7 +189,8 @@ def test_a_replica_that_goes_away_mid_run(how: str, server_logs: Path) -> None:
             assert done == 6, outcomes
             assert leaving.process.wait(60) == 0  # drained, then exited cleanly
         # The staying replica counted its three streams and every request that came after.
-        assert sum(staying.counted_since(before, 3 + 4).values()) == 3 + 4
+        counted = staying.counted_since(before, 3 + 4)
+        assert sum(counted.values()) == 3 + 4, (counted, outcomes)
     finally:
         for r in started:
             r.terminate()
