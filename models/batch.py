@@ -44,7 +44,7 @@ class _Zeroed:
 
 
 class Batch(Generic[Key]):
-    """The running rows, each owned by a key (the engine's request), in row order."""
+    """The running rows, each owned by a key (the engine's row, server/row.py), in row order."""
 
     def __init__(self, shape: CacheShape, max_rows: int) -> None:
         self.shape = shape

@@ -64,7 +64,7 @@ class Beam(Protocol):
 
 
 class Row(Protocol):
-    """What the sampler reads of a row; the engine's request satisfies it."""
+    """What the sampler reads of a row; the engine's rows (server/row.py) satisfy it."""
 
     prompt_ids: Sequence[int]
     output_ids: Sequence[int]

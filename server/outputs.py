@@ -16,7 +16,6 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-
 from models.types import Sampled, TokenLogprobs
 from server import metrics
 from server.beam import BeamSearch, render
