@@ -23,7 +23,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from models import attention, decoder, gguf_blocks, kv_cache, packed, quant, tiny
+from models import attention, decoder, gguf_blocks, kv_cache, native, packed, quant, tiny
 from models.quant_cache import cache_name
 from models.types import model_name
 
@@ -170,7 +170,7 @@ def _load(spec: str, device: str, dtype: str, quantization: str, fuse: bool) -> 
     elif fuse:
         decoder.fuse(model)
         if packed.available(torch_device, torch_dtype):
-            packed.pack(model)
+            packed.pack(model, panels=torch_dtype == torch.float32 and native.load(cache_root()))
     log.info("forward", extra={"forward": "models.decoder" if decoder.fused(model) else "transformers", "matmul": _matmul(model)})
     info = ModelInfo(
         name=model_name(spec),
@@ -192,7 +192,10 @@ def _matmul(model: PreTrainedModel) -> str:
     """Which kernels the model's projections run on, for the load log."""
     if any(isinstance(m, quant.QuantizedLinear) for m in model.modules()):
         return "pytorch weight-only int8/int4"
-    return "onednn packed" if any(isinstance(m, packed.PackedLinear) for m in model.modules()) else "pytorch linear"
+    kinds = {type(m) for m in model.modules()}
+    if packed.PanelLinear in kinds:
+        return "native panels" + (" and onednn packed" if packed.PackedLinear in kinds else "")
+    return "onednn packed" if packed.PackedLinear in kinds else "pytorch linear"
 
 
 def _quantize(

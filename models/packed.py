@@ -1,4 +1,10 @@
-"""Float Linears on oneDNN's matmul over weights packed once into its blocked layout.
+"""Float Linears on weights packed once for a kernel: float32 ones in panels for models/native.cpp's
+`panel_linear` where that library loaded, the rest (bfloat16, or no library) in oneDNN's blocked layout.
+
+float32, one decode step of SmolLM2-135M's matmuls at 1 / 8 / 32 rows on a 2-core AVX-512 EPYC, 2 threads:
+panels 16.7 / 16.5 / 45.4 ms, oneDNN 25.2 / 25.5 / 50.6 ms. At one row the panels stream the 540 MB of
+weights at 32 GB/s, the machine's rate; oneDNN reads them at 21. Each row is one chain of multiply-adds per
+output whatever the row count (models/native.cpp), so batch invariance holds by construction.
 
 PyTorch's `F.linear` on CPU calls MKL, which on a decode step (a few rows against a weight of hundreds of
 thousands of values) reads SmolLM2-135M's float32 weights at about 11 GB/s on a 2-core AVX-512 EPYC, a third
@@ -7,7 +13,7 @@ reordered once for it (`mkldnn._reorder_linear_weight`) at 17 to 25 GB/s from 1 
 does 2.2 times MKL's FLOPs: 26 ms instead of 47 for every matmul of a one-row float32 step, 54 instead of 121
 at 32 rows; in bfloat16 15 and 29 ms (measured with bench.step_profile's shapes, 2 threads).
 
-Batch invariance: a packed weight computes each output row from its own input row with one accumulation
+Batch invariance: oneDNN's packed weight computes each output row from its own input row with one accumulation
 order whatever the number of rows (tests/models/test_packed.py), as long as it was packed for 8 rows or
 more; MKL's float32 path does not (a row can move by an ulp between 1 and 4 rows).
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models import native
 from models.quant import set_module
 
 # The row count oneDNN packs for. Any count of 8 or more gives every row the same accumulation order for
@@ -49,10 +56,41 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def pack(model: nn.Module) -> int:
-    """Replace every nn.Linear of `model` by a PackedLinear, in place; returns how many. A tied LM head is
-    packed too: the embedding keeps its own table for the lookup."""
+class PanelLinear(nn.Module):
+    """y = x W^T in float32, W in `panel_linear`'s panels [out / V, in, V] (V: the library's vector width)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        if not panels_fit(linear):
+            raise ValueError(f"{linear} does not fit panel_linear: float32, no bias, out_features % {native.width()}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach()  # [out, in]
+        width = native.width()
+        # NOTE: panel p holds output columns [p V, (p + 1) V), laid out k-major so a tile reads them in one pass.
+        self.register_buffer("panels", weight.view(-1, width, self.in_features).transpose(1, 2).contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.tokenferry.panel_linear(x, self.panels)  # [..., in] -> [..., out]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias=False"
+
+
+def panels_fit(linear: nn.Linear) -> bool:
+    """Whether `linear` can run on `panel_linear` (the library must be loaded: `native.load`)."""
+    weight = linear.weight
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and linear.bias is None
+        and linear.out_features % native.width() == 0
+    )
+
+
+def pack(model: nn.Module, panels: bool = False) -> int:
+    """Replace every nn.Linear of `model` by a PanelLinear (`panels`, where it fits) or a PackedLinear, in place;
+    returns how many. A tied LM head is packed too: the embedding keeps its own table for the lookup."""
     linears = [(name, module) for name, module in model.named_modules() if type(module) is nn.Linear]
     for name, linear in linears:
-        set_module(model, name, PackedLinear(linear))
+        set_module(model, name, PanelLinear(linear) if panels and panels_fit(linear) else PackedLinear(linear))
     return len(linears)

@@ -1,4 +1,5 @@
-"""models/packed.py: float Linears on oneDNN's packed weights compute F.linear's function, each row alone."""
+"""models/packed.py: float Linears on packed weights (oneDNN's layout, or models/native.cpp's panels) compute
+F.linear's function, each row alone."""
 
 from __future__ import annotations
 
@@ -6,11 +7,22 @@ import pytest
 import torch
 from torch import nn
 
-from models import load, packed
+from models import load, native, packed
+from models.loader import cache_root
 
 pytestmark = pytest.mark.skipif(not packed.available(torch.device("cpu"), torch.float32), reason="no oneDNN in this PyTorch")
 
 DTYPES = [torch.float32, torch.bfloat16]
+# (module, dtype): oneDNN in both dtypes, the panels in float32.
+KINDS = [("onednn", torch.float32), ("onednn", torch.bfloat16), ("panels", torch.float32)]
+
+
+def _module(kind: str, linear: nn.Linear) -> nn.Module:
+    if kind == "onednn":
+        return packed.PackedLinear(linear)
+    if not native.load(cache_root()):
+        pytest.skip("models/native.cpp did not build or load here (the log says why)")
+    return packed.PanelLinear(linear)
 
 
 def _linear(out_features: int, in_features: int, dtype: torch.dtype, bias: bool = True) -> nn.Linear:
@@ -20,11 +32,12 @@ def _linear(out_features: int, in_features: int, dtype: torch.dtype, bias: bool 
     return linear.to(dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("bias", [True, False])
-def test_a_packed_linear_computes_what_f_linear_does(dtype: torch.dtype, bias: bool) -> None:
+@pytest.mark.parametrize(
+    ("kind", "dtype", "bias"), [(kind, dtype, bias) for kind, dtype in KINDS for bias in (False, True) if not (kind == "panels" and bias)]
+)
+def test_a_packed_linear_computes_what_f_linear_does(kind: str, dtype: torch.dtype, bias: bool) -> None:
     linear = _linear(96, 576, dtype, bias)
-    module = packed.PackedLinear(linear)
+    module = _module(kind, linear)
     x = torch.randn(5, 3, 576).to(dtype)  # [batch, seq, in]: any leading shape
     with torch.inference_mode():
         got, expected = module(x), linear(x)
@@ -34,11 +47,11 @@ def test_a_packed_linear_computes_what_f_linear_does(dtype: torch.dtype, bias: b
     assert (got.float() - expected.float()).abs().max() <= tolerance * expected.float().abs().max()
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_every_row_is_computed_alone_bit_for_bit_whatever_the_row_count(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(("kind", "dtype"), KINDS)
+def test_every_row_is_computed_alone_bit_for_bit_whatever_the_row_count(kind: str, dtype: torch.dtype) -> None:
     """Batch invariance rests on this: the rows of one call equal the rows of any other call that holds them,
     from one row (a stream alone) to many (a full batch)."""
-    module = packed.PackedLinear(_linear(3072, 576, dtype))
+    module = _module(kind, _linear(3072, 576, dtype, bias=kind == "onednn"))
     x = torch.randn(70, 576).to(dtype)  # [rows, in]
     with torch.inference_mode():
         alone = torch.cat([module(x[i : i + 1]) for i in range(70)])
@@ -46,15 +59,28 @@ def test_every_row_is_computed_alone_bit_for_bit_whatever_the_row_count(dtype: t
             assert torch.equal(module(x[:rows]), alone[:rows]), f"{rows} rows"
 
 
-def test_the_tiny_model_loads_fused_and_packed_and_its_embedding_keeps_its_table() -> None:
-    loaded = load("tiny")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_tiny_model_loads_fused_and_packed_and_its_embedding_keeps_its_table(dtype: str) -> None:
+    loaded = load("tiny", dtype=dtype)
     assert not any(type(m) is nn.Linear for m in loaded.model.modules())
-    assert isinstance(loaded.model.model.layers[0].self_attn.qkv_proj, packed.PackedLinear)
-    assert isinstance(loaded.model.lm_head, packed.PackedLinear)
-    reference = load("tiny", fuse=False).model  # transformers' own modules
+    # float32 on the panels wherever the library loaded, oneDNN otherwise.
+    kind = packed.PanelLinear if dtype == "float32" and native.load(cache_root()) else packed.PackedLinear
+    assert isinstance(loaded.model.model.layers[0].self_attn.qkv_proj, kind)
+    assert isinstance(loaded.model.lm_head, kind)
+    reference = load("tiny", dtype=dtype, fuse=False).model  # transformers' own modules
     assert torch.equal(loaded.model.model.embed_tokens.weight, reference.model.embed_tokens.weight)
     ids = torch.tensor([[3, 4, 5]])
     with torch.inference_mode():
         hidden = reference.model(ids).last_hidden_state
         got, expected = loaded.model.lm_head(hidden), reference.lm_head(hidden)
-    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    tolerance = 1e-5 if dtype == "float32" else 2e-2
+    assert (got.float() - expected.float()).abs().max() <= tolerance * expected.float().abs().max()
+
+
+def test_a_linear_the_panels_cannot_take_stays_on_onednn() -> None:
+    if not native.load(cache_root()):
+        pytest.skip("models/native.cpp did not build or load here (the log says why)")
+    model = nn.Sequential(_linear(96, 64, torch.float32, bias=True), _linear(5, 96, torch.float32, bias=False))
+    model.append(_linear(32, 5, torch.float32, bias=False))
+    assert packed.pack(model, panels=True) == 3
+    assert [type(m) for m in model] == [packed.PackedLinear, packed.PackedLinear, packed.PanelLinear]

@@ -1,0 +1,160 @@
+"""tokenferry's own CPU kernels (models/native.cpp), built once per machine and loaded as `torch.ops.tokenferry`.
+
+The library is compiled with the system's C++ compiler against the installed PyTorch, for the wider of two
+x86-64 levels this CPU has: x86-64-v4 (AVX-512) or x86-64-v3 (AVX2 and FMA). It is cached under the model
+cache (`kernels/`), named by the source, the compiler flags, the PyTorch version and the level, so later starts
+load it in milliseconds; the image builds both levels ahead (`python -m models.native`, Dockerfile). With no
+compiler, another CPU, or a failed build, `load` says why once and the callers keep PyTorch's kernels.
+
+    python -m models.native [--all-levels]     build (and load) the library for this machine, or every level
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.utils.cpp_extension
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native.cpp")
+# Each level: the /proc/cpuinfo flags it needs (GCC's x86-64-v3 and -v4 micro-architecture levels).
+_V3 = frozenset({"avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe"})
+LEVELS = {
+    "x86-64-v4": _V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"},
+    "x86-64-v3": _V3,
+}
+_BUILD_SECONDS = 300
+
+_lock = threading.Lock()
+_loaded: bool | None = None  # None until `load` has run: a TORCH_LIBRARY registers once per process
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as Linux names them; empty where /proc/cpuinfo does not list them."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+def level(flags: frozenset[str] | None = None) -> str | None:
+    """The widest level in LEVELS this CPU runs, or None."""
+    flags = cpu_flags() if flags is None else flags
+    return next((name for name, needs in LEVELS.items() if needs <= flags), None)
+
+
+def _command(level: str, output: Path) -> list[str]:
+    include = torch.utils.cpp_extension.include_paths()
+    libraries = torch.utils.cpp_extension.library_paths()
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return [
+        os.environ.get("CXX") or "c++",
+        "-O3",
+        f"-march={level}",
+        "-std=gnu++17",
+        "-shared",
+        "-fPIC",
+        "-fopenmp",  # ATen's parallel_for is OpenMP in its header; at load it binds to PyTorch's own libgomp
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        *(f"-I{path}" for path in include),
+        str(SOURCE),
+        "-o",
+        str(output),
+        *(f"-L{path}" for path in libraries),
+        *(f"-Wl,-rpath,{path}" for path in libraries),
+        "-lc10",
+        "-ltorch_cpu",
+    ]
+
+
+def library_path(root: Path, level: str) -> Path:
+    """Where the library for `level` is cached: the name changes with the source, flags and PyTorch."""
+    key = hashlib.sha256()
+    key.update(SOURCE.read_bytes())
+    key.update(" ".join(_command(level, Path("out"))).encode())  # the compiler, flags and PyTorch's paths
+    key.update(torch.__version__.encode())
+    return root / "kernels" / f"native-{level}-{key.hexdigest()[:16]}.so"
+
+
+def build(root: Path, level: str) -> Path:
+    """The cached library for `level`, compiled first if missing; raises RuntimeError naming what failed."""
+    path = library_path(root, level)
+    if path.exists():
+        return path
+    if shutil.which(os.environ.get("CXX") or "c++") is None:
+        raise RuntimeError("no C++ compiler (c++ or $CXX) to build models/native.cpp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        built = Path(scratch) / path.name
+        try:
+            done = subprocess.run(_command(level, built), capture_output=True, text=True, timeout=_BUILD_SECONDS)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"building models/native.cpp took over {_BUILD_SECONDS} s") from None
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"building models/native.cpp failed: {last}")
+        os.replace(built, path)  # atomic: processes building at once each install a whole file
+    log.info("native kernels built", extra={"level": level, "seconds": round(time.perf_counter() - started, 1)})
+    return path
+
+
+def load(root: Path) -> bool:
+    """Load the library for this CPU, building it first if need be; True if `torch.ops.tokenferry` is there.
+    Once per process: later calls return the first answer."""
+    global _loaded
+    with _lock:
+        if _loaded is None:
+            _loaded = _load(root)
+        return _loaded
+
+
+def _load(root: Path) -> bool:
+    chosen = level()
+    if chosen is None:
+        log.info("native kernels off: this CPU has neither AVX-512 nor AVX2 with FMA")
+        return False
+    try:
+        torch.ops.load_library(str(build(root, chosen)))
+    except (RuntimeError, OSError) as exc:
+        log.warning("native kernels off, PyTorch's kernels serve", extra={"reason": str(exc)})
+        return False
+    return True
+
+
+def width() -> int:
+    """Floats per vector in the loaded library: the panel width of `panel_linear`'s weights."""
+    return int(torch.ops.tokenferry.panel_width())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--all-levels", action="store_true", help="build every level, not only this CPU's")
+    args = parser.parse_args()
+    from models.loader import cache_root
+
+    root = cache_root()
+    for name in LEVELS if args.all_levels else [level()]:
+        if name is None:
+            sys.exit("this CPU has neither AVX-512 nor AVX2 with FMA")
+        print(build(root, name))
+
+
+if __name__ == "__main__":
+    main()
