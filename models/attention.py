@@ -6,10 +6,17 @@ one sequence of tokens, every projection and MLP reads the weights once for both
 them apart. `Parts` is what a flattened forward's cache hands the attention (models/kv_cache.py,
 `flat_cache`): each part's keys, values and mask, as SDPA would get them alone; `attend` runs each part's
 SDPA on its own queries, so every part computes exactly what it would in a forward of its own.
+
+`attend_native` (NATIVE) is the same, except that a query of one token per row (a decode step, alone or as
+its part of a flattened forward) runs models/native.cpp's `decode_attention`: in float32 on CPU, where the
+library loaded (models/loader.py chooses). It reads each key-value head once for its query heads and only the
+columns a row's mask keeps: 2.5 times SDPA's speed at 32 rows of 150 columns on a 2-core AVX-512 EPYC
+(0.26 against 0.66 ms a layer), and a row's output the same bits whatever its batch's padding.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +26,9 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 # The attn_implementation models are loaded with (models/loader.py, models/tiny.py).
 NAME = "tokenferry_sdpa"
+# What the loader switches a float32 model to on CPU once models/native.cpp loaded.
+NATIVE = "tokenferry_native"
+MAX_GROUP, MAX_HEAD_DIM = 16, 256  # decode_attention's bounds: query heads per key-value head, head size
 
 
 @dataclass(frozen=True)
@@ -73,17 +83,65 @@ def attend(
 
     query: [batch, heads, q, head_dim]; returns [batch, q, heads, head_dim] as transformers' functions do.
     """
+    return _each_part(sdpa_attention_forward, module, query, key, value, attention_mask, **kwargs)
+
+
+def attend_native(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor | Parts,
+    value: torch.Tensor | Parts,
+    attention_mask: torch.Tensor | None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """`attend`, with one-token queries on models/native.cpp's `decode_attention` (the library must be loaded)."""
+    return _each_part(_native_or_sdpa, module, query, key, value, attention_mask, **kwargs)
+
+
+def native_fits(config: object, head_dim: int, width: int) -> bool:
+    """Whether decode_attention takes a model of this shape (`width`: the library's vector width)."""
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads  # type: ignore[attr-defined]
+    return heads % kv_heads == 0 and heads // kv_heads <= MAX_GROUP and head_dim % width == 0 and head_dim <= MAX_HEAD_DIM
+
+
+def _each_part(
+    one: Callable[..., tuple[torch.Tensor, None]],
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor | Parts,
+    value: torch.Tensor | Parts,
+    attention_mask: torch.Tensor | None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
     if not isinstance(key, Parts):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return one(module, query, key, value, attention_mask, **kwargs)
     heads, dim = query.shape[1], query.shape[3]
     outputs = []
     for part in key.parts:
         span = part.span
         mine = unflatten(query, span)  # [rows, heads, q, dim]
-        out, _ = sdpa_attention_forward(module, mine, part.keys, part.values, span.mask, **kwargs)
+        out, _ = one(module, mine, part.keys, part.values, span.mask, **kwargs)
         outputs.append(out.reshape(span.rows * span.q, heads, dim))  # out: [rows, q, heads, dim]
     return torch.cat(outputs)[None], None  # [1, tokens, heads, dim]
 
 
+def _native_or_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    rows, _, q, _ = query.shape  # [rows, heads, q, dim]
+    plain = attention_mask is not None and attention_mask.dtype == torch.bool and not kwargs.get("dropout")
+    if q != 1 or not plain or query.dtype != torch.float32 or query.device.type != "cpu":
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    mask = attention_mask[:, 0, 0].expand(rows, key.shape[2]).contiguous()  # [rows, cols]
+    out = torch.ops.tokenferry.decode_attention(query[:, :, 0], key, value, mask, float(kwargs["scaling"]))
+    return out[:, None], None  # [rows, heads, dim] -> [rows, 1, heads, dim]
+
+
 AttentionInterface.register(NAME, attend)
+AttentionInterface.register(NATIVE, attend_native)
 AttentionMaskInterface.register(NAME, sdpa_mask)  # when transformers builds a mask itself (generate), as for SDPA

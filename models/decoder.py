@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaForCausalLM
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from models.attention import attend
 from models.forward import Forward
 from models.quant import set_module
 
@@ -110,6 +110,7 @@ def _attention(
     new_keys = turned[:, :, heads:].transpose(1, 2)  # [rows, kv_heads, q, dim]
     keys, values = inputs.cache.layers[layer].update(new_keys, qkv[:, :, heads + kv_heads :].transpose(1, 2))
     # The attention transformers' forward calls (each part apart in a flattened forward), so the two agree bit for bit.
+    attend = ALL_ATTENTION_FUNCTIONS[config._attn_implementation]
     out, _ = attend(attention, query, keys, values, inputs.attention_mask, dropout=0.0, scaling=attention.scaling)
     return attention.o_proj(out.reshape(rows * q, heads * dim))  # from [rows, q, heads, dim]
 

@@ -170,8 +170,18 @@ def _load(spec: str, device: str, dtype: str, quantization: str, fuse: bool) -> 
     elif fuse:
         decoder.fuse(model)
         if packed.available(torch_device, torch_dtype):
-            packed.pack(model, panels=torch_dtype == torch.float32 and native.load(cache_root()))
-    log.info("forward", extra={"forward": "models.decoder" if decoder.fused(model) else "transformers", "matmul": _matmul(model)})
+            on_native = torch_dtype == torch.float32 and native.load(cache_root())
+            packed.pack(model, panels=on_native)
+            if on_native and attention.native_fits(model.config, model.model.layers[0].self_attn.head_dim, native.width()):
+                model.config._attn_implementation = attention.NATIVE
+    log.info(
+        "forward",
+        extra={
+            "forward": "models.decoder" if decoder.fused(model) else "transformers",
+            "matmul": _matmul(model),
+            "attention": model.config._attn_implementation,
+        },
+    )
     info = ModelInfo(
         name=model_name(spec),
         source=source,

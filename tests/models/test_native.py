@@ -1,5 +1,6 @@
 """models/native.py and native.cpp: the library is built once per machine, loads, checks what it is given on
-every CPU, and computes the same function on both x86-64 levels; without a compiler the server keeps PyTorch's kernels."""
+every CPU, and computes the same functions as PyTorch's on both x86-64 levels, each row the same bits in any
+batch; without a compiler the server keeps PyTorch's kernels."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from models import native
+from models import attention, load, native
 from models.loader import cache_root
 
 AVX2 = frozenset({"avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "sse4_2"})
@@ -79,6 +81,78 @@ def test_the_kernel_refuses_what_it_cannot_compute_on_every_cpu(
         torch.ops.tokenferry.panel_linear(x, panels)
 
 
+def sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """PyTorch's attention on decode_attention's arguments: query [rows, heads, dim] -> [rows, heads, dim]."""
+    rows, heads, dim = query.shape
+    group = heads // keys.shape[1]
+    expand = lambda t: t.repeat_interleave(group, dim=1)  # noqa: E731  [rows, heads, cols, dim]
+    out = F.scaled_dot_product_attention(query[:, :, None], expand(keys), expand(values), attn_mask=mask[:, None, None], scale=scale)
+    return out[:, :, 0]
+
+
+def decode_case(rows: int, cols: int, heads: int = 9, kv_heads: int = 3, dim: int = 64) -> tuple[torch.Tensor, ...]:
+    """Keys and values as the runner hands them: a window of a larger store (strided); each row's mask keeps
+    a left-padded run of columns with a hole or two, as a row that joined a batch mid-flight has."""
+    torch.manual_seed(rows * 1000 + cols)
+    store = torch.randn(2, rows + 3, kv_heads, cols + 40, dim)
+    keys, values = store[0, 2 : rows + 2, :, 7 : cols + 7], store[1, 2 : rows + 2, :, 7 : cols + 7]
+    query = torch.randn(rows, heads + 5, dim)[:, 2 : heads + 2]  # [rows, heads, dim], strided
+    mask = torch.zeros(rows, cols, dtype=torch.bool)
+    for row in range(rows):
+        start = (row * 7) % cols
+        mask[row, start:] = True
+        mask[row, start + (cols - start) // 2] = row % 2 == 0 and cols - start > 2  # a hole in every other row
+        mask[row, -1] = True
+    return query, keys, values, mask
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(1, 1), (1, 40), (3, 17), (32, 150), (5, 700)])
+def test_decode_attention_computes_sdpas_function(loaded: None, rows: int, cols: int) -> None:
+    query, keys, values, mask = decode_case(rows, cols)
+    got = torch.ops.tokenferry.decode_attention(query, keys, values, mask, 0.125)
+    expected = sdpa(query, keys, values, mask, 0.125)
+    assert got.shape == (rows, 9, 64)
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_a_rows_attention_is_the_same_bits_whatever_its_batchs_padding(loaded: None) -> None:
+    """The kept columns alone, packed to the left with no padding, give the row's output bit for bit."""
+    query, keys, values, mask = decode_case(6, 90)
+    batched = torch.ops.tokenferry.decode_attention(query, keys, values, mask, 0.125)
+    for row in range(6):
+        kept = mask[row].nonzero()[:, 0]
+        alone = torch.ops.tokenferry.decode_attention(
+            query[row : row + 1], keys[row : row + 1, :, kept], values[row : row + 1, :, kept],
+            torch.ones(1, len(kept), dtype=torch.bool), 0.125,
+        )  # fmt: skip
+        assert torch.equal(alone[0], batched[row]), f"row {row}"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda q, k, v, m: (q.bfloat16(), k, v, m), "float32 only"),
+        (lambda q, k, v, m: (q, k, v, m.t().contiguous().t()), "mask must be"),
+        (lambda q, k, v, m: (q, k, v, m[:, :-1]), "mask must be"),
+        (lambda q, k, v, m: (q[..., :56], k[..., :56], v[..., :56], m), "head size"),
+        (lambda q, k, v, m: (q[:, :8], k, v, m), "heads over"),
+        (lambda q, k, v, m: (q[..., ::2], k[..., ::2], v[..., ::2], m), "contiguous"),
+    ],
+)
+def test_decode_attention_refuses_what_it_cannot_compute_on_every_cpu(
+    loaded: None, change: Callable[..., tuple[torch.Tensor, ...]], message: str
+) -> None:
+    query, keys, values, mask = change(*decode_case(4, 30))
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.tokenferry.decode_attention(query, keys, values, mask, 0.125)
+
+
+@pytest.mark.parametrize(("dtype", "implementation"), [("float32", attention.NATIVE), ("bfloat16", attention.NAME)])
+def test_a_float32_model_attends_natively_when_the_library_loaded(loaded: None, dtype: str, implementation: str) -> None:
+    assert load("tiny", dtype=dtype).model.config._attn_implementation == implementation
+    assert load("tiny", dtype=dtype, fuse=False).model.config._attn_implementation == attention.NAME  # transformers' own
+
+
 # Run in a fresh interpreter: one process registers one library under torch.ops.tokenferry.
 _CHECK = textwrap.dedent(
     """
@@ -95,6 +169,11 @@ _CHECK = textwrap.dedent(
         alone = torch.cat([module(x[i : i + 1]) for i in range(37)])
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max(), "not F.linear's function"
     assert torch.equal(got, alone), "a row differs between a call of 37 rows and a call of its own"
+    from tests.models.test_native import decode_case, sdpa
+    query, keys, values, mask = decode_case(32, 150)
+    got = torch.ops.tokenferry.decode_attention(query, keys, values, mask, 0.125)
+    expected = sdpa(query, keys, values, mask, 0.125)
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max(), "not SDPA's function"
     print(native.width())
     """
 )
@@ -109,6 +188,7 @@ def test_every_level_this_cpu_runs_computes_the_same_function(level: str, tmp_pa
         path = native.build(tmp_path, level)
     except RuntimeError as exc:
         pytest.skip(str(exc))
-    done = subprocess.run([sys.executable, "-c", _CHECK, str(path)], capture_output=True, text=True, timeout=120)
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", _CHECK, str(path)], capture_output=True, text=True, timeout=120, cwd=repo)
     assert done.returncode == 0, done.stderr[-2000:]
     assert int(done.stdout) == {"x86-64-v4": 16, "x86-64-v3": 8}[level]
