@@ -8,8 +8,8 @@ them apart. `Parts` is what a flattened forward's cache hands the attention (mod
 SDPA on its own queries, so every part computes exactly what it would in a forward of its own.
 
 `attend_native` (NATIVE) is the same, except that a query of one token per row (a decode step, alone or as
-its part of a flattened forward) runs models/native.cpp's `decode_attention`: in float32 on CPU, where the
-library loaded (models/loader.py chooses). It reads each key-value head once for its query heads and only the
+its part of a flattened forward) runs models/native.cpp's `decode_attention`: in float32 or bfloat16 on CPU,
+where the library loaded (models/loader.py chooses). It reads each key-value head once for its query heads and only the
 columns a row's mask keeps: 2.5 times SDPA's speed at 32 rows of 150 columns on a 2-core AVX-512 EPYC
 (0.26 against 0.66 ms a layer), and a row's output the same bits whatever its batch's padding.
 """
@@ -26,7 +26,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 # The attn_implementation models are loaded with (models/loader.py, models/tiny.py).
 NAME = "tokenferry_sdpa"
-# What the loader switches a float32 model to on CPU once models/native.cpp loaded.
+# What the loader switches a model to on CPU once models/native.cpp loaded; models/decoder.py then runs its
+# norms and MLP activation there too.
 NATIVE = "tokenferry_native"
 MAX_GROUP, MAX_HEAD_DIM = 16, 256  # decode_attention's bounds: query heads per key-value head, head size
 
@@ -135,7 +136,7 @@ def _native_or_sdpa(
 ) -> tuple[torch.Tensor, None]:
     rows, _, q, _ = query.shape  # [rows, heads, q, dim]
     plain = attention_mask is not None and attention_mask.dtype == torch.bool and not kwargs.get("dropout")
-    if q != 1 or not plain or query.dtype != torch.float32 or query.device.type != "cpu":
+    if q != 1 or not plain or query.dtype not in (torch.float32, torch.bfloat16) or query.device.type != "cpu":
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     mask = attention_mask[:, 0, 0].expand(rows, key.shape[2]).contiguous()  # [rows, cols]
     out = torch.ops.tokenferry.decode_attention(query[:, :, 0], key, value, mask, float(kwargs["scaling"]))

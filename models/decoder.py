@@ -23,6 +23,7 @@ from torch import nn
 from transformers import LlamaForCausalLM
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from models import attention
 from models.forward import Forward
 from models.quant import set_module
 
@@ -69,27 +70,33 @@ def forward(model: LlamaForCausalLM, inputs: Forward, every_position: bool) -> t
     """Logits [rows, q or 1, vocab] as `ModelRunner._forward` gives them: every position's, the last one's,
     or for a flattened forward each row's last token's ([rows, 1, vocab])."""
     decoder = model.model
+    # The loader puts a model on models/native.cpp as a whole: matmuls, attention, norms and the MLP's activation.
+    native = model.config._attn_implementation == attention.NATIVE
     rows, q = inputs.input_ids.shape
     hidden = decoder.embed_tokens(inputs.input_ids)  # [rows, q, hidden]
     cos, sin = decoder.rotary_emb(hidden, inputs.position_ids)  # [rows, q, head_dim]
     rotary = cos[:, :, None], sin[:, :, None]  # [rows, q, 1, head_dim]: the same for every head
     for i, layer in enumerate(decoder.layers):
-        attended = _attention(layer.self_attn, _norm(hidden, layer.input_layernorm), rotary, inputs, i)
+        attended = _attention(layer.self_attn, _norm(hidden, layer.input_layernorm, native), rotary, inputs, i)
         hidden = hidden + attended.view(rows, q, -1)
-        hidden = hidden + _mlp(layer.mlp, _norm(hidden, layer.post_attention_layernorm)).view(rows, q, -1)
+        hidden = hidden + _mlp(layer.mlp, _norm(hidden, layer.post_attention_layernorm, native), native).view(rows, q, -1)
     if inputs.last is not None:
         hidden = hidden[0, inputs.last][:, None]  # [rows, 1, hidden]
     elif not every_position:
         hidden = hidden[:, -1:]
-    logits = model.lm_head(_norm(hidden, decoder.norm))  # [kept rows * kept q, vocab]
+    logits = model.lm_head(_norm(hidden, decoder.norm, native))  # [kept rows * kept q, vocab]
     return logits.view(*hidden.shape[:2], -1)
 
 
-def _norm(hidden: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """RMSNorm, bit for bit as transformers' LlamaRMSNorm: [tokens, hidden].
+def _norm(hidden: torch.Tensor, norm: nn.Module, native: bool = False) -> torch.Tensor:
+    """RMSNorm, bit for bit as transformers' LlamaRMSNorm: [tokens, hidden]; `native`: the same function on
+    models/native.cpp, summing the squares in another order.
 
     In float32 PyTorch's fused rms_norm computes exactly that in one operation; in other dtypes LlamaRMSNorm
     rounds to the dtype before it scales, which only the module itself does."""
+    if native:
+        rows = hidden.reshape(-1, hidden.shape[-1]).contiguous()  # a prefill keeps only its last positions: a strided view
+        return torch.ops.tokenferry.rms_norm(rows, norm.weight, norm.variance_epsilon)
     if hidden.dtype == torch.float32:
         normed = F.rms_norm(hidden, hidden.shape[-1:], norm.weight, norm.variance_epsilon)
     else:
@@ -121,7 +128,10 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-second, first), dim=-1) * sin
 
 
-def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _mlp(mlp: nn.Module, x: torch.Tensor, native: bool) -> torch.Tensor:
     """x [tokens, hidden] -> down(silu(gate x) * up x) [tokens, hidden]."""
-    gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
+    gate_up = mlp.gate_up_proj(x)  # [tokens, 2 intermediate]
+    if native:
+        return mlp.down_proj(torch.ops.tokenferry.silu_mul(gate_up))
+    gate, up = gate_up.chunk(2, dim=-1)
     return mlp.down_proj(F.silu(gate) * up)

@@ -170,7 +170,7 @@ def _load(spec: str, device: str, dtype: str, quantization: str, fuse: bool) -> 
     elif fuse:
         decoder.fuse(model)
         if packed.available(torch_device, torch_dtype):
-            on_native = torch_dtype == torch.float32 and native.load(cache_root())
+            on_native = native.load(cache_root())
             packed.pack(model, panels=on_native)
             if on_native and attention.native_fits(model.config, model.model.layers[0].self_attn.head_dim, native.width()):
                 model.config._attn_implementation = attention.NATIVE

@@ -11,12 +11,16 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -32,6 +36,11 @@ inline void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
 inline Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
 inline Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
 inline Vec max(Vec a, Vec b) { return _mm512_max_ps(a, b); }
+inline Vec min(Vec a, Vec b) { return _mm512_min_ps(a, b); }
+inline Vec div(Vec a, Vec b) { return _mm512_div_ps(a, b); }
+inline Vec where_nonnegative(Vec x, Vec a, Vec b) {  // x >= 0 ? a : b, lane by lane
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, zero(), _CMP_GE_OQ), b, a);
+}
 inline float sum(Vec v) { return _mm512_reduce_add_ps(v); }
 inline Vec round(Vec v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 inline Vec pow2(Vec n) {  // 2^n for integral n in [-126, 127]
@@ -50,6 +59,9 @@ inline void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
 inline Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
 inline Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
 inline Vec max(Vec a, Vec b) { return _mm256_max_ps(a, b); }
+inline Vec min(Vec a, Vec b) { return _mm256_min_ps(a, b); }
+inline Vec div(Vec a, Vec b) { return _mm256_div_ps(a, b); }
+inline Vec where_nonnegative(Vec x, Vec a, Vec b) { return _mm256_blendv_ps(b, a, _mm256_cmp_ps(x, zero(), _CMP_GE_OQ)); }
 inline float sum(Vec v) {  // a fixed tree: the same bits for the same lanes
   __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   half = _mm_add_ps(half, _mm_movehl_ps(half, half));
@@ -65,66 +77,141 @@ constexpr int ROWS = 4, PANELS = 3;
 #error "models/native.cpp needs AVX2 and FMA, or AVX-512"
 #endif
 
-// out[r][p*V + j] = sum over k of x[r][k] * panels[p][k][j], for R rows and P panels.
-template <int R, int P>
-void tile(const float* x, int64_t K, const float* panels, float* out, int64_t out_stride) {
+using bf16 = uint16_t;  // bfloat16's bits: the high half of a float32
+
+// bfloat16 lanes to float32 and back, V at a time. Rounding is to nearest, ties to even, as PyTorch's cast.
+#if defined(__AVX512F__)
+using Bits = __m512i;  // V lanes of 32 bits
+inline Bits load_bits(const bf16* p) { return _mm512_loadu_si512(p); }  // 2 V bfloat16
+inline Bits splat_bits(uint32_t x) { return _mm512_set1_epi32(static_cast<int>(x)); }
+inline Vec low_halves(Bits b) { return _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)); }
+inline Vec high_halves(Bits b) { return _mm512_castsi512_ps(_mm512_and_si512(b, _mm512_set1_epi32(-65536))); }
+inline Vec load_bf16(const bf16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+inline void store_bf16(bf16* p, Vec v) {
+  __m512i u = _mm512_castps_si512(v);
+  u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+  _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+}
+#else
+using Bits = __m256i;
+inline Bits load_bits(const bf16* p) { return _mm256_loadu_si256((const __m256i*)p); }
+inline Bits splat_bits(uint32_t x) { return _mm256_set1_epi32(static_cast<int>(x)); }
+inline Vec low_halves(Bits b) { return _mm256_castsi256_ps(_mm256_slli_epi32(b, 16)); }
+inline Vec high_halves(Bits b) { return _mm256_castsi256_ps(_mm256_and_si256(b, _mm256_set1_epi32(-65536))); }
+inline Vec load_bf16(const bf16* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+inline void store_bf16(bf16* p, Vec v) {
+  __m256i u = _mm256_castps_si256(v);
+  u = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+  u = _mm256_srli_epi32(u, 16);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(u, u), 0xD8);
+  _mm_storeu_si128((__m128i*)p, _mm256_castsi256_si128(packed));
+}
+#endif
+
+inline Vec load_any(const float* p) { return load(p); }
+inline Vec load_any(const bf16* p) { return load_bf16(p); }
+inline void store_any(float* p, Vec v) { store(p, v); }
+inline void store_any(bf16* p, Vec v) { store_bf16(p, v); }
+
+// acc + x_k w_k + x_k+1 w_k+1 in every lane, from a pair of inputs and a vector of V pairs of weights. With
+// AVX512-BF16 one dot-product instruction; otherwise two FMAs in float32. Either way the same for every tile.
+inline Vec pair_fma(Bits x_pair, Bits w_pairs, Vec acc) {
+#if defined(__AVX512BF16__)
+  return _mm512_dpbf16_ps(acc, (__m512bh)x_pair, (__m512bh)w_pairs);
+#else
+  return fma(high_halves(x_pair), high_halves(w_pairs), fma(low_halves(x_pair), low_halves(w_pairs), acc));
+#endif
+}
+
+// out[r][p*V + j] = sum over k of x[r][k] * W[p*V + j][k], for R rows and P panels, k in order. float32 panels
+// are [K][V] (panel p, then k, then the column); bfloat16 ones hold pairs of k per column, [K/2][V][2], the
+// layout the dot-product instruction reads.
+template <typename T, int R, int P>
+void tile(const T* x, int64_t K, const T* panels, T* out, int64_t out_stride) {
   Vec acc[R][P];
   for (int r = 0; r < R; ++r)
     for (int p = 0; p < P; ++p) acc[r][p] = zero();
   const int64_t panel_stride = K * V;
-  for (int64_t k = 0; k < K; ++k) {
-    Vec w[P];
-    for (int p = 0; p < P; ++p) w[p] = load(panels + p * panel_stride + k * V);
-    for (int r = 0; r < R; ++r) {
-      const Vec xr = splat(x[r * K + k]);
-      for (int p = 0; p < P; ++p) acc[r][p] = fma(xr, w[p], acc[r][p]);
+  if constexpr (std::is_same_v<T, float>) {
+    for (int64_t k = 0; k < K; ++k) {
+      Vec w[P];
+      for (int p = 0; p < P; ++p) w[p] = load(panels + p * panel_stride + k * V);
+      for (int r = 0; r < R; ++r) {
+        const Vec xr = splat(x[r * K + k]);
+        for (int p = 0; p < P; ++p) acc[r][p] = fma(xr, w[p], acc[r][p]);
+      }
+    }
+  } else {
+    for (int64_t k = 0; k < K; k += 2) {
+      Bits w[P];
+      for (int p = 0; p < P; ++p) w[p] = load_bits(panels + p * panel_stride + k * V);
+      for (int r = 0; r < R; ++r) {
+        uint32_t pair;
+        std::memcpy(&pair, x + r * K + k, sizeof pair);
+        const Bits xr = splat_bits(pair);
+        for (int p = 0; p < P; ++p) acc[r][p] = pair_fma(xr, w[p], acc[r][p]);
+      }
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int p = 0; p < P; ++p) store(out + r * out_stride + p * V, acc[r][p]);
+    for (int p = 0; p < P; ++p) store_any(out + r * out_stride + p * V, acc[r][p]);
 }
 
-template <int R>
-void tile_rows(int64_t panel_count, const float* x, int64_t K, const float* panels, float* out, int64_t out_stride) {
+template <typename T, int R>
+void tile_rows(int64_t panel_count, const T* x, int64_t K, const T* panels, T* out, int64_t out_stride) {
   static_assert(PANELS == 3, "the cases below cover 1..PANELS panels");
-  if (panel_count == 3) tile<R, 3>(x, K, panels, out, out_stride);
-  else if (panel_count == 2) tile<R, 2>(x, K, panels, out, out_stride);
-  else tile<R, 1>(x, K, panels, out, out_stride);
+  if (panel_count == 3) tile<T, R, 3>(x, K, panels, out, out_stride);
+  else if (panel_count == 2) tile<T, R, 2>(x, K, panels, out, out_stride);
+  else tile<T, R, 1>(x, K, panels, out, out_stride);
 }
 
-template <int R = ROWS>
-void tile_any(int64_t rows, int64_t panel_count, const float* x, int64_t K, const float* panels, float* out,
-              int64_t out_stride) {
+template <typename T, int R = ROWS>
+void tile_any(int64_t rows, int64_t panel_count, const T* x, int64_t K, const T* panels, T* out, int64_t out_stride) {
   if constexpr (R > 1) {
-    if (rows < R) return tile_any<R - 1>(rows, panel_count, x, K, panels, out, out_stride);
+    if (rows < R) return tile_any<T, R - 1>(rows, panel_count, x, K, panels, out, out_stride);
   }
-  tile_rows<R>(panel_count, x, K, panels, out, out_stride);
+  tile_rows<T, R>(panel_count, x, K, panels, out, out_stride);
 }
 
-at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels) {
-  // x [..., K] float32; panels [N/V, K, V] float32 contiguous -> [..., N]
-  TORCH_CHECK(x.scalar_type() == at::kFloat && panels.scalar_type() == at::kFloat, "panel_linear: float32 only");
-  TORCH_CHECK(panels.dim() == 3 && panels.size(2) == V && panels.is_contiguous(),
-              "panel_linear: panels must be [N/", V, ", K, ", V, "] and contiguous");
-  const int64_t K = panels.size(1), panel_total = panels.size(0), N = panel_total * V;
-  TORCH_CHECK(x.size(-1) == K, "panel_linear: x has ", x.size(-1), " features, the weight ", K);
-  const at::Tensor rows_in = x.reshape({-1, K}).contiguous();  // [M, K]
-  const int64_t M = rows_in.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());
-  const float* xs = static_cast<const float*>(rows_in.const_data_ptr());
-  const float* ws = static_cast<const float*>(panels.const_data_ptr());
-  float* ys = static_cast<float*>(y.mutable_data_ptr());
-  const int64_t groups = (panel_total + PANELS - 1) / PANELS;
+template <typename T>
+void panels_times(const T* xs, int64_t M, int64_t K, const T* ws, int64_t panel_total, T* ys) {
+  const int64_t N = panel_total * V, groups = (panel_total + PANELS - 1) / PANELS;
   // Threads split the panels; each streams its own panels once per tile of rows.
   at::parallel_for(0, groups, 1, [&](int64_t first, int64_t last) {
     for (int64_t g = first; g < last; ++g) {
       const int64_t p = g * PANELS, count = std::min<int64_t>(PANELS, panel_total - p);
       for (int64_t m = 0; m < M; m += ROWS) {
         const int64_t rows = std::min<int64_t>(ROWS, M - m);
-        tile_any(rows, count, xs + m * K, K, ws + p * K * V, ys + m * N + p * V, N);
+        tile_any<T>(rows, count, xs + m * K, K, ws + p * K * V, ys + m * N + p * V, N);
       }
     }
   });
+}
+
+at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels) {
+  // x [..., K]; panels [N/V, K, V] contiguous, in x's dtype (float32 or bfloat16) -> [..., N]
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && panels.scalar_type() == dtype,
+              "panel_linear: float32 or bfloat16, the input's and the panels' alike");
+  TORCH_CHECK(panels.dim() == 3 && panels.size(2) == V && panels.is_contiguous(),
+              "panel_linear: panels must be [N/", V, ", K, ", V, "] and contiguous");
+  const int64_t K = panels.size(1), panel_total = panels.size(0), N = panel_total * V;
+  TORCH_CHECK(x.size(-1) == K, "panel_linear: x has ", x.size(-1), " features, the weight ", K);
+  TORCH_CHECK(dtype == at::kFloat || K % 2 == 0, "panel_linear: bfloat16 needs an even number of features");
+  const at::Tensor rows_in = x.reshape({-1, K}).contiguous();  // [M, K]
+  const int64_t M = rows_in.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (dtype == at::kFloat) {
+    panels_times(static_cast<const float*>(rows_in.const_data_ptr()), M, K,
+                 static_cast<const float*>(panels.const_data_ptr()), panel_total, static_cast<float*>(y.mutable_data_ptr()));
+  } else {
+    panels_times(static_cast<const bf16*>(rows_in.const_data_ptr()), M, K,
+                 static_cast<const bf16*>(panels.const_data_ptr()), panel_total, static_cast<bf16*>(y.mutable_data_ptr()));
+  }
   auto sizes = x.sizes().vec();
   sizes.back() = N;
   return y.view(sizes);
@@ -148,6 +235,93 @@ inline Vec exp_nonpositive(Vec x) {
   return mul(p, pow2(n));
 }
 
+// v rounded to bfloat16 and back, lane by lane: what a bfloat16 tensor would hold.
+inline Vec round_bf16(Vec v) {
+#if defined(__AVX512F__)
+  __m512i u = _mm512_castps_si512(v);
+  u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+  return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32(-65536)));
+#else
+  __m256i u = _mm256_castps_si256(v);
+  u = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+  return _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32(-65536)));
+#endif
+}
+
+// What a tensor of T holds after an operation computed in float32: bfloat16 rounds, float32 is as is.
+template <typename T>
+inline Vec as_stored(Vec v) {
+  if constexpr (std::is_same_v<T, float>) return v;
+  else return round_bf16(v);
+}
+
+// Rows of [rows, width] in float32 or bfloat16, contiguous, width a multiple of V: the only shape the
+// element-wise kernels below take.
+void check_rows(const at::Tensor& x, const char* name) {
+  TORCH_CHECK((x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) && x.dim() == 2 &&
+                  x.is_contiguous() && x.size(1) % V == 0,
+              name, ": [rows, a multiple of ", V, "] float32 or bfloat16, contiguous");
+}
+
+// RMSNorm as transformers' LlamaRMSNorm computes it, each row on its own: in float32 x rsqrt(mean(x^2) + eps)
+// w; in bfloat16 the normalized row is rounded to bfloat16 before the weight scales it, and again after.
+template <typename T>
+void norm_rows(const T* xs, const T* ws, int64_t rows, int64_t hidden, float eps, T* os) {
+  at::parallel_for(0, rows, 16, [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) {
+      const T* row = xs + r * hidden;
+      Vec squares = zero();
+      for (int64_t j = 0; j < hidden; j += V) squares = fma(load_any(row + j), load_any(row + j), squares);
+      const Vec inverse = splat(1.0f / std::sqrt(sum(squares) / static_cast<float>(hidden) + eps));
+      for (int64_t j = 0; j < hidden; j += V)
+        store_any(os + r * hidden + j, mul(as_stored<T>(mul(load_any(row + j), inverse)), load_any(ws + j)));
+    }
+  });
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_rows(x, "rms_norm");  // x [rows, hidden]; weight [hidden] -> [rows, hidden]
+  const int64_t rows = x.size(0), hidden = x.size(1);
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.dim() == 1 && weight.size(0) == hidden &&
+                  weight.is_contiguous(), "rms_norm: weight must be [", hidden, "] in x's dtype");
+  at::Tensor out = at::empty_like(x);
+  const float e = static_cast<float>(eps);
+  if (x.scalar_type() == at::kFloat)
+    norm_rows(static_cast<const float*>(x.const_data_ptr()), static_cast<const float*>(weight.const_data_ptr()), rows,
+              hidden, e, static_cast<float*>(out.mutable_data_ptr()));
+  else
+    norm_rows(static_cast<const bf16*>(x.const_data_ptr()), static_cast<const bf16*>(weight.const_data_ptr()), rows,
+              hidden, e, static_cast<bf16*>(out.mutable_data_ptr()));
+  return out;
+}
+
+// silu(gate) * up, the gated MLP's activation, as PyTorch's two operations give it (in bfloat16 each rounds).
+template <typename T>
+void silu_mul_rows(const T* xs, int64_t rows, int64_t width, T* os) {
+  at::parallel_for(0, rows * width / V, 64, [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) {
+      const int64_t r = i * V / width, j = i * V % width;
+      const Vec gate = load_any(xs + r * 2 * width + j), up = load_any(xs + r * 2 * width + width + j);
+      // sigmoid(g) from e = e^-|g| <= 1, so that exp never overflows: 1 / (1 + e) for g >= 0, e / (1 + e) below.
+      const Vec e = exp_nonpositive(min(gate, mul(gate, splat(-1.0f))));
+      const Vec sigmoid = div(where_nonnegative(gate, splat(1.0f), e), add(splat(1.0f), e));
+      store_any(os + r * width + j, mul(as_stored<T>(mul(gate, sigmoid)), up));
+    }
+  });
+}
+
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  check_rows(gate_up, "silu_mul");  // gate_up [rows, 2 I]: gate, then up -> [rows, I]
+  const int64_t rows = gate_up.size(0), width = gate_up.size(1) / 2;
+  TORCH_CHECK(width % V == 0, "silu_mul: each half must be a multiple of ", V);
+  at::Tensor out = at::empty({rows, width}, gate_up.options());
+  if (gate_up.scalar_type() == at::kFloat)
+    silu_mul_rows(static_cast<const float*>(gate_up.const_data_ptr()), rows, width, static_cast<float*>(out.mutable_data_ptr()));
+  else
+    silu_mul_rows(static_cast<const bf16*>(gate_up.const_data_ptr()), rows, width, static_cast<bf16*>(out.mutable_data_ptr()));
+  return out;
+}
+
 constexpr int64_t MAX_DIM = 256, MAX_GROUP = 16;
 
 // One decode step's attention: a query of one token per row, over that row's cached keys and values.
@@ -155,32 +329,17 @@ constexpr int64_t MAX_DIM = 256, MAX_GROUP = 16;
 // Every query head of a group reads its key-value head's columns once, and only the columns its mask keeps,
 // in order: a row's result depends on its own kept columns alone, not on how much left padding its batch
 // holds, so it is the same bits in any batch (as the panel kernel's rows are).
-at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
-                            const at::Tensor& mask, double scale) {
-  // query [rows, heads, dim]; keys, values [rows, kv_heads, cols, dim]; mask [rows, cols] bool -> [rows, heads, dim]
-  TORCH_CHECK(query.scalar_type() == at::kFloat && keys.scalar_type() == at::kFloat &&
-                  values.scalar_type() == at::kFloat, "decode_attention: float32 only");
-  TORCH_CHECK(query.dim() == 3 && keys.dim() == 4 && values.sizes() == keys.sizes(),
-              "decode_attention: query [rows, heads, dim], keys and values [rows, kv_heads, cols, dim]");
+template <typename T>
+void attend_rows(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& mask,
+                 float scaling, at::Tensor& out) {
   const int64_t rows = query.size(0), heads = query.size(1), dim = query.size(2);
   const int64_t kv_heads = keys.size(1), cols = keys.size(2);
-  TORCH_CHECK(keys.size(0) == rows && keys.size(3) == dim, "decode_attention: keys do not match the query");
-  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0 && heads / kv_heads <= MAX_GROUP,
-              "decode_attention: ", heads, " heads over ", kv_heads, " key-value heads");
-  TORCH_CHECK(dim % V == 0 && dim <= MAX_DIM, "decode_attention: head size ", dim, " is not a multiple of ", V,
-              " up to ", MAX_DIM);
-  TORCH_CHECK(query.stride(2) == 1 && keys.stride(3) == 1 && values.stride(3) == 1,
-              "decode_attention: each head's vector must be contiguous");
-  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == rows && mask.size(1) == cols &&
-                  mask.is_contiguous(), "decode_attention: mask must be [rows, cols] bool and contiguous");
   const int64_t group = heads / kv_heads, lanes = dim / V;
-  at::Tensor out = at::empty({rows, heads, dim}, query.options());
-  const float* qs = static_cast<const float*>(query.const_data_ptr());
-  const float* ks = static_cast<const float*>(keys.const_data_ptr());
-  const float* vs = static_cast<const float*>(values.const_data_ptr());
+  const T* qs = static_cast<const T*>(query.const_data_ptr());
+  const T* ks = static_cast<const T*>(keys.const_data_ptr());
+  const T* vs = static_cast<const T*>(values.const_data_ptr());
   const bool* ms = static_cast<const bool*>(mask.const_data_ptr());
-  float* os = static_cast<float*>(out.mutable_data_ptr());
-  const float scaling = static_cast<float>(scale);
+  T* os = static_cast<T*>(out.mutable_data_ptr());
   at::parallel_for(0, rows * kv_heads, 1, [&](int64_t first, int64_t last) {
     std::vector<int64_t> kept(cols);
     std::vector<float> scores(group * cols + V);  // [group][kept], then e^(score - max)
@@ -189,22 +348,22 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& keys, con
       int64_t n = 0;
       for (int64_t c = 0; c < cols; ++c)
         if (ms[r * cols + c]) kept[n++] = c;
-      const float* k_head = ks + r * keys.stride(0) + h * keys.stride(1);
-      const float* v_head = vs + r * values.stride(0) + h * values.stride(1);
-      const float* q_group = qs + r * query.stride(0) + h * group * query.stride(1);
-      float* o_group = os + (r * heads + h * group) * dim;
+      const T* k_head = ks + r * keys.stride(0) + h * keys.stride(1);
+      const T* v_head = vs + r * values.stride(0) + h * values.stride(1);
+      const T* q_group = qs + r * query.stride(0) + h * group * query.stride(1);
+      T* o_group = os + (r * heads + h * group) * dim;
       if (n == 0) {  // nothing to attend to: zeros, where SDPA would give NaN
-        std::fill(o_group, o_group + group * dim, 0.0f);
+        std::fill(o_group, o_group + group * dim, T{});
         continue;
       }
       Vec q[MAX_GROUP][MAX_DIM / V];
       for (int64_t g = 0; g < group; ++g)
-        for (int64_t j = 0; j < lanes; ++j) q[g][j] = load(q_group + g * query.stride(1) + j * V);
+        for (int64_t j = 0; j < lanes; ++j) q[g][j] = load_any(q_group + g * query.stride(1) + j * V);
       for (int64_t i = 0; i < n; ++i) {
-        const float* k = k_head + kept[i] * keys.stride(2);
+        const T* k = k_head + kept[i] * keys.stride(2);
         for (int64_t g = 0; g < group; ++g) {
-          Vec acc = mul(q[g][0], load(k));
-          for (int64_t j = 1; j < lanes; ++j) acc = fma(q[g][j], load(k + j * V), acc);
+          Vec acc = mul(q[g][0], load_any(k));
+          for (int64_t j = 1; j < lanes; ++j) acc = fma(q[g][j], load_any(k + j * V), acc);
           scores[g * n + i] = sum(acc) * scaling;
         }
       }
@@ -230,18 +389,42 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& keys, con
       for (int64_t g = 0; g < group; ++g)
         for (int64_t j = 0; j < lanes; ++j) acc[g][j] = zero();
       for (int64_t i = 0; i < n; ++i) {
-        const float* v = v_head + kept[i] * values.stride(2);
+        const T* v = v_head + kept[i] * values.stride(2);
         for (int64_t g = 0; g < group; ++g) {
           const Vec p = splat(scores[g * n + i]);
-          for (int64_t j = 0; j < lanes; ++j) acc[g][j] = fma(p, load(v + j * V), acc[g][j]);
+          for (int64_t j = 0; j < lanes; ++j) acc[g][j] = fma(p, load_any(v + j * V), acc[g][j]);
         }
       }
       for (int64_t g = 0; g < group; ++g) {
         const Vec inverse = splat(1.0f / total[g]);
-        for (int64_t j = 0; j < lanes; ++j) store(o_group + g * dim + j * V, mul(acc[g][j], inverse));
+        for (int64_t j = 0; j < lanes; ++j) store_any(o_group + g * dim + j * V, mul(acc[g][j], inverse));
       }
     }
   });
+}
+
+at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
+                            const at::Tensor& mask, double scale) {
+  // query [rows, heads, dim]; keys, values [rows, kv_heads, cols, dim]; mask [rows, cols] bool -> [rows, heads, dim]
+  const auto dtype = query.scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && keys.scalar_type() == dtype &&
+                  values.scalar_type() == dtype, "decode_attention: float32 or bfloat16, query, keys and values alike");
+  TORCH_CHECK(query.dim() == 3 && keys.dim() == 4 && values.sizes() == keys.sizes(),
+              "decode_attention: query [rows, heads, dim], keys and values [rows, kv_heads, cols, dim]");
+  const int64_t rows = query.size(0), heads = query.size(1), dim = query.size(2);
+  const int64_t kv_heads = keys.size(1), cols = keys.size(2);
+  TORCH_CHECK(keys.size(0) == rows && keys.size(3) == dim, "decode_attention: keys do not match the query");
+  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0 && heads / kv_heads <= MAX_GROUP,
+              "decode_attention: ", heads, " heads over ", kv_heads, " key-value heads");
+  TORCH_CHECK(dim % V == 0 && dim <= MAX_DIM, "decode_attention: head size ", dim, " is not a multiple of ", V,
+              " up to ", MAX_DIM);
+  TORCH_CHECK(query.stride(2) == 1 && keys.stride(3) == 1 && values.stride(3) == 1,
+              "decode_attention: each head's vector must be contiguous");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == rows && mask.size(1) == cols &&
+                  mask.is_contiguous(), "decode_attention: mask must be [rows, cols] bool and contiguous");
+  at::Tensor out = at::empty({rows, heads, dim}, query.options());
+  if (dtype == at::kFloat) attend_rows<float>(query, keys, values, mask, static_cast<float>(scale), out);
+  else attend_rows<bf16>(query, keys, values, mask, static_cast<float>(scale), out);
   return out;
 }
 
@@ -250,6 +433,8 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& keys, con
 TORCH_LIBRARY(tokenferry, m) {
   m.def("panel_linear(Tensor x, Tensor panels) -> Tensor", &panel_linear);
   m.def("panel_width() -> int", &panel_width);
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
+  m.def("silu_mul(Tensor gate_up) -> Tensor", &silu_mul);
   m.def("decode_attention(Tensor query, Tensor keys, Tensor values, Tensor mask, float scale) -> Tensor",
         &decode_attention);
 }

@@ -1,10 +1,11 @@
 """tokenferry's own CPU kernels (models/native.cpp), built once per machine and loaded as `torch.ops.tokenferry`.
 
-The library is compiled with the system's C++ compiler against the installed PyTorch, for the wider of two
-x86-64 levels this CPU has: x86-64-v4 (AVX-512) or x86-64-v3 (AVX2 and FMA). It is cached under the model
-cache (`kernels/`), named by the source, the compiler flags, the PyTorch version and the level, so later starts
-load it in milliseconds; the image builds both levels ahead (`python -m models.native`, Dockerfile). With no
-compiler, another CPU, or a failed build, `load` says why once and the callers keep PyTorch's kernels.
+The library is compiled with the system's C++ compiler against the installed PyTorch, for the widest level in
+LEVELS this CPU has: AVX-512 with its bfloat16 dot product, AVX-512 (x86-64-v4), or AVX2 and FMA (x86-64-v3).
+It is cached under the model cache (`kernels/`), named by the source, the compiler flags, the PyTorch version
+and the level, so later starts load it in milliseconds; the image builds every level ahead (`python -m
+models.native --all-levels`, Dockerfile). With no compiler, another CPU, or a failed build, `load` says why
+once and the callers keep PyTorch's kernels.
 
     python -m models.native [--all-levels]     build (and load) the library for this machine, or every level
 """
@@ -21,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,11 +31,23 @@ import torch.utils.cpp_extension
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native.cpp")
-# Each level: the /proc/cpuinfo flags it needs (GCC's x86-64-v3 and -v4 micro-architecture levels).
 _V3 = frozenset({"avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe"})
+_V4 = _V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+
+
+@dataclass(frozen=True)
+class Level:
+    """An instruction set the library is built for: the /proc/cpuinfo flags it needs, the compiler's flags."""
+
+    needs: frozenset[str]
+    flags: tuple[str, ...]
+
+
+# Widest first. The first two are GCC's x86-64 micro-architecture levels v4 and v3.
 LEVELS = {
-    "x86-64-v4": _V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"},
-    "x86-64-v3": _V3,
+    "x86-64-v4-bf16": Level(_V4 | {"avx512_bf16"}, ("-march=x86-64-v4", "-mavx512bf16")),
+    "x86-64-v4": Level(_V4, ("-march=x86-64-v4",)),
+    "x86-64-v3": Level(_V3, ("-march=x86-64-v3",)),
 }
 _BUILD_SECONDS = 300
 
@@ -56,7 +70,7 @@ def cpu_flags() -> frozenset[str]:
 def level(flags: frozenset[str] | None = None) -> str | None:
     """The widest level in LEVELS this CPU runs, or None."""
     flags = cpu_flags() if flags is None else flags
-    return next((name for name, needs in LEVELS.items() if needs <= flags), None)
+    return next((name for name, chosen in LEVELS.items() if chosen.needs <= flags), None)
 
 
 def _command(level: str, output: Path) -> list[str]:
@@ -66,7 +80,7 @@ def _command(level: str, output: Path) -> list[str]:
     return [
         os.environ.get("CXX") or "c++",
         "-O3",
-        f"-march={level}",
+        *LEVELS[level].flags,
         "-std=gnu++17",
         "-shared",
         "-fPIC",
@@ -139,7 +153,7 @@ def _load(root: Path) -> bool:
 
 
 def width() -> int:
-    """Floats per vector in the loaded library: the panel width of `panel_linear`'s weights."""
+    """float32 lanes per vector in the loaded library: the panel width of `panel_linear`'s weights."""
     return int(torch.ops.tokenferry.panel_width())
 
 

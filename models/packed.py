@@ -57,17 +57,23 @@ class PackedLinear(nn.Module):
 
 
 class PanelLinear(nn.Module):
-    """y = x W^T in float32, W in `panel_linear`'s panels [out / V, in, V] (V: the library's vector width)."""
+    """y = x W^T in float32 or bfloat16, W in `panel_linear`'s panels [out / V, in, V] (V: the library's width)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         if not panels_fit(linear):
-            raise ValueError(f"{linear} does not fit panel_linear: float32, no bias, out_features % {native.width()}")
+            raise ValueError(f"{linear} does not fit panel_linear (models/packed.py, panels_fit)")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()  # [out, in]
-        width = native.width()
-        # NOTE: panel p holds output columns [p V, (p + 1) V), laid out k-major so a tile reads them in one pass.
-        self.register_buffer("panels", weight.view(-1, width, self.in_features).transpose(1, 2).contiguous())
+        width, k = native.width(), self.in_features
+        # NOTE: panel p holds output columns [p V, (p + 1) V) in k order, so a tile reads it in one pass: float32
+        # as [k][column]; bfloat16 as [k / 2][column][2], each column's pair of k side by side, which the
+        # bfloat16 dot product reads. Either way the buffer is [out / V, in, V].
+        if weight.dtype == torch.float32:
+            panels = weight.view(-1, width, k).transpose(1, 2)
+        else:
+            panels = weight.view(-1, width, k // 2, 2).permute(0, 2, 1, 3)
+        self.register_buffer("panels", panels.contiguous().view(-1, k, width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.tokenferry.panel_linear(x, self.panels)  # [..., in] -> [..., out]
@@ -77,13 +83,15 @@ class PanelLinear(nn.Module):
 
 
 def panels_fit(linear: nn.Linear) -> bool:
-    """Whether `linear` can run on `panel_linear` (the library must be loaded: `native.load`)."""
+    """Whether `linear` can run on `panel_linear` (the library must be loaded: `native.load`): no bias, whole
+    panels, and in bfloat16 whole pairs of inputs."""
     weight = linear.weight
     return (
         weight.device.type == "cpu"
-        and weight.dtype == torch.float32
+        and weight.dtype in DTYPES
         and linear.bias is None
         and linear.out_features % native.width() == 0
+        and (weight.dtype == torch.float32 or linear.in_features % 2 == 0)
     )
 
 

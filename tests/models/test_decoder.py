@@ -81,16 +81,33 @@ def test_the_written_out_forward_computes_what_transformers_forward_does(model: 
         assert torch.equal(mine, theirs), f"forward {step}"  # the same operations on the same values: bit for bit
 
 
-@pytest.mark.parametrize(("model", "dtype"), [("tiny", "float32"), ("tiny", "bfloat16"), pytest.param("default", "float32", marks=pytest.mark.slow)])
-def test_packed_weights_move_the_logits_by_rounding_only(model: str, dtype: str) -> None:
-    """As served (fused and on oneDNN's packed weights) against transformers' forward: another summation order
-    in every matmul, so the logits agree to float32's (bfloat16's) rounding, not bit for bit."""
-    served = load(model, dtype=dtype)
-    apart = load(model, dtype=dtype, fuse=False)
-    got, expected = every_forwards_logits(served), every_forwards_logits(apart)
-    tolerance = 1e-4 if dtype == "float32" else 1e-2  # measured: 7.7e-6 on SmolLM2 in float32; 0 in bfloat16
-    for step, (mine, theirs) in enumerate(zip(got, expected, strict=True)):
-        assert (mine.float() - theirs.float()).abs().max() <= tolerance * theirs.float().abs().max(), f"forward {step}"
+@pytest.mark.parametrize(
+    ("model", "dtype"),
+    [
+        ("tiny", "float32"),
+        ("tiny", "bfloat16"),
+        pytest.param("default", "float32", marks=pytest.mark.slow),
+        pytest.param("default", "bfloat16", marks=pytest.mark.slow),
+    ],
+)
+def test_served_logits_differ_from_transformers_by_rounding_only(model: str, dtype: str) -> None:
+    """As served (fused, on packed weights or models/native.cpp's kernels) against transformers' forward: another
+    summation order in every matmul, norm and attention. float32 agrees to its own rounding. bfloat16's rounding
+    moves logits by percents either way, so there the served logits must be as close to float32's as
+    transformers' bfloat16 ones are (measured: 7.9% against 8.0% of the largest logit on tiny, 6.6% against
+    5.3% on SmolLM2)."""
+    served = every_forwards_logits(load(model, dtype=dtype))
+    theirs = every_forwards_logits(load(model, dtype=dtype, fuse=False))
+    if dtype == "float32":
+        for step, (mine, other) in enumerate(zip(served, theirs, strict=True)):
+            assert (mine - other).abs().max() <= 1e-4 * other.abs().max(), f"forward {step}"  # measured: 7.7e-6 on SmolLM2
+        return
+    truth = every_forwards_logits(load(model, fuse=False))  # float32
+
+    def error(logits: list[torch.Tensor]) -> float:
+        return max(((got.float() - true).abs().max() / true.abs().max()).item() for got, true in zip(logits, truth, strict=True))
+
+    assert error(served) <= 1.5 * error(theirs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

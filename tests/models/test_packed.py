@@ -13,8 +13,7 @@ from models.loader import cache_root
 pytestmark = pytest.mark.skipif(not packed.available(torch.device("cpu"), torch.float32), reason="no oneDNN in this PyTorch")
 
 DTYPES = [torch.float32, torch.bfloat16]
-# (module, dtype): oneDNN in both dtypes, the panels in float32.
-KINDS = [("onednn", torch.float32), ("onednn", torch.bfloat16), ("panels", torch.float32)]
+KINDS = [(kind, dtype) for kind in ("onednn", "panels") for dtype in DTYPES]  # (module, dtype)
 
 
 def _module(kind: str, linear: nn.Linear) -> nn.Module:
@@ -63,8 +62,8 @@ def test_every_row_is_computed_alone_bit_for_bit_whatever_the_row_count(kind: st
 def test_the_tiny_model_loads_fused_and_packed_and_its_embedding_keeps_its_table(dtype: str) -> None:
     loaded = load("tiny", dtype=dtype)
     assert not any(type(m) is nn.Linear for m in loaded.model.modules())
-    # float32 on the panels wherever the library loaded, oneDNN otherwise.
-    kind = packed.PanelLinear if dtype == "float32" and native.load(cache_root()) else packed.PackedLinear
+    # On the panels wherever the library loaded, oneDNN otherwise.
+    kind = packed.PanelLinear if native.load(cache_root()) else packed.PackedLinear
     assert isinstance(loaded.model.model.layers[0].self_attn.qkv_proj, kind)
     assert isinstance(loaded.model.lm_head, kind)
     reference = load("tiny", dtype=dtype, fuse=False).model  # transformers' own modules
@@ -82,5 +81,8 @@ def test_a_linear_the_panels_cannot_take_stays_on_onednn() -> None:
         pytest.skip("models/native.cpp did not build or load here (the log says why)")
     model = nn.Sequential(_linear(96, 64, torch.float32, bias=True), _linear(5, 96, torch.float32, bias=False))
     model.append(_linear(32, 5, torch.float32, bias=False))
-    assert packed.pack(model, panels=True) == 3
+    assert packed.pack(model, panels=True) == 3  # a bias; 5 outputs, no whole panel; fits
     assert [type(m) for m in model] == [packed.PackedLinear, packed.PackedLinear, packed.PanelLinear]
+    model = nn.Sequential(_linear(32, 5, torch.bfloat16, bias=False), _linear(32, 6, torch.bfloat16, bias=False))
+    assert packed.pack(model, panels=True) == 2  # bfloat16 reads inputs in pairs: 5 cannot, 6 can
+    assert [type(m) for m in model] == [packed.PackedLinear, packed.PanelLinear]
