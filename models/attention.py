@@ -99,12 +99,6 @@ def attend_native(
     return _each_part(_native_or_sdpa, module, query, key, value, attention_mask, **kwargs)
 
 
-def native_fits(config: object, head_dim: int, width: int) -> bool:
-    """Whether decode_attention takes a model of this shape (`width`: the library's vector width)."""
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads  # type: ignore[attr-defined]
-    return heads % kv_heads == 0 and heads // kv_heads <= MAX_GROUP and head_dim % width == 0 and head_dim <= MAX_HEAD_DIM
-
-
 def _each_part(
     one: Callable[..., tuple[torch.Tensor, None]],
     module: torch.nn.Module,

@@ -60,6 +60,22 @@ def fuse(model: nn.Module) -> bool:
     return bool(groups)
 
 
+def native_fits(model: nn.Module, width: int) -> bool:
+    """Whether models/native.cpp's attention, norm and activation take this model's shapes (`width`: the
+    library's vector width, `native.width()`)."""
+    config = model.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = model.model.layers[0].self_attn.head_dim
+    return (
+        heads % kv_heads == 0
+        and heads // kv_heads <= attention.MAX_GROUP
+        and head_dim % width == 0
+        and head_dim <= attention.MAX_HEAD_DIM
+        and config.hidden_size % width == 0
+        and config.intermediate_size % width == 0
+    )
+
+
 def fused(model: nn.Module) -> bool:
     """Whether the model's projections were fused: then `forward` is the only way to run it."""
     layers = getattr(getattr(model, "model", None), "layers", None)

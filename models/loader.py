@@ -170,10 +170,11 @@ def _load(spec: str, device: str, dtype: str, quantization: str, fuse: bool) -> 
     elif fuse:
         decoder.fuse(model)
         if packed.available(torch_device, torch_dtype):
-            on_native = native.load(cache_root())
-            packed.pack(model, panels=on_native)
-            if on_native and attention.native_fits(model.config, model.model.layers[0].self_attn.head_dim, native.width()):
-                model.config._attn_implementation = attention.NATIVE
+            packed.pack(model, panels=native.load(cache_root()))
+    # Quantized or not, the written-out forward runs attention, norms and activation natively where it can.
+    native_dtype = torch_device.type == "cpu" and torch_dtype in (torch.float32, torch.bfloat16)
+    if decoder.fused(model) and native_dtype and native.load(cache_root()) and decoder.native_fits(model, native.width()):
+        model.config._attn_implementation = attention.NATIVE
     log.info(
         "forward",
         extra={
