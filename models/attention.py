@@ -7,11 +7,11 @@ them apart. `Parts` is what a flattened forward's cache hands the attention (mod
 `flat_cache`): each part's keys, values and mask, as SDPA would get them alone; `attend` runs each part's
 SDPA on its own queries, so every part computes exactly what it would in a forward of its own.
 
-`attend_native` (NATIVE) is the same, except that a query of one token per row (a decode step, alone or as
-its part of a flattened forward) runs models/native.cpp's `decode_attention`: in float32 or bfloat16 on CPU,
-where the library loaded (models/loader.py chooses). It reads each key-value head once for its query heads and only the
-columns a row's mask keeps: 2.5 times SDPA's speed at 32 rows of 150 columns on a 2-core AVX-512 EPYC
-(0.26 against 0.66 ms a layer), and a row's output the same bits whatever its batch's padding.
+`attend_native` (NATIVE) is the same on models/native.cpp's `attention`, in float32 or bfloat16 on CPU where
+the library loaded (models/loader.py chooses). It reads each key-value head once for its query heads and only
+the columns a query's mask keeps, in order: a decode step runs 2.5 times SDPA's speed at 32 rows of 150 columns
+on a 2-core AVX-512 EPYC (0.26 against 0.66 ms a layer), and every query's output is the same bits whatever
+its batch's padding or its prompt's chunking, in every dtype.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ NAME = "tokenferry_sdpa"
 # What the loader switches a model to on CPU once models/native.cpp loaded; models/decoder.py then runs its
 # norms and MLP activation there too.
 NATIVE = "tokenferry_native"
-MAX_GROUP, MAX_HEAD_DIM = 16, 256  # decode_attention's bounds: query heads per key-value head, head size
+MAX_GROUP, MAX_HEAD_DIM = 16, 256  # the native attention's bounds: query heads per key-value head, head size
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def attend_native(
     attention_mask: torch.Tensor | None,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
-    """`attend`, with one-token queries on models/native.cpp's `decode_attention` (the library must be loaded)."""
+    """`attend` on models/native.cpp's `attention` (the library must be loaded)."""
     return _each_part(_native_or_sdpa, module, query, key, value, attention_mask, **kwargs)
 
 
@@ -130,11 +130,10 @@ def _native_or_sdpa(
 ) -> tuple[torch.Tensor, None]:
     rows, _, q, _ = query.shape  # [rows, heads, q, dim]
     plain = attention_mask is not None and attention_mask.dtype == torch.bool and not kwargs.get("dropout")
-    if q != 1 or not plain or query.dtype not in (torch.float32, torch.bfloat16) or query.device.type != "cpu":
+    if not plain or query.dtype not in (torch.float32, torch.bfloat16) or query.device.type != "cpu":
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    mask = attention_mask[:, 0, 0].expand(rows, key.shape[2]).contiguous()  # [rows, cols]
-    out = torch.ops.tokenferry.decode_attention(query[:, :, 0], key, value, mask, float(kwargs["scaling"]))
-    return out[:, None], None  # [rows, heads, dim] -> [rows, 1, heads, dim]
+    mask = attention_mask[:, 0].expand(rows, q, key.shape[2]).contiguous()  # [rows, q, cols]
+    return torch.ops.tokenferry.attention(query, key, value, mask, float(kwargs["scaling"])), None  # [rows, q, heads, dim]
 
 
 AttentionInterface.register(NAME, attend)

@@ -324,15 +324,16 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 
 constexpr int64_t MAX_DIM = 256, MAX_GROUP = 16;
 
-// One decode step's attention: a query of one token per row, over that row's cached keys and values.
+// Attention of each row's queries over that row's cached keys and values (a decode step: one query a row).
 //
 // Every query head of a group reads its key-value head's columns once, and only the columns its mask keeps,
-// in order: a row's result depends on its own kept columns alone, not on how much left padding its batch
-// holds, so it is the same bits in any batch (as the panel kernel's rows are).
+// in order: a query's result depends on its own kept columns alone, not on how much left padding its batch
+// holds nor on how its prompt was cut into chunks, so it is the same bits in any batch (as the panel
+// kernel's rows are).
 template <typename T>
 void attend_rows(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& mask,
                  float scaling, at::Tensor& out) {
-  const int64_t rows = query.size(0), heads = query.size(1), dim = query.size(2);
+  const int64_t rows = query.size(0), heads = query.size(1), queries = query.size(2), dim = query.size(3);
   const int64_t kv_heads = keys.size(1), cols = keys.size(2);
   const int64_t group = heads / kv_heads, lanes = dim / V;
   const T* qs = static_cast<const T*>(query.const_data_ptr());
@@ -340,18 +341,19 @@ void attend_rows(const at::Tensor& query, const at::Tensor& keys, const at::Tens
   const T* vs = static_cast<const T*>(values.const_data_ptr());
   const bool* ms = static_cast<const bool*>(mask.const_data_ptr());
   T* os = static_cast<T*>(out.mutable_data_ptr());
-  at::parallel_for(0, rows * kv_heads, 1, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, rows * kv_heads * queries, 1, [&](int64_t first, int64_t last) {
     std::vector<int64_t> kept(cols);
     std::vector<float> scores(group * cols + V);  // [group][kept], then e^(score - max)
     for (int64_t task = first; task < last; ++task) {
-      const int64_t r = task / kv_heads, h = task % kv_heads;
+      const int64_t r = task / (kv_heads * queries), h = task / queries % kv_heads, t = task % queries;
       int64_t n = 0;
+      const bool* row_mask = ms + (r * queries + t) * cols;
       for (int64_t c = 0; c < cols; ++c)
-        if (ms[r * cols + c]) kept[n++] = c;
+        if (row_mask[c]) kept[n++] = c;
       const T* k_head = ks + r * keys.stride(0) + h * keys.stride(1);
       const T* v_head = vs + r * values.stride(0) + h * values.stride(1);
-      const T* q_group = qs + r * query.stride(0) + h * group * query.stride(1);
-      T* o_group = os + (r * heads + h * group) * dim;
+      const T* q_group = qs + r * query.stride(0) + h * group * query.stride(1) + t * query.stride(2);
+      T* o_group = os + ((r * queries + t) * heads + h * group) * dim;  // out [rows, queries, heads, dim]
       if (n == 0) {  // nothing to attend to: zeros, where SDPA would give NaN
         std::fill(o_group, o_group + group * dim, T{});
         continue;
@@ -403,26 +405,28 @@ void attend_rows(const at::Tensor& query, const at::Tensor& keys, const at::Tens
   });
 }
 
-at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
-                            const at::Tensor& mask, double scale) {
-  // query [rows, heads, dim]; keys, values [rows, kv_heads, cols, dim]; mask [rows, cols] bool -> [rows, heads, dim]
+at::Tensor attention(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& mask,
+                     double scale) {
+  // query [rows, heads, q, dim]; keys, values [rows, kv_heads, cols, dim]; mask [rows, q, cols] bool, true where
+  // a query may attend -> [rows, q, heads, dim]
   const auto dtype = query.scalar_type();
   TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && keys.scalar_type() == dtype &&
-                  values.scalar_type() == dtype, "decode_attention: float32 or bfloat16, query, keys and values alike");
-  TORCH_CHECK(query.dim() == 3 && keys.dim() == 4 && values.sizes() == keys.sizes(),
-              "decode_attention: query [rows, heads, dim], keys and values [rows, kv_heads, cols, dim]");
-  const int64_t rows = query.size(0), heads = query.size(1), dim = query.size(2);
+                  values.scalar_type() == dtype, "attention: float32 or bfloat16, query, keys and values alike");
+  TORCH_CHECK(query.dim() == 4 && keys.dim() == 4 && values.sizes() == keys.sizes(),
+              "attention: query [rows, heads, q, dim], keys and values [rows, kv_heads, cols, dim]");
+  const int64_t rows = query.size(0), heads = query.size(1), queries = query.size(2), dim = query.size(3);
   const int64_t kv_heads = keys.size(1), cols = keys.size(2);
-  TORCH_CHECK(keys.size(0) == rows && keys.size(3) == dim, "decode_attention: keys do not match the query");
+  TORCH_CHECK(keys.size(0) == rows && keys.size(3) == dim, "attention: keys do not match the query");
   TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0 && heads / kv_heads <= MAX_GROUP,
-              "decode_attention: ", heads, " heads over ", kv_heads, " key-value heads");
-  TORCH_CHECK(dim % V == 0 && dim <= MAX_DIM, "decode_attention: head size ", dim, " is not a multiple of ", V,
-              " up to ", MAX_DIM);
-  TORCH_CHECK(query.stride(2) == 1 && keys.stride(3) == 1 && values.stride(3) == 1,
-              "decode_attention: each head's vector must be contiguous");
-  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == rows && mask.size(1) == cols &&
-                  mask.is_contiguous(), "decode_attention: mask must be [rows, cols] bool and contiguous");
-  at::Tensor out = at::empty({rows, heads, dim}, query.options());
+              "attention: ", heads, " heads over ", kv_heads, " key-value heads");
+  TORCH_CHECK(dim % V == 0 && dim <= MAX_DIM, "attention: head size ", dim, " is not a multiple of ", V, " up to ",
+              MAX_DIM);
+  TORCH_CHECK(query.stride(3) == 1 && keys.stride(3) == 1 && values.stride(3) == 1,
+              "attention: each head's vector must be contiguous");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 3 && mask.size(0) == rows && mask.size(1) == queries &&
+                  mask.size(2) == cols && mask.is_contiguous(),
+              "attention: mask must be [rows, q, cols] bool and contiguous");
+  at::Tensor out = at::empty({rows, queries, heads, dim}, query.options());
   if (dtype == at::kFloat) attend_rows<float>(query, keys, values, mask, static_cast<float>(scale), out);
   else attend_rows<bf16>(query, keys, values, mask, static_cast<float>(scale), out);
   return out;
@@ -435,6 +439,5 @@ TORCH_LIBRARY(tokenferry, m) {
   m.def("panel_width() -> int", &panel_width);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
   m.def("silu_mul(Tensor gate_up) -> Tensor", &silu_mul);
-  m.def("decode_attention(Tensor query, Tensor keys, Tensor values, Tensor mask, float scale) -> Tensor",
-        &decode_attention);
+  m.def("attention(Tensor query, Tensor keys, Tensor values, Tensor mask, float scale) -> Tensor", &attention);
 }

@@ -87,55 +87,60 @@ def test_the_kernel_refuses_what_it_cannot_compute_on_every_cpu(
 
 
 def sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """PyTorch's attention on decode_attention's arguments: query [rows, heads, dim] -> [rows, heads, dim]."""
-    rows, heads, dim = query.shape
-    group = heads // keys.shape[1]
+    """PyTorch's attention on the native attention's arguments: query [rows, heads, q, dim] -> [rows, q, heads, dim]."""
+    group = query.shape[1] // keys.shape[1]
     expand = lambda t: t.repeat_interleave(group, dim=1)  # noqa: E731  [rows, heads, cols, dim]
-    out = F.scaled_dot_product_attention(query[:, :, None], expand(keys), expand(values), attn_mask=mask[:, None, None], scale=scale)
-    return out[:, :, 0]
+    out = F.scaled_dot_product_attention(query, expand(keys), expand(values), attn_mask=mask[:, None], scale=scale)
+    return out.transpose(1, 2)
 
 
-def decode_case(
-    rows: int, cols: int, heads: int = 9, kv_heads: int = 3, dim: int = 64, dtype: torch.dtype = torch.float32
+def attention_case(
+    rows: int, cols: int, q: int = 1, heads: int = 9, kv_heads: int = 3, dim: int = 64, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, ...]:
     """Keys and values as the runner hands them: a window of a larger store (strided); each row's mask keeps
-    a left-padded run of columns with a hole or two, as a row that joined a batch mid-flight has."""
-    torch.manual_seed(rows * 1000 + cols)
+    a left-padded run of columns with a hole in every other row, as a row that joined a batch mid-flight has,
+    and its q queries (the row's last q columns) are causal."""
+    torch.manual_seed(rows * 1000 + cols + q)
     store = torch.randn(2, rows + 3, kv_heads, cols + 40, dim).to(dtype)
     keys, values = store[0, 2 : rows + 2, :, 7 : cols + 7], store[1, 2 : rows + 2, :, 7 : cols + 7]
-    query = torch.randn(rows, heads + 5, dim).to(dtype)[:, 2 : heads + 2]  # [rows, heads, dim], strided
-    mask = torch.zeros(rows, cols, dtype=torch.bool)
+    query = torch.randn(rows, heads + 5, q, dim).to(dtype)[:, 2 : heads + 2]  # [rows, heads, q, dim], strided
+    mask = torch.zeros(rows, q, cols, dtype=torch.bool)
     for row in range(rows):
-        start = (row * 7) % cols
-        mask[row, start:] = True
-        mask[row, start + (cols - start) // 2] = row % 2 == 0 and cols - start > 2  # a hole in every other row
-        mask[row, -1] = True
+        start = (row * 7) % (cols - q + 1)
+        mask[row, :, start:] = True
+        if row % 2 == 0 and cols - q - start > 2:
+            mask[row, :, start + (cols - q - start) // 2] = False
+        for t in range(q):  # query t sits at column cols - q + t
+            mask[row, t, cols - q + t + 1 :] = False
     return query, keys, values, mask
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("rows", "cols"), [(1, 1), (1, 40), (3, 17), (32, 150), (5, 700)])
-def test_decode_attention_computes_sdpas_function(loaded: None, rows: int, cols: int, dtype: torch.dtype) -> None:
-    query, keys, values, mask = decode_case(rows, cols, dtype=dtype)
-    got = torch.ops.tokenferry.decode_attention(query, keys, values, mask, 0.125)
+@pytest.mark.parametrize(("rows", "cols", "q"), [(1, 1, 1), (1, 40, 1), (3, 17, 1), (32, 150, 1), (5, 700, 1), (1, 30, 30), (3, 90, 12)])
+def test_attention_computes_sdpas_function(loaded: None, rows: int, cols: int, q: int, dtype: torch.dtype) -> None:
+    query, keys, values, mask = attention_case(rows, cols, q, dtype=dtype)
+    got = torch.ops.tokenferry.attention(query, keys, values, mask, 0.125)
     expected = sdpa(query.float(), keys.float(), values.float(), mask, 0.125)  # in float32, from the same values
-    assert got.shape == (rows, 9, 64) and got.dtype == dtype
+    assert got.shape == (rows, q, 9, 64) and got.dtype == dtype
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bfloat16: the output's own rounding
     assert (got.float() - expected).abs().max() <= tolerance * expected.abs().max()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_rows_attention_is_the_same_bits_whatever_its_batchs_padding(loaded: None, dtype: torch.dtype) -> None:
-    """The kept columns alone, packed to the left with no padding, give the row's output bit for bit."""
-    query, keys, values, mask = decode_case(6, 90, dtype=dtype)
-    batched = torch.ops.tokenferry.decode_attention(query, keys, values, mask, 0.125)
+@pytest.mark.parametrize("q", [1, 7])
+def test_a_querys_attention_is_the_same_bits_whatever_its_batch_and_chunks(loaded: None, q: int, dtype: torch.dtype) -> None:
+    """A query's kept columns alone, packed to the left, give its output bit for bit: whatever padding its
+    batch holds and whichever other queries (a prompt's chunk) share its call."""
+    query, keys, values, mask = attention_case(6, 90, q, dtype=dtype)
+    batched = torch.ops.tokenferry.attention(query, keys, values, mask, 0.125)  # [rows, q, heads, dim]
     for row in range(6):
-        kept = mask[row].nonzero()[:, 0]
-        alone = torch.ops.tokenferry.decode_attention(
-            query[row : row + 1], keys[row : row + 1, :, kept], values[row : row + 1, :, kept],
-            torch.ones(1, len(kept), dtype=torch.bool), 0.125,
-        )  # fmt: skip
-        assert torch.equal(alone[0], batched[row]), f"row {row}"
+        for t in range(q):
+            kept = mask[row, t].nonzero()[:, 0]
+            alone = torch.ops.tokenferry.attention(
+                query[row : row + 1, :, t : t + 1], keys[row : row + 1, :, kept], values[row : row + 1, :, kept],
+                torch.ones(1, 1, len(kept), dtype=torch.bool), 0.125,
+            )  # fmt: skip
+            assert torch.equal(alone[0, 0], batched[row, t]), f"row {row}, query {t}"
 
 
 @pytest.mark.parametrize(
@@ -143,19 +148,20 @@ def test_a_rows_attention_is_the_same_bits_whatever_its_batchs_padding(loaded: N
     [
         (lambda q, k, v, m: (q.half(), k.half(), v.half(), m), "float32 or bfloat16"),
         (lambda q, k, v, m: (q.bfloat16(), k, v, m), "float32 or bfloat16"),
-        (lambda q, k, v, m: (q, k, v, m.t().contiguous().t()), "mask must be"),
-        (lambda q, k, v, m: (q, k, v, m[:, :-1]), "mask must be"),
+        (lambda q, k, v, m: (q, k, v, m.transpose(1, 2).contiguous().transpose(1, 2)), "mask must be"),
+        (lambda q, k, v, m: (q, k, v, m[:, :, :-1]), "mask must be"),
+        (lambda q, k, v, m: (q, k, v, m[:, 0]), "mask must be"),
         (lambda q, k, v, m: (q[..., :56], k[..., :56], v[..., :56], m), "head size"),
         (lambda q, k, v, m: (q[:, :8], k, v, m), "heads over"),
         (lambda q, k, v, m: (q[..., ::2], k[..., ::2], v[..., ::2], m), "contiguous"),
     ],
 )
-def test_decode_attention_refuses_what_it_cannot_compute_on_every_cpu(
+def test_attention_refuses_what_it_cannot_compute_on_every_cpu(
     loaded: None, change: Callable[..., tuple[torch.Tensor, ...]], message: str
 ) -> None:
-    query, keys, values, mask = change(*decode_case(4, 30))
+    query, keys, values, mask = change(*attention_case(4, 30, 2))
     with pytest.raises(RuntimeError, match=message):
-        torch.ops.tokenferry.decode_attention(query, keys, values, mask, 0.125)
+        torch.ops.tokenferry.attention(query, keys, values, mask, 0.125)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -171,7 +177,7 @@ _CHECK = textwrap.dedent(
     from torch import nn
     torch.ops.load_library(sys.argv[1])
     from models import native, packed
-    from tests.models.test_native import decode_case, sdpa
+    from tests.models.test_native import attention_case, sdpa
     for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
         torch.manual_seed(0)
         linear = nn.Linear(576, 960, bias=False).to(dtype)
@@ -182,8 +188,8 @@ _CHECK = textwrap.dedent(
             alone = torch.cat([module(x[i : i + 1]) for i in range(37)]).float()
         assert (got - expected).abs().max() <= tolerance * expected.abs().max(), f"not F.linear's function in {dtype}"
         assert torch.equal(got, alone), f"a row differs between a call of 37 rows and a call of its own in {dtype}"
-        query, keys, values, mask = decode_case(32, 150, dtype=dtype)
-        got = torch.ops.tokenferry.decode_attention(query, keys, values, mask, 0.125).float()
+        query, keys, values, mask = attention_case(3, 90, 12, dtype=dtype)
+        got = torch.ops.tokenferry.attention(query, keys, values, mask, 0.125).float()
         expected = sdpa(query.float(), keys.float(), values.float(), mask, 0.125)
         assert (got - expected).abs().max() <= tolerance * expected.abs().max(), f"not SDPA's function in {dtype}"
     print(native.width())
