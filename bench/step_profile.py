@@ -5,6 +5,10 @@
 Prefills `batch` rows of 20 to 51 prompt tokens, warms up, then prints the wall time per step and the
 operators by self CPU time. Figures are per machine and drift with its load: read them as shares.
 
+At one row it also measures what the step is bound by: the bytes of weights a step reads (every buffer and
+parameter but the embedding table, which a step only indexes) and the time this machine takes to stream as
+many bytes (`torch.sum`), in rounds alternating with the steps so that the machine's drift hits both alike.
+
 `--against-transformers`: also loads the model with its projections apart, which transformers' forward runs
 instead of models/decoder.py's, and times the two in alternating rounds, each over its own copy of the same
 rows; prints both medians and their ratio.
@@ -70,6 +74,25 @@ class _Stepper:
         return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
 
 
+def _against_bandwidth(model: torch.nn.Module, stepper: _Stepper, steps: int, rounds: int) -> None:
+    """Print the one-row step against the time to stream the weights it reads, measured in alternating rounds."""
+    embedding = model.get_input_embeddings().weight
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if t is not embedding}
+    weights = sum(t.numel() * t.element_size() for t in tensors.values())
+    block = torch.ones(weights // 4)  # float32: as many bytes
+    floors, steps_seconds = [], []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for _ in range(5):
+            block.sum()
+        floors.append((time.perf_counter() - started) / 5)
+        steps_seconds.append(stepper.seconds_per_step(steps))
+    floor, step = statistics.median(floors), statistics.median(steps_seconds)
+    print(f"  {weights / 1e6:.0f} MB of weights; torch.sum streams them at {weights / floor / 1e9:.1f} GB/s in "
+          f"{floor * 1e3:.1f} ms; the step takes {step * 1e3:.1f} ms: {step / floor:.2f}x (medians of {rounds} "
+          f"alternating rounds)")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
@@ -78,7 +101,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--against-transformers", action="store_true", help="time transformers' forward too")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of --against-transformers")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (--against-transformers, the bandwidth)")
     args = parser.parse_args()
     loaded = load(args.model, dtype=args.dtype, quantization=args.quantization)
     apart = load(args.model, dtype=args.dtype, quantization=args.quantization, fuse=False) if args.against_transformers else None
@@ -87,6 +110,8 @@ def main() -> None:
         stepper = _Stepper(loaded.model, words, batch)
         print(f"{loaded.info.name}, {args.quantization}, batch {batch}: {stepper.seconds_per_step(args.steps) * 1e3:.1f} ms "
               f"per step, {torch.get_num_threads()} threads")  # fmt: skip
+        if batch == 1:
+            _against_bandwidth(loaded.model, stepper, args.steps, args.rounds)
         if apart is not None:
             baseline = _Stepper(apart.model, words, batch)
             ours, theirs = [], []

@@ -330,12 +330,13 @@ constexpr int64_t MAX_DIM = 256, MAX_GROUP = 16;
 // in order: a query's result depends on its own kept columns alone, not on how much left padding its batch
 // holds nor on how its prompt was cut into chunks, so it is the same bits in any batch (as the panel
 // kernel's rows are).
-template <typename T>
+// LANES: vectors per head, dim / V, fixed at compile time for the common head sizes (0: read from dim).
+template <typename T, int64_t LANES>
 void attend_rows(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& mask,
                  float scaling, at::Tensor& out) {
   const int64_t rows = query.size(0), heads = query.size(1), queries = query.size(2), dim = query.size(3);
   const int64_t kv_heads = keys.size(1), cols = keys.size(2);
-  const int64_t group = heads / kv_heads, lanes = dim / V;
+  const int64_t group = heads / kv_heads, lanes = LANES ? LANES : dim / V;
   const T* qs = static_cast<const T*>(query.const_data_ptr());
   const T* ks = static_cast<const T*>(keys.const_data_ptr());
   const T* vs = static_cast<const T*>(values.const_data_ptr());
@@ -363,9 +364,11 @@ void attend_rows(const at::Tensor& query, const at::Tensor& keys, const at::Tens
         for (int64_t j = 0; j < lanes; ++j) q[g][j] = load_any(q_group + g * query.stride(1) + j * V);
       for (int64_t i = 0; i < n; ++i) {
         const T* k = k_head + kept[i] * keys.stride(2);
+        Vec key[MAX_DIM / V];
+        for (int64_t j = 0; j < lanes; ++j) key[j] = load_any(k + j * V);
         for (int64_t g = 0; g < group; ++g) {
-          Vec acc = mul(q[g][0], load_any(k));
-          for (int64_t j = 1; j < lanes; ++j) acc = fma(q[g][j], load_any(k + j * V), acc);
+          Vec acc = mul(q[g][0], key[0]);
+          for (int64_t j = 1; j < lanes; ++j) acc = fma(q[g][j], key[j], acc);
           scores[g * n + i] = sum(acc) * scaling;
         }
       }
@@ -392,9 +395,11 @@ void attend_rows(const at::Tensor& query, const at::Tensor& keys, const at::Tens
         for (int64_t j = 0; j < lanes; ++j) acc[g][j] = zero();
       for (int64_t i = 0; i < n; ++i) {
         const T* v = v_head + kept[i] * values.stride(2);
+        Vec value[MAX_DIM / V];
+        for (int64_t j = 0; j < lanes; ++j) value[j] = load_any(v + j * V);
         for (int64_t g = 0; g < group; ++g) {
           const Vec p = splat(scores[g * n + i]);
-          for (int64_t j = 0; j < lanes; ++j) acc[g][j] = fma(p, load_any(v + j * V), acc[g][j]);
+          for (int64_t j = 0; j < lanes; ++j) acc[g][j] = fma(p, value[j], acc[g][j]);
         }
       }
       for (int64_t g = 0; g < group; ++g) {
@@ -427,8 +432,16 @@ at::Tensor attention(const at::Tensor& query, const at::Tensor& keys, const at::
                   mask.size(2) == cols && mask.is_contiguous(),
               "attention: mask must be [rows, q, cols] bool and contiguous");
   at::Tensor out = at::empty({rows, queries, heads, dim}, query.options());
-  if (dtype == at::kFloat) attend_rows<float>(query, keys, values, mask, static_cast<float>(scale), out);
-  else attend_rows<bf16>(query, keys, values, mask, static_cast<float>(scale), out);
+  const float scaling = static_cast<float>(scale);
+  const bool single = dtype == at::kFloat;
+  switch (dim / V) {  // the head sizes of most models get loops the compiler unrolls
+    case 4: single ? attend_rows<float, 4>(query, keys, values, mask, scaling, out)
+                   : attend_rows<bf16, 4>(query, keys, values, mask, scaling, out); break;
+    case 8: single ? attend_rows<float, 8>(query, keys, values, mask, scaling, out)
+                   : attend_rows<bf16, 8>(query, keys, values, mask, scaling, out); break;
+    default: single ? attend_rows<float, 0>(query, keys, values, mask, scaling, out)
+                    : attend_rows<bf16, 0>(query, keys, values, mask, scaling, out);
+  }
   return out;
 }
 
