@@ -13,6 +13,10 @@ operations:
 
 Only Llama-family models take it (`fusions` is empty for others); computing what transformers' forward
 computes, it keeps its row independence too (tests/models/test_decoder.py).
+
+Served on CPU, the loader puts the model on models/native.cpp (attention.NATIVE): the same function, with
+attention, RMSNorm and the gated activation each one call of tokenferry's own kernels, which sum in their own
+orders (the logits move by rounding only, tested) and compute every row alone by construction.
 """
 
 from __future__ import annotations
@@ -132,7 +136,8 @@ def _attention(
     query = turned[:, :, :heads].transpose(1, 2)  # [rows, heads, q, dim]
     new_keys = turned[:, :, heads:].transpose(1, 2)  # [rows, kv_heads, q, dim]
     keys, values = inputs.cache.layers[layer].update(new_keys, qkv[:, :, heads + kv_heads :].transpose(1, 2))
-    # The attention transformers' forward calls (each part apart in a flattened forward), so the two agree bit for bit.
+    # The model's attention (each part apart in a flattened forward), as transformers' forward would look it up:
+    # SDPA as it calls it, so that the two agree bit for bit, or the native one.
     attend = ALL_ATTENTION_FUNCTIONS[config._attn_implementation]
     out, _ = attend(attention, query, keys, values, inputs.attention_mask, dropout=0.0, scaling=attention.scaling)
     return attention.o_proj(out.reshape(rows * q, heads * dim))  # from [rows, q, heads, dim]

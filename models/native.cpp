@@ -79,7 +79,8 @@ constexpr int ROWS = 4, PANELS = 3;
 
 using bf16 = uint16_t;  // bfloat16's bits: the high half of a float32
 
-// bfloat16 lanes to float32 and back, V at a time. Rounding is to nearest, ties to even, as PyTorch's cast.
+// bfloat16 lanes to float32 and back, V at a time. Rounding is to nearest, ties to even, as PyTorch's cast
+// (`round_bf16`: rounded and back to float32, what a bfloat16 tensor would hold).
 #if defined(__AVX512F__)
 using Bits = __m512i;  // V lanes of 32 bits
 inline Bits load_bits(const bf16* p) { return _mm512_loadu_si512(p); }  // 2 V bfloat16
@@ -89,10 +90,14 @@ inline Vec high_halves(Bits b) { return _mm512_castsi512_ps(_mm512_and_si512(b, 
 inline Vec load_bf16(const bf16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
+// v's bits with the bfloat16 it rounds to in the high half (the low half is then to be dropped).
+inline Bits rounded_bits(Vec v) {
+  const __m512i u = _mm512_castps_si512(v);
+  return _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+}
+inline Vec round_bf16(Vec v) { return high_halves(rounded_bits(v)); }
 inline void store_bf16(bf16* p, Vec v) {
-  __m512i u = _mm512_castps_si512(v);
-  u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
-  _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+  _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded_bits(v), 16)));
 }
 #else
 using Bits = __m256i;
@@ -103,10 +108,13 @@ inline Vec high_halves(Bits b) { return _mm256_castsi256_ps(_mm256_and_si256(b, 
 inline Vec load_bf16(const bf16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
+inline Bits rounded_bits(Vec v) {
+  const __m256i u = _mm256_castps_si256(v);
+  return _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+}
+inline Vec round_bf16(Vec v) { return high_halves(rounded_bits(v)); }
 inline void store_bf16(bf16* p, Vec v) {
-  __m256i u = _mm256_castps_si256(v);
-  u = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
-  u = _mm256_srli_epi32(u, 16);
+  const __m256i u = _mm256_srli_epi32(rounded_bits(v), 16);
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(u, u), 0xD8);
   _mm_storeu_si128((__m128i*)p, _mm256_castsi256_si128(packed));
 }
@@ -233,19 +241,6 @@ inline Vec exp_nonpositive(Vec x) {
   p = fma(p, r, splat(5.0000001201e-1f));
   p = fma(mul(p, r), r, add(r, splat(1.0f)));
   return mul(p, pow2(n));
-}
-
-// v rounded to bfloat16 and back, lane by lane: what a bfloat16 tensor would hold.
-inline Vec round_bf16(Vec v) {
-#if defined(__AVX512F__)
-  __m512i u = _mm512_castps_si512(v);
-  u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
-  return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32(-65536)));
-#else
-  __m256i u = _mm256_castps_si256(v);
-  u = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
-  return _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32(-65536)));
-#endif
 }
 
 // What a tensor of T holds after an operation computed in float32: bfloat16 rounds, float32 is as is.
