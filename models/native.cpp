@@ -1,12 +1,15 @@
-// tokenferry's own CPU kernels, built once per machine by models/native.py and registered as torch.ops.tokenferry.*.
+// tokenferry's own CPU kernels, built once per machine by models/native.py and registered as torch.ops.tokenferry.*:
 //
-// panel_linear: y = x W^T in float32 over a weight packed into panels of V output columns, [N/V, K, V], so
-// that a tile of rows streams each panel once, in order. At one row a decode step is a pass over the weights,
-// and oneDNN reads them at two thirds of what the machine streams; this reads them at its full rate.
+// - panel_linear: y = x W^T in float32 or bfloat16, over a weight packed into panels of V output columns, so
+//   that a tile of rows streams each panel once, in order. At one row a decode step is a pass over the
+//   weights, and oneDNN reads them at two thirds of what the machine streams; this reads them at its full rate.
+// - attention: each query over its own row's kept columns (decode steps and prompts alike).
+// - rms_norm and silu_mul: the decoder's norm and gated activation, one call each.
 //
-// Batch invariance by construction: every output element is one chain of fused multiply-adds over k = 0..K-1,
-// started from zero, whatever tile (rows x panels) computes it. A row's outputs are therefore the same bits in
-// a call of 1 row or 70, and the same on every CPU with the same vector width.
+// Batch invariance by construction: every output element is one fixed chain of operations over its own row's
+// inputs (a matmul's: fused multiply-adds over k = 0..K-1 from zero), whatever tile, batch, padding or chunk
+// computes it. A row's outputs are therefore the same bits in a call of 1 row or 70. Different instruction
+// sets (AVX2, AVX-512, its bfloat16 dot product) sum differently; one machine always runs one of them.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
