@@ -164,16 +164,17 @@ def _load(spec: str, device: str, dtype: str, quantization: str, fuse: bool) -> 
     except ValueError as exc:
         raise ModelLoadError(f"{source}: {exc}") from None
     model.to(device=torch_device, dtype=torch_dtype).eval()
+    # The served forward on CPU runs tokenferry's own kernels where the library builds: its float matmuls, and
+    # quantized or not, attention, norms and activation.
+    on_native = fuse and torch_device.type == "cpu" and torch_dtype in packed.DTYPES and native.load(cache_root())
     # After the move: `.to(dtype)` would cast the quantized layers' bfloat16 scales.
     if quantization != "none":
         _quantize(model, quantization, gguf_file, quant_cache, source, fuse)
     elif fuse:
         decoder.fuse(model)
         if packed.available(torch_device, torch_dtype):
-            packed.pack(model, panels=native.load(cache_root()))
-    # Quantized or not, the written-out forward runs attention, norms and activation natively where it can.
-    native_dtype = torch_device.type == "cpu" and torch_dtype in (torch.float32, torch.bfloat16)
-    if decoder.fused(model) and native_dtype and native.load(cache_root()) and decoder.native_fits(model, native.width()):
+            packed.pack(model, panels=on_native)
+    if on_native and decoder.fused(model) and decoder.native_fits(model, native.width()):
         model.config._attn_implementation = attention.NATIVE
     log.info(
         "forward",

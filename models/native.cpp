@@ -123,6 +123,17 @@ inline void store_bf16(bf16* p, Vec v) {
 }
 #endif
 
+// The kernels below are templated on the element type; these give a tensor's data as one and dispatch on it.
+template <typename T>
+const T* read(const at::Tensor& t) { return static_cast<const T*>(t.const_data_ptr()); }
+template <typename T>
+T* write(at::Tensor& t) { return static_cast<T*>(t.mutable_data_ptr()); }
+template <typename F>
+void with_type(at::ScalarType dtype, F&& f) {  // f(float{}) or f(bf16{}): dtype is float32 or bfloat16, checked
+  if (dtype == at::kFloat) f(float{});
+  else f(bf16{});
+}
+
 inline Vec load_any(const float* p) { return load(p); }
 inline Vec load_any(const bf16* p) { return load_bf16(p); }
 inline void store_any(float* p, Vec v) { store(p, v); }
@@ -216,13 +227,10 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels) {
   const at::Tensor rows_in = x.reshape({-1, K}).contiguous();  // [M, K]
   const int64_t M = rows_in.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
-  if (dtype == at::kFloat) {
-    panels_times(static_cast<const float*>(rows_in.const_data_ptr()), M, K,
-                 static_cast<const float*>(panels.const_data_ptr()), panel_total, static_cast<float*>(y.mutable_data_ptr()));
-  } else {
-    panels_times(static_cast<const bf16*>(rows_in.const_data_ptr()), M, K,
-                 static_cast<const bf16*>(panels.const_data_ptr()), panel_total, static_cast<bf16*>(y.mutable_data_ptr()));
-  }
+  with_type(dtype, [&](auto type) {
+    using T = decltype(type);
+    panels_times(read<T>(rows_in), M, K, read<T>(panels), panel_total, write<T>(y));
+  });
   auto sizes = x.sizes().vec();
   sizes.back() = N;
   return y.view(sizes);
@@ -283,13 +291,10 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.dim() == 1 && weight.size(0) == hidden &&
                   weight.is_contiguous(), "rms_norm: weight must be [", hidden, "] in x's dtype");
   at::Tensor out = at::empty_like(x);
-  const float e = static_cast<float>(eps);
-  if (x.scalar_type() == at::kFloat)
-    norm_rows(static_cast<const float*>(x.const_data_ptr()), static_cast<const float*>(weight.const_data_ptr()), rows,
-              hidden, e, static_cast<float*>(out.mutable_data_ptr()));
-  else
-    norm_rows(static_cast<const bf16*>(x.const_data_ptr()), static_cast<const bf16*>(weight.const_data_ptr()), rows,
-              hidden, e, static_cast<bf16*>(out.mutable_data_ptr()));
+  with_type(x.scalar_type(), [&](auto type) {
+    using T = decltype(type);
+    norm_rows(read<T>(x), read<T>(weight), rows, hidden, static_cast<float>(eps), write<T>(out));
+  });
   return out;
 }
 
@@ -313,10 +318,10 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   const int64_t rows = gate_up.size(0), width = gate_up.size(1) / 2;
   TORCH_CHECK(width % V == 0, "silu_mul: each half must be a multiple of ", V);
   at::Tensor out = at::empty({rows, width}, gate_up.options());
-  if (gate_up.scalar_type() == at::kFloat)
-    silu_mul_rows(static_cast<const float*>(gate_up.const_data_ptr()), rows, width, static_cast<float*>(out.mutable_data_ptr()));
-  else
-    silu_mul_rows(static_cast<const bf16*>(gate_up.const_data_ptr()), rows, width, static_cast<bf16*>(out.mutable_data_ptr()));
+  with_type(gate_up.scalar_type(), [&](auto type) {
+    using T = decltype(type);
+    silu_mul_rows(read<T>(gate_up), rows, width, write<T>(out));
+  });
   return out;
 }
 
@@ -335,14 +340,12 @@ void attend_rows(const at::Tensor& query, const at::Tensor& keys, const at::Tens
   const int64_t rows = query.size(0), heads = query.size(1), queries = query.size(2), dim = query.size(3);
   const int64_t kv_heads = keys.size(1), cols = keys.size(2);
   const int64_t group = heads / kv_heads, lanes = LANES ? LANES : dim / V;
-  const T* qs = static_cast<const T*>(query.const_data_ptr());
-  const T* ks = static_cast<const T*>(keys.const_data_ptr());
-  const T* vs = static_cast<const T*>(values.const_data_ptr());
-  const bool* ms = static_cast<const bool*>(mask.const_data_ptr());
-  T* os = static_cast<T*>(out.mutable_data_ptr());
+  const T *qs = read<T>(query), *ks = read<T>(keys), *vs = read<T>(values);
+  const bool* ms = read<bool>(mask);
+  T* os = write<T>(out);
   at::parallel_for(0, rows * kv_heads * queries, 1, [&](int64_t first, int64_t last) {
     std::vector<int64_t> kept(cols);
-    std::vector<float> scores(group * cols + V);  // [group][kept], then e^(score - max)
+    std::vector<float> scores(group * cols);  // [group][kept], then e^(score - max)
     for (int64_t task = first; task < last; ++task) {
       const int64_t r = task / (kv_heads * queries), h = task / queries % kv_heads, t = task % queries;
       int64_t n = 0;
@@ -431,15 +434,14 @@ at::Tensor attention(const at::Tensor& query, const at::Tensor& keys, const at::
               "attention: mask must be [rows, q, cols] bool and contiguous");
   at::Tensor out = at::empty({rows, queries, heads, dim}, query.options());
   const float scaling = static_cast<float>(scale);
-  const bool single = dtype == at::kFloat;
-  switch (dim / V) {  // the head sizes of most models get loops the compiler unrolls
-    case 4: single ? attend_rows<float, 4>(query, keys, values, mask, scaling, out)
-                   : attend_rows<bf16, 4>(query, keys, values, mask, scaling, out); break;
-    case 8: single ? attend_rows<float, 8>(query, keys, values, mask, scaling, out)
-                   : attend_rows<bf16, 8>(query, keys, values, mask, scaling, out); break;
-    default: single ? attend_rows<float, 0>(query, keys, values, mask, scaling, out)
-                    : attend_rows<bf16, 0>(query, keys, values, mask, scaling, out);
-  }
+  with_type(dtype, [&](auto type) {
+    using T = decltype(type);
+    switch (dim / V) {  // the head sizes of most models get loops the compiler unrolls
+      case 4: attend_rows<T, 4>(query, keys, values, mask, scaling, out); break;
+      case 8: attend_rows<T, 8>(query, keys, values, mask, scaling, out); break;
+      default: attend_rows<T, 0>(query, keys, values, mask, scaling, out);
+    }
+  });
   return out;
 }
 
