@@ -169,7 +169,7 @@ def _load(spec: str, device: str, dtype: str, quantization: str, fuse: bool) -> 
     on_native = fuse and torch_device.type == "cpu" and torch_dtype in packed.DTYPES and native.load(cache_root())
     # After the move: `.to(dtype)` would cast the quantized layers' bfloat16 scales.
     if quantization != "none":
-        _quantize(model, quantization, gguf_file, quant_cache, source, fuse)
+        _quantize(model, quantization, gguf_file, quant_cache, source, fuse, on_native)
     elif fuse:
         decoder.fuse(model)
         if packed.available(torch_device, torch_dtype):
@@ -202,22 +202,25 @@ def _load(spec: str, device: str, dtype: str, quantization: str, fuse: bool) -> 
 
 def _matmul(model: PreTrainedModel) -> str:
     """Which kernels the model's projections run on, for the load log."""
-    if any(isinstance(m, quant.QuantizedLinear) for m in model.modules()):
-        return "pytorch weight-only int8/int4"
     kinds = {type(m) for m in model.modules()}
+    if kinds & {quant.Int8PanelLinear, quant.Int4PanelLinear}:
+        return "native int8/int4 panels" + (" and pytorch weight-only" if kinds & {quant.Int8Linear, quant.Int4Linear} else "")
+    if kinds & {quant.Int8Linear, quant.Int4Linear}:
+        return "pytorch weight-only int8/int4"
     if packed.PanelLinear in kinds:
         return "native panels" + (" and onednn packed" if packed.PackedLinear in kinds else "")
     return "onednn packed" if packed.PackedLinear in kinds else "pytorch linear"
 
 
 def _quantize(
-    model: PreTrainedModel, mode: str, gguf_file: Path | None, cache: Path | None, source: str, fuse: bool
+    model: PreTrainedModel, mode: str, gguf_file: Path | None, cache: Path | None, source: str, fuse: bool,
+    on_native: bool = False,
 ) -> None:
     started = time.monotonic()
     try:
         blocks = gguf_blocks.gguf_int4_blocks(gguf_file, model) if gguf_file is not None and mode == "int4" else None
         fusions = decoder.fusions(model) if fuse else None
-        outcome = quant.quantize(model, mode, file_blocks=blocks, cache_file=cache, fuse=fusions)
+        outcome = quant.quantize(model, mode, file_blocks=blocks, cache_file=cache, fuse=fusions, native=on_native)
     except quant.QuantizationError as exc:
         raise ModelLoadError(f"{source}: {exc}") from None
     log.info(

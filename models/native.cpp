@@ -134,6 +134,13 @@ void with_type(at::ScalarType dtype, F&& f) {  // f(float{}) or f(bf16{}): dtype
   else f(bf16{});
 }
 
+inline float to_float(bf16 b) {
+  const uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
 inline Vec load_any(const float* p) { return load(p); }
 inline Vec load_any(const bf16* p) { return load_bf16(p); }
 inline void store_any(float* p, Vec v) { store(p, v); }
@@ -149,21 +156,31 @@ inline Vec pair_fma(Bits x_pair, Bits w_pairs, Vec acc) {
 #endif
 }
 
-// out[r][p*V + j] = sum over k of x[r][k] * W[p*V + j][k], for R rows and P panels, k in order. float32 panels
-// are [K][V] (panel p, then k, then the column); bfloat16 ones hold pairs of k per column, [K/2][V][2], the
-// layout the dot-product instruction reads.
-template <typename T, int R, int P>
-void tile(const T* x, int64_t K, const T* panels, T* out, int64_t out_stride) {
+// A weight vector of V float32 lanes: float32 as it is, int8 codes widened (exactly).
+inline Vec load_weight(const float* p) { return load(p); }
+#if defined(__AVX512F__)
+inline Vec load_weight(const int8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); }
+#else
+inline Vec load_weight(const int8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p))); }
+#endif
+inline float to_float(float x) { return x; }
+
+// out[r][p*V + j] = sum over k of x[r][k] * W[p*V + j][k], for R rows and P panels, k in order, times the
+// column's scale for int8 weights. Panels of float32 or int8 weights are [K][V] (panel p, then k, then the
+// column), multiplied in float32 with the rows widened to it; bfloat16 ones hold pairs of k per column,
+// [K/2][V][2], the layout the dot-product instruction reads, and take bfloat16 rows.
+template <typename T, typename W, int R, int P>
+void tile(const T* x, int64_t K, const W* panels, const float* scales, T* out, int64_t out_stride) {
   Vec acc[R][P];
   for (int r = 0; r < R; ++r)
     for (int p = 0; p < P; ++p) acc[r][p] = zero();
   const int64_t panel_stride = K * V;
-  if constexpr (std::is_same_v<T, float>) {
+  if constexpr (!std::is_same_v<W, bf16>) {
     for (int64_t k = 0; k < K; ++k) {
       Vec w[P];
-      for (int p = 0; p < P; ++p) w[p] = load(panels + p * panel_stride + k * V);
+      for (int p = 0; p < P; ++p) w[p] = load_weight(panels + p * panel_stride + k * V);
       for (int r = 0; r < R; ++r) {
-        const Vec xr = splat(x[r * K + k]);
+        const Vec xr = splat(to_float(x[r * K + k]));
         for (int p = 0; p < P; ++p) acc[r][p] = fma(xr, w[p], acc[r][p]);
       }
     }
@@ -179,28 +196,27 @@ void tile(const T* x, int64_t K, const T* panels, T* out, int64_t out_stride) {
       }
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int p = 0; p < P; ++p) store_any(out + r * out_stride + p * V, acc[r][p]);
-}
-
-template <typename T, int R>
-void tile_rows(int64_t panel_count, const T* x, int64_t K, const T* panels, T* out, int64_t out_stride) {
-  static_assert(PANELS == 3, "the cases below cover 1..PANELS panels");
-  if (panel_count == 3) tile<T, R, 3>(x, K, panels, out, out_stride);
-  else if (panel_count == 2) tile<T, R, 2>(x, K, panels, out, out_stride);
-  else tile<T, R, 1>(x, K, panels, out, out_stride);
-}
-
-template <typename T, int R = ROWS>
-void tile_any(int64_t rows, int64_t panel_count, const T* x, int64_t K, const T* panels, T* out, int64_t out_stride) {
-  if constexpr (R > 1) {
-    if (rows < R) return tile_any<T, R - 1>(rows, panel_count, x, K, panels, out, out_stride);
+  for (int p = 0; p < P; ++p) {
+    const Vec scale = scales ? load(scales + p * V) : splat(1.0f);
+    for (int r = 0; r < R; ++r) store_any(out + r * out_stride + p * V, scales ? mul(acc[r][p], scale) : acc[r][p]);
   }
-  tile_rows<T, R>(panel_count, x, K, panels, out, out_stride);
 }
 
-template <typename T>
-void panels_times(const T* xs, int64_t M, int64_t K, const T* ws, int64_t panel_total, T* ys) {
+// The tile for `rows` <= ROWS rows and `panel_count` <= PANELS panels: the edges of the output.
+template <typename T, typename W, int R = ROWS, int P = PANELS>
+void tile_any(int64_t rows, int64_t panel_count, const T* x, int64_t K, const W* panels, const float* scales, T* out,
+              int64_t out_stride) {
+  if constexpr (R > 1) {
+    if (rows < R) return tile_any<T, W, R - 1, P>(rows, panel_count, x, K, panels, scales, out, out_stride);
+  }
+  if constexpr (P > 1) {
+    if (panel_count < P) return tile_any<T, W, R, P - 1>(rows, panel_count, x, K, panels, scales, out, out_stride);
+  }
+  tile<T, W, R, P>(x, K, panels, scales, out, out_stride);
+}
+
+template <typename T, typename W>
+void panels_times(const T* xs, int64_t M, int64_t K, const W* ws, const float* scales, int64_t panel_total, T* ys) {
   const int64_t N = panel_total * V, groups = (panel_total + PANELS - 1) / PANELS;
   // Threads split the panels; each streams its own panels once per tile of rows.
   at::parallel_for(0, groups, 1, [&](int64_t first, int64_t last) {
@@ -208,10 +224,25 @@ void panels_times(const T* xs, int64_t M, int64_t K, const T* ws, int64_t panel_
       const int64_t p = g * PANELS, count = std::min<int64_t>(PANELS, panel_total - p);
       for (int64_t m = 0; m < M; m += ROWS) {
         const int64_t rows = std::min<int64_t>(ROWS, M - m);
-        tile_any<T>(rows, count, xs + m * K, K, ws + p * K * V, ys + m * N + p * V, N);
+        tile_any<T, W>(rows, count, xs + m * K, K, ws + p * K * V, scales ? scales + p * V : nullptr,
+                       ys + m * N + p * V, N);
       }
     }
   });
+}
+
+// x [..., K] as [M, K] rows, contiguous, and the output [M, N] in x's dtype; `done` gives it back as [..., N].
+struct Rows {
+  at::Tensor in, out;
+  at::Tensor done(const at::Tensor& x) const {
+    auto sizes = x.sizes().vec();
+    sizes.back() = out.size(1);
+    return out.view(sizes);
+  }
+};
+Rows rows_of(const at::Tensor& x, int64_t K, int64_t N) {
+  at::Tensor in = x.reshape({-1, K}).contiguous();
+  return {in, at::empty({in.size(0), N}, x.options())};
 }
 
 at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels) {
@@ -221,22 +252,149 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels) {
               "panel_linear: float32 or bfloat16, the input's and the panels' alike");
   TORCH_CHECK(panels.dim() == 3 && panels.size(2) == V && panels.is_contiguous(),
               "panel_linear: panels must be [N/", V, ", K, ", V, "] and contiguous");
-  const int64_t K = panels.size(1), panel_total = panels.size(0), N = panel_total * V;
+  const int64_t K = panels.size(1), panel_total = panels.size(0);
   TORCH_CHECK(x.size(-1) == K, "panel_linear: x has ", x.size(-1), " features, the weight ", K);
   TORCH_CHECK(dtype == at::kFloat || K % 2 == 0, "panel_linear: bfloat16 needs an even number of features");
-  const at::Tensor rows_in = x.reshape({-1, K}).contiguous();  // [M, K]
-  const int64_t M = rows_in.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());
+  Rows rows = rows_of(x, K, panel_total * V);
   with_type(dtype, [&](auto type) {
     using T = decltype(type);
-    panels_times(read<T>(rows_in), M, K, read<T>(panels), panel_total, write<T>(y));
+    panels_times<T, T>(read<T>(rows.in), rows.in.size(0), K, read<T>(panels), nullptr, panel_total, write<T>(rows.out));
   });
-  auto sizes = x.sizes().vec();
-  sizes.back() = N;
-  return y.view(sizes);
+  return rows.done(x);
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
+  // x [..., K] float32 or bfloat16; codes [N/V, K, V] int8; scales [N] float32 -> [..., N] in x's dtype
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "int8_linear: x must be float32 or bfloat16");
+  TORCH_CHECK(codes.scalar_type() == at::kChar && codes.dim() == 3 && codes.size(2) == V && codes.is_contiguous(),
+              "int8_linear: codes must be [N/", V, ", K, ", V, "] int8 and contiguous");
+  const int64_t K = codes.size(1), panel_total = codes.size(0), N = panel_total * V;
+  TORCH_CHECK(x.size(-1) == K, "int8_linear: x has ", x.size(-1), " features, the weight ", K);
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 1 && scales.size(0) == N && scales.is_contiguous(),
+              "int8_linear: scales must be [", N, "] float32 and contiguous");
+  Rows rows = rows_of(x, K, N);
+  with_type(dtype, [&](auto type) {
+    using T = decltype(type);
+    panels_times<T, int8_t>(read<T>(rows.in), rows.in.size(0), K, read<int8_t>(codes), read<float>(scales),
+                            panel_total, write<T>(rows.out));
+  });
+  return rows.done(x);
 }
 
 int64_t panel_width() { return V; }
+
+// ---- int4 weights: y = x W^T with W = (q - 8) s + z, q a 4-bit code, s and z one per group of 32 inputs.
+//
+// 16 + q for q in 0..15 is exactly the bfloat16 0x4180 | q << 3: its low byte 0x80 | q << 3, its high byte
+// 0x41. So codes widen to bfloat16 with shifts, masks and byte interleaves alone, a group's dot product is the
+// bfloat16 one, D = sum x (16 + q), and the group adds s D + (z - 24 s) X, X = sum x, to the output:
+// sum x w = s (D - 24 X) + z X. Rows are bfloat16 (a float32 input is rounded to it first, as PyTorch's int4
+// kernel does); sums, scales and the output stay in float32 until stored in the input's dtype.
+//
+// Codes are packed in panels of V columns, [N/V][K/8][4V] bytes: a block of 4V bytes holds the column's codes
+// for 8 k, two to a byte, arranged so that one vector load and `widen_block` give the 4 vectors of bfloat16
+// pairs (k, k+1) of k0, k0+2, k0+4, k0+6, each [V columns][2], the layout of bfloat16 panels. The byte at
+// 16 (j / 4) + 8 h + 2 (j % 4) + t of column j's block holds k0 + 2h + t in its low nibble and k0 + 4 + 2h + t
+// in its high one (models/quant.py's Int4PanelLinear packs them so).
+constexpr int64_t GROUP = 32, BLOCK = 8;
+#if defined(__AVX512F__)
+constexpr int Q_ROWS = 8;  // 8 dot products, 8 sums and 4 weight vectors: 8 x 3 panels was 10-20% slower
+inline void widen_block(const uint8_t* p, Bits w[4]) {
+  const __m512i b = _mm512_loadu_si512(p), mask = _mm512_set1_epi8(0x78), low = _mm512_set1_epi8(char(0x80));
+  // Ternary-logic 0xEA is (A & B) | C: each nibble moved to bits 3..6 of its byte, with 0x80 set.
+  const __m512i lo = _mm512_ternarylogic_epi32(_mm512_slli_epi16(b, 3), mask, low, 0xEA);
+  const __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(b, 1), mask, low, 0xEA);
+  const __m512i top = _mm512_set1_epi8(0x41);
+  w[0] = _mm512_unpacklo_epi8(lo, top), w[1] = _mm512_unpackhi_epi8(lo, top);
+  w[2] = _mm512_unpacklo_epi8(hi, top), w[3] = _mm512_unpackhi_epi8(hi, top);
+}
+#else
+constexpr int Q_ROWS = 4;  // 4 + 4 + 4 of the 16 registers
+inline void widen_block(const uint8_t* p, Bits w[4]) {
+  const __m256i b = _mm256_loadu_si256((const __m256i*)p), mask = _mm256_set1_epi8(0x78);
+  const __m256i low = _mm256_set1_epi8(char(0x80)), top = _mm256_set1_epi8(0x41);
+  const __m256i lo = _mm256_or_si256(_mm256_and_si256(_mm256_slli_epi16(b, 3), mask), low);
+  const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b, 1), mask), low);
+  w[0] = _mm256_unpacklo_epi8(lo, top), w[1] = _mm256_unpackhi_epi8(lo, top);
+  w[2] = _mm256_unpacklo_epi8(hi, top), w[3] = _mm256_unpackhi_epi8(hi, top);
+}
+#endif
+
+// out[r][j] for R rows and one panel's V columns: per group, D in float32 from zero, then acc += s D +
+// (z - 24 s) X. codes [K/8][4V] bytes; scale_zeros [K/32][2][V] bfloat16; sums [rows][K/32] float32.
+template <typename T, int R>
+void int4_tile(const bf16* x, const float* sums, int64_t K, const uint8_t* codes, const bf16* scale_zeros, T* out,
+               int64_t out_stride) {
+  const int64_t groups = K / GROUP;
+  Vec acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = zero();
+  for (int64_t g = 0; g < groups; ++g) {
+    Vec dot[R];
+    for (int r = 0; r < R; ++r) dot[r] = zero();
+    for (int64_t k = g * GROUP; k < (g + 1) * GROUP; k += BLOCK) {
+      Bits w[4];  // the pairs k, k + 2, k + 4 and k + 6 of the panel's V columns
+      widen_block(codes + k / 2 * V, w);
+      for (int j = 0; j < 4; ++j)
+        for (int r = 0; r < R; ++r) {
+          uint32_t pair;
+          std::memcpy(&pair, x + r * K + k + 2 * j, sizeof pair);
+          dot[r] = pair_fma(splat_bits(pair), w[j], dot[r]);
+        }
+    }
+    const Vec s = load_bf16(scale_zeros + g * 2 * V), offset = fma(splat(-24.0f), s, load_bf16(scale_zeros + g * 2 * V + V));
+    for (int r = 0; r < R; ++r) acc[r] = fma(s, dot[r], fma(offset, splat(sums[r * groups + g]), acc[r]));
+  }
+  for (int r = 0; r < R; ++r) store_any(out + r * out_stride, acc[r]);
+}
+
+template <typename T, int R = Q_ROWS>
+void int4_tile_any(int64_t rows, const bf16* x, const float* sums, int64_t K, const uint8_t* codes,
+                   const bf16* scale_zeros, T* out, int64_t out_stride) {
+  if constexpr (R > 1) {
+    if (rows < R) return int4_tile_any<T, R - 1>(rows, x, sums, K, codes, scale_zeros, out, out_stride);
+  }
+  int4_tile<T, R>(x, sums, K, codes, scale_zeros, out, out_stride);
+}
+
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale_zeros) {
+  // x [..., K] float32 or bfloat16; codes [N/V, K/2, V] uint8; scale_zeros [N/V, K/32, 2, V] bfloat16
+  // -> [..., N] in x's dtype
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "int4_linear: x must be float32 or bfloat16");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 3 && codes.size(2) == V && codes.is_contiguous(),
+              "int4_linear: codes must be [N/", V, ", K/2, ", V, "] uint8 and contiguous");
+  const int64_t panel_total = codes.size(0), K = codes.size(1) * 2, N = panel_total * V, groups = K / GROUP;
+  TORCH_CHECK(K % GROUP == 0, "int4_linear: ", K, " features is not a multiple of ", GROUP);
+  TORCH_CHECK(x.size(-1) == K, "int4_linear: x has ", x.size(-1), " features, the weight ", K);
+  TORCH_CHECK(scale_zeros.scalar_type() == at::kBFloat16 && scale_zeros.is_contiguous() && scale_zeros.dim() == 4 &&
+                  scale_zeros.size(0) == panel_total && scale_zeros.size(1) == groups && scale_zeros.size(2) == 2 &&
+                  scale_zeros.size(3) == V,
+              "int4_linear: scale_zeros must be [", panel_total, ", ", groups, ", 2, ", V, "] bfloat16, contiguous");
+  Rows rows = rows_of(x, K, N);
+  const at::Tensor in = rows.in.to(at::kBFloat16);  // [M, K], rounded as PyTorch rounds
+  const int64_t M = in.size(0);
+  const bf16* xs = read<bf16>(in);
+  std::vector<float> sums(M * groups);  // [M, K/32]: X of each row's groups, summed in k order
+  for (int64_t i = 0; i < M * groups; ++i) {
+    float total = 0.0f;
+    for (int64_t k = 0; k < GROUP; ++k) total += to_float(xs[i * GROUP + k]);
+    sums[i] = total;
+  }
+  with_type(dtype, [&](auto type) {
+    using T = decltype(type);
+    T* ys = write<T>(rows.out);
+    // Threads split the panels; each streams its own panels once per tile of rows.
+    at::parallel_for(0, panel_total, 1, [&](int64_t first, int64_t last) {
+      for (int64_t p = first; p < last; ++p)
+        for (int64_t m = 0; m < M; m += Q_ROWS)
+          int4_tile_any<T>(std::min<int64_t>(Q_ROWS, M - m), xs + m * K, sums.data() + m * groups, K,
+                           read<uint8_t>(codes) + p * K / 2 * V, read<bf16>(scale_zeros) + p * groups * 2 * V,
+                           ys + m * N + p * V, N);
+    });
+  });
+  return rows.done(x);
+}
 
 // e^x for x <= 0 (softmax's shifted scores), to about 2 ulp: Cephes' expf, e^x = 2^n e^r with |r| <= ln2 / 2.
 inline Vec exp_nonpositive(Vec x) {
@@ -450,6 +608,8 @@ at::Tensor attention(const at::Tensor& query, const at::Tensor& keys, const at::
 TORCH_LIBRARY(tokenferry, m) {
   m.def("panel_linear(Tensor x, Tensor panels) -> Tensor", &panel_linear);
   m.def("panel_width() -> int", &panel_width);
+  m.def("int8_linear(Tensor x, Tensor codes, Tensor scales) -> Tensor", &int8_linear);
+  m.def("int4_linear(Tensor x, Tensor codes, Tensor scale_zeros) -> Tensor", &int4_linear);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
   m.def("silu_mul(Tensor gate_up) -> Tensor", &silu_mul);
   m.def("attention(Tensor query, Tensor keys, Tensor values, Tensor mask, float scale) -> Tensor", &attention);

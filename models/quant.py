@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import native
 from models.quant_cache import cached
 from models.quant_weights import GROUP_SIZE, Int4Weight, Int8Weight, kind_of, quantize_int4, quantize_int8, stack
 
@@ -45,9 +46,9 @@ class QuantizationError(ValueError):
 
 
 class QuantizedLinear(nn.Module, ABC):
-    """y = x W^T + b with W weight-only quantized: the kernel reads bfloat16 inputs, the output is cast back.
-    Each kind of weight (Int8Linear, Int4Linear) brings its kernel as `_kernel` and holds what it reads with
-    `_hold`; `matmul` hands the kernel inputs it can read on every CPU."""
+    """y = x W^T + b with W weight-only quantized; x and y in the model's dtype. `kind` is int8 or int4."""
+
+    kind: str
 
     def __init__(self, out_features: int, in_features: int, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -55,9 +56,25 @@ class QuantizedLinear(nn.Module, ABC):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.matmul(x.reshape(-1, self.in_features).to(ACTIVATION_DTYPE)).to(x.dtype)
-        out = out.reshape(*x.shape[:-1], self.out_features)
+        out = self.product(x)  # [..., in] -> [..., out]
         return out if self.bias is None else out + self.bias
+
+    @abstractmethod
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T without the bias: [..., in] -> [..., out], in x's dtype."""
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class TorchQuantizedLinear(QuantizedLinear):
+    """On one of PyTorch's weight-only kernels, which read bfloat16 inputs: the input is cast to bfloat16 and
+    the output back. Each kind (Int8Linear, Int4Linear) brings its kernel as `_kernel` and holds what it reads
+    with `_hold`; `matmul` hands the kernel inputs it can read on every CPU."""
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.matmul(x.reshape(-1, self.in_features).to(ACTIVATION_DTYPE)).to(x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """The kernel alone: x [tokens, in] bfloat16 -> x W^T [tokens, out] bfloat16, no bias."""
@@ -72,7 +89,7 @@ class QuantizedLinear(nn.Module, ABC):
         """The bare kernel call on an input `kernel_buffer` has made safe."""
 
 
-class Int8Linear(QuantizedLinear):
+class Int8Linear(TorchQuantizedLinear):
     """W in int8, one scale per output channel.
 
     NOTE: with 4 or more input rows the kernel's AVX-512 path (not its AVX2 one) reads 16 weight bytes and 16
@@ -80,6 +97,8 @@ class Int8Linear(QuantizedLinear):
     or the process dies (SIGSEGV). `kernel_buffer` aligns where each buffer starts; rows stay aligned when
     `in` is a multiple of 16, so other widths are padded with zero columns (zero codes times zero inputs add
     nothing)."""
+
+    kind = "int8"
 
     def __init__(self, weight: Int8Weight, bias: torch.Tensor | None) -> None:
         super().__init__(*weight.codes.shape, bias)
@@ -94,8 +113,10 @@ class Int8Linear(QuantizedLinear):
         return torch.ops.aten._weight_int8pack_mm(x, self.codes, self.scales)
 
 
-class Int4Linear(QuantizedLinear):
+class Int4Linear(TorchQuantizedLinear):
     """W in int4, one scale and zero per group of 32 inputs."""
+
+    kind = "int4"
 
     def __init__(self, weight: Int4Weight, bias: torch.Tensor | None) -> None:
         super().__init__(*weight.codes.shape, bias)
@@ -107,6 +128,48 @@ class Int4Linear(QuantizedLinear):
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP_SIZE, self.scale_zeros)
+
+
+class Int8PanelLinear(QuantizedLinear):
+    """W in int8 as Int8Linear, on models/native.cpp's `int8_linear`: the codes in panels of V output columns,
+    multiplied in float32 with the input as it is (no bfloat16 rounding), each row alone."""
+
+    kind = "int8"
+
+    def __init__(self, weight: Int8Weight, bias: torch.Tensor | None) -> None:
+        super().__init__(*weight.codes.shape, bias)
+        width = native.width()
+        # NOTE: as float32 panels (models/packed.py): panel p holds columns [p V, (p + 1) V), k-major.
+        panels = weight.codes.view(-1, width, self.in_features).transpose(1, 2)
+        self.register_buffer("codes", panels.contiguous())  # [out / V, in, V] int8
+        self.register_buffer("scales", weight.scales.float().contiguous())  # [out]
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.tokenferry.int8_linear(x, self.codes, self.scales)
+
+
+class Int4PanelLinear(QuantizedLinear):
+    """W in int4 as Int4Linear, on models/native.cpp's `int4_linear`: the codes two to a byte in panels of V
+    output columns; the input is rounded to bfloat16 as for PyTorch's kernel, the output is the input's dtype."""
+
+    kind = "int4"
+
+    def __init__(self, weight: Int4Weight, bias: torch.Tensor | None) -> None:
+        super().__init__(*weight.codes.shape, bias)
+        width, k = native.width(), self.in_features
+        # NOTE: panel p holds columns [p V, (p + 1) V) in blocks of 8 k, 4 V bytes each, two codes to a byte:
+        # the byte at 16 (j / 4) + 8 h + 2 (j % 4) + t of a block holds column j's code for k0 + 2 h + t in its
+        # low nibble and for k0 + 4 + 2 h + t in its high one, the order in which models/native.cpp's
+        # `widen_block` turns one load into bfloat16 pairs. So k = 8 block + 4 nibble + 2 h + t, and j = 4 a + b.
+        codes = weight.codes.view(-1, width // 4, 4, k // 8, 2, 2, 2)  # [panel, a, b, block, nibble, h, t]
+        packed = codes[..., 0, :, :] | codes[..., 1, :, :] << 4  # [panel, a, b, block, h, t]
+        self.register_buffer("codes", packed.permute(0, 3, 1, 4, 2, 5).contiguous().view(-1, k // 2, width))
+        # Scales and zeros per group of 32 k: [out / V, in / 32, 2, V], the group's V scales then its V zeros.
+        scales, zeros = (t.to(torch.bfloat16).view(-1, width, k // GROUP_SIZE).transpose(1, 2) for t in (weight.scales, weight.zeros))
+        self.register_buffer("scale_zeros", torch.stack([scales, zeros], dim=2).contiguous())
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.tokenferry.int4_linear(x, self.codes, self.scale_zeros)
 
 
 def kernel_buffer(tensor: torch.Tensor) -> torch.Tensor:
@@ -161,6 +224,7 @@ def quantize(
     file_blocks: dict[str, Int4Weight] | None = None,
     cache_file: Path | None = None,
     fuse: Mapping[str, Sequence[str]] | None = None,
+    native: bool = False,
 ) -> Outcome:
     """Replace every Linear of `model` (decoder and LM head) by its `mode` version, in place.
 
@@ -173,6 +237,9 @@ def quantize(
     `fuse` maps a new module name to Linears of one input whose outputs it computes side by side, in one
     kernel call (models/decoder.py's q, k, v and gate, up): those are replaced by the one module. The kernels
     compute each output column from its own weight row, so a fused module's outputs equal its parts'.
+
+    `native` (models/native.cpp is loaded): layers whose outputs fill whole panels run on its int8 and int4
+    kernels (Int8PanelLinear, Int4PanelLinear), the others on PyTorch's.
     """
     if mode == "none":
         return Outcome(mode, 0, 0, False, 0)
@@ -206,7 +273,7 @@ def quantize(
             set_module(model, part, None)
     served = 0
     for name, weight in weights.items():
-        replacement = _module(weight, biases[name])
+        replacement = _module(weight, biases[name], native)
         set_module(model, name, replacement)
         served += sum(b.numel() * b.element_size() for b in replacement.buffers())
     return Outcome(mode, len(targets), len(file_blocks), from_cache, served)
@@ -221,8 +288,11 @@ def _quantize_one(kind: str, weight: torch.Tensor) -> Int4Weight | Int8Weight:
     return quantize_int4(weight) if kind == "int4" else quantize_int8(weight)
 
 
-def _module(weight: Int4Weight | Int8Weight, bias: torch.Tensor | None) -> QuantizedLinear:
-    return Int4Linear(weight, bias) if isinstance(weight, Int4Weight) else Int8Linear(weight, bias)
+def _module(weight: Int4Weight | Int8Weight, bias: torch.Tensor | None, native_kernels: bool) -> QuantizedLinear:
+    panels = native_kernels and weight.codes.shape[0] % native.width() == 0
+    if isinstance(weight, Int4Weight):
+        return Int4PanelLinear(weight, bias) if panels else Int4Linear(weight, bias)
+    return Int8PanelLinear(weight, bias) if panels else Int8Linear(weight, bias)
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module | None) -> None:

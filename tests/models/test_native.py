@@ -192,6 +192,19 @@ _CHECK = textwrap.dedent(
         got = torch.ops.tokenferry.attention(query, keys, values, mask, 0.125).float()
         expected = sdpa(query.float(), keys.float(), values.float(), mask, 0.125)
         assert (got - expected).abs().max() <= tolerance * expected.abs().max(), f"not SDPA's function in {dtype}"
+    from models import quant
+    from models.quant_weights import quantize_int4, quantize_int8
+    weight, x = torch.randn(96, 576) * 0.05, torch.randn(37, 576)
+    int4, int8 = quantize_int4(weight), quantize_int8(weight)
+    for module, served, rows in (
+        (quant.Int4PanelLinear(int4, None), int4.dequantize(), x.bfloat16()),  # int4 reads bfloat16 rows
+        (quant.Int8PanelLinear(int8, None), int8.codes.float() * int8.scales[:, None], x),
+    ):
+        with torch.inference_mode():
+            got, alone = module(x), torch.cat([module(x[i : i + 1]) for i in range(37)])
+        expected = (rows.double() @ served.double().T).float()
+        assert (got - expected).abs().max() <= 1e-5 * expected.abs().max(), f"not {module.kind}'s function"
+        assert torch.equal(got, alone), f"{module.kind}: a row differs between a call of 37 rows and one of its own"
     print(native.width())
     """
 )
