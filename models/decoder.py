@@ -21,13 +21,15 @@ orders (the logits move by rounding only, tested) and compute every row alone by
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaForCausalLM
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from models import attention
+from models import attention, native
 from models.forward import Forward
 from models.quant import set_module
 
@@ -94,8 +96,7 @@ def forward(model: LlamaForCausalLM, inputs: Forward, every_position: bool) -> t
     native = model.config._attn_implementation == attention.NATIVE
     rows, q = inputs.input_ids.shape
     hidden = decoder.embed_tokens(inputs.input_ids)  # [rows, q, hidden]
-    cos, sin = decoder.rotary_emb(hidden, inputs.position_ids)  # [rows, q, head_dim]
-    rotary = cos[:, :, None], sin[:, :, None]  # [rows, q, 1, head_dim]: the same for every head
+    rotary = Rotary(*decoder.rotary_emb(hidden, inputs.position_ids), native and _turns_natively(model))
     for i, layer in enumerate(decoder.layers):
         attended = _attention(layer.self_attn, _norm(hidden, layer.input_layernorm, native), rotary, inputs, i)
         hidden = hidden + attended.view(rows, q, -1)
@@ -124,15 +125,36 @@ def _norm(hidden: torch.Tensor, norm: nn.Module, native: bool = False) -> torch.
     return normed.reshape(-1, hidden.shape[-1])
 
 
-def _attention(
-    attention: nn.Module, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], inputs: Forward, layer: int
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class Rotary:
+    """A forward's rotary embedding: cos and sin [rows, q, head_dim] (the same for every head and layer)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    native: bool  # turned by models/native.cpp's `rotary`, which computes PyTorch's three operations bit for bit
+
+    def turn(self, qkv: torch.Tensor, heads: int) -> torch.Tensor:
+        """The first `heads` heads of qkv [rows, q, all heads, dim], turned: [rows, q, heads, dim]."""
+        if self.native:
+            return torch.ops.tokenferry.rotary(qkv, self.cos, self.sin, heads)
+        # As transformers' apply_rotary_pos_emb: x cos + rotate_half(x) sin.
+        x, cos, sin = qkv[:, :, :heads], self.cos[:, :, None], self.sin[:, :, None]
+        first, second = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+def _turns_natively(model: LlamaForCausalLM) -> bool:
+    """Whether the native `rotary` takes this model's head size: whole vectors in each half of a head."""
+    return model.model.layers[0].self_attn.head_dim % (2 * native.width()) == 0
+
+
+def _attention(attention: nn.Module, x: torch.Tensor, rotary: Rotary, inputs: Forward, layer: int) -> torch.Tensor:
     """x [tokens, hidden] -> the attention block's output [tokens, hidden]."""
     rows, q = inputs.input_ids.shape
     config = attention.config
     heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, attention.head_dim
     qkv = attention.qkv_proj(x).view(rows, q, heads + 2 * kv_heads, dim)
-    turned = _rotate(qkv[:, :, : heads + kv_heads], *rotary)  # [rows, q, heads + kv_heads, dim]
+    turned = rotary.turn(qkv, heads + kv_heads)  # [rows, q, heads + kv_heads, dim]
     query = turned[:, :, :heads].transpose(1, 2)  # [rows, heads, q, dim]
     new_keys = turned[:, :, heads:].transpose(1, 2)  # [rows, kv_heads, q, dim]
     keys, values = inputs.cache.layers[layer].update(new_keys, qkv[:, :, heads + kv_heads :].transpose(1, 2))
@@ -141,12 +163,6 @@ def _attention(
     attend = ALL_ATTENTION_FUNCTIONS[config._attn_implementation]
     out, _ = attend(attention, query, keys, values, inputs.attention_mask, dropout=0.0, scaling=attention.scaling)
     return attention.o_proj(out.reshape(rows * q, heads * dim))  # from [rows, q, heads, dim]
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding, as transformers' apply_rotary_pos_emb: x cos + rotate_half(x) sin."""
-    first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-second, first), dim=-1) * sin
 
 
 def _mlp(mlp: nn.Module, x: torch.Tensor, native: bool) -> torch.Tensor:

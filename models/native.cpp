@@ -37,6 +37,7 @@ inline Vec splat(float x) { return _mm512_set1_ps(x); }
 inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
 inline Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+inline Vec sub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
 inline Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
 inline Vec max(Vec a, Vec b) { return _mm512_max_ps(a, b); }
 inline Vec min(Vec a, Vec b) { return _mm512_min_ps(a, b); }
@@ -60,6 +61,7 @@ inline Vec splat(float x) { return _mm256_set1_ps(x); }
 inline Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
 inline Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+inline Vec sub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
 inline Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
 inline Vec max(Vec a, Vec b) { return _mm256_max_ps(a, b); }
 inline Vec min(Vec a, Vec b) { return _mm256_min_ps(a, b); }
@@ -372,9 +374,14 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
                   scale_zeros.size(3) == V,
               "int4_linear: scale_zeros must be [", panel_total, ", ", groups, ", 2, ", V, "] bfloat16, contiguous");
   Rows rows = rows_of(x, K, N);
-  const at::Tensor in = rows.in.to(at::kBFloat16);  // [M, K], rounded as PyTorch rounds
-  const int64_t M = in.size(0);
-  const bf16* xs = read<bf16>(in);
+  const int64_t M = rows.in.size(0);
+  std::vector<bf16> rounded;  // a float32 input's rows rounded to bfloat16 (to nearest, ties to even, as PyTorch)
+  if (dtype == at::kFloat) {
+    rounded.resize(M * K);
+    const float* in = read<float>(rows.in);
+    for (int64_t i = 0; i < M * K; i += V) store_bf16(rounded.data() + i, load(in + i));
+  }
+  const bf16* xs = dtype == at::kFloat ? rounded.data() : read<bf16>(rows.in);  // [M, K]
   std::vector<float> sums(M * groups);  // [M, K/32]: X of each row's groups, summed in k order
   for (int64_t i = 0; i < M * groups; ++i) {
     float total = 0.0f;
@@ -479,6 +486,50 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   with_type(gate_up.scalar_type(), [&](auto type) {
     using T = decltype(type);
     silu_mul_rows(read<T>(gate_up), rows, width, write<T>(out));
+  });
+  return out;
+}
+
+// Rotary embedding of the first `turned` heads of each token, as transformers' apply_rotary_pos_emb computes it:
+// x cos + rotate_half(x) sin, rotate_half(x) = (-x2, x1), every product and the sum rounded to the dtype as
+// PyTorch's three operations round them (the library is built without contracting them into FMAs).
+template <typename T>
+void rotate_rows(const T* xs, const T* coss, const T* sins, int64_t tokens, int64_t heads, int64_t turned,
+                 int64_t dim, T* os) {
+  const int64_t half = dim / 2;
+  at::parallel_for(0, tokens * turned, 64, [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) {
+      const int64_t token = i / turned, head = i % turned;
+      const T* x = xs + (token * heads + head) * dim;
+      const T *c = coss + token * dim, *s = sins + token * dim;
+      T* o = os + i * dim;
+      for (int64_t j = 0; j < half; j += V) {
+        const Vec x1 = load_any(x + j), x2 = load_any(x + half + j);
+        const Vec first_half = sub(as_stored<T>(mul(x1, load_any(c + j))), as_stored<T>(mul(x2, load_any(s + j))));
+        const Vec second_half = add(as_stored<T>(mul(x2, load_any(c + half + j))), as_stored<T>(mul(x1, load_any(s + half + j))));
+        store_any(o + j, first_half);
+        store_any(o + half + j, second_half);
+      }
+    }
+  });
+}
+
+at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t turned) {
+  // x [rows, q, heads, dim]; cos, sin [rows, q, dim] -> the first `turned` heads turned: [rows, q, turned, dim]
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && cos.scalar_type() == dtype && sin.scalar_type() == dtype,
+              "rotary: float32 or bfloat16, x, cos and sin alike");
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && cos.is_contiguous() && sin.is_contiguous(),
+              "rotary: x [rows, q, heads, dim], cos and sin [rows, q, dim], contiguous");
+  const int64_t rows = x.size(0), q = x.size(1), heads = x.size(2), dim = x.size(3);
+  TORCH_CHECK(cos.dim() == 3 && cos.size(0) == rows && cos.size(1) == q && cos.size(2) == dim && sin.sizes() == cos.sizes(),
+              "rotary: cos and sin must be [", rows, ", ", q, ", ", dim, "]");
+  TORCH_CHECK(dim % (2 * V) == 0, "rotary: head size ", dim, " is not a multiple of ", 2 * V);
+  TORCH_CHECK(0 < turned && turned <= heads, "rotary: ", turned, " heads to turn of ", heads);
+  at::Tensor out = at::empty({rows, q, turned, dim}, x.options());
+  with_type(dtype, [&](auto type) {
+    using T = decltype(type);
+    rotate_rows(read<T>(x), read<T>(cos), read<T>(sin), rows * q, heads, turned, dim, write<T>(out));
   });
   return out;
 }
@@ -612,5 +663,6 @@ TORCH_LIBRARY(tokenferry, m) {
   m.def("int4_linear(Tensor x, Tensor codes, Tensor scale_zeros) -> Tensor", &int4_linear);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
   m.def("silu_mul(Tensor gate_up) -> Tensor", &silu_mul);
+  m.def("rotary(Tensor x, Tensor cos, Tensor sin, int turned) -> Tensor", &rotary);
   m.def("attention(Tensor query, Tensor keys, Tensor values, Tensor mask, float scale) -> Tensor", &attention);
 }

@@ -84,6 +84,7 @@ def _command(level: str, output: Path) -> list[str]:
         "-std=gnu++17",
         "-shared",
         "-fPIC",
+        "-ffp-contract=off",  # products and sums round as written: the rotary embedding matches PyTorch's bit for bit
         "-fopenmp",  # ATen's parallel_for is OpenMP in its header; at load it binds to PyTorch's own libgomp
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
         *(f"-I{path}" for path in include),

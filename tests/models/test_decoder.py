@@ -9,7 +9,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from models import LoadedModel, attention, decoder, load
+from models import LoadedModel, decoder, load, loader
+from models.loader import default_gguf
 from models.runner import ModelRunner
 from tests.helpers import Row
 
@@ -70,12 +71,12 @@ def test_the_written_out_forward_computes_what_transformers_forward_does(model: 
     """On the same kernels: quantized ones, or for float weights PyTorch's own Linear (fused here, not packed), and
     PyTorch's attention, norms and activation (not models/native.cpp's)."""
     apart = load(model, dtype=dtype, quantization=mode, fuse=False)
+    written = load(model, dtype=dtype, fuse=False)
     if mode == "none":
-        written = load(model, dtype=dtype, fuse=False)
         decoder.fuse(written.model)
-    else:
-        written = load(model, dtype=dtype, quantization=mode)
-        written.model.config._attn_implementation = attention.NAME  # transformers' attention, norms and activation
+    else:  # fused as the loader fuses, on PyTorch's kernels as `apart` (the GGUF's own blocks in int4)
+        gguf = default_gguf() if model == "default" else None
+        loader._quantize(written.model, mode, gguf, None, model, fuse=True)
     assert decoder.fused(written.model) and not decoder.fused(apart.model)
     got, expected = every_forwards_logits(written), every_forwards_logits(apart)
     assert [t.shape for t in got] == [t.shape for t in expected] and len(got) == 1 + 3 + 1 + 2 + 2 + 2

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from models import attention, load, native
 from models.loader import cache_root
@@ -164,6 +165,41 @@ def test_attention_refuses_what_it_cannot_compute_on_every_cpu(
         torch.ops.tokenferry.attention(query, keys, values, mask, 0.125)
 
 
+def rotary_case(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv [rows, q, heads, dim] of 9 query, 3 key and 3 value heads of 64; cos and sin [rows, q, dim]; and
+    transformers' own rotary embedding of the first 12 heads."""
+    torch.manual_seed(3)
+    qkv = torch.randn(5, 3, 15, 64).to(dtype)
+    cos, sin = torch.randn(5, 3, 64).to(dtype), torch.randn(5, 3, 64).to(dtype)
+    expected = apply_rotary_pos_emb(qkv[:, :, :12], qkv[:, :, :12], cos, sin, unsqueeze_dim=2)[0]
+    return qkv, cos, sin, expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_rotary_embedding_is_transformers_bit_for_bit(loaded: None, dtype: torch.dtype) -> None:
+    qkv, cos, sin, expected = rotary_case(dtype)
+    assert torch.equal(torch.ops.tokenferry.rotary(qkv, cos, sin, 12), expected)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda x, c, s: (x.half(), c.half(), s.half(), 12), "float32 or bfloat16"),
+        (lambda x, c, s: (x, c.bfloat16(), s, 12), "float32 or bfloat16"),
+        (lambda x, c, s: (x.transpose(1, 2), c, s, 12), "contiguous"),
+        (lambda x, c, s: (x, c[:, :2].contiguous(), s[:, :2].contiguous(), 12), "cos and sin must be"),
+        (lambda x, c, s: (x[..., :16].contiguous(), c[..., :16].contiguous(), s[..., :16].contiguous(), 12), "head size"),
+        (lambda x, c, s: (x, c, s, 16), "heads to turn"),
+    ],
+)
+def test_rotary_refuses_what_it_cannot_compute_on_every_cpu(
+    loaded: None, change: Callable[..., tuple[object, ...]], message: str
+) -> None:
+    qkv, cos, sin, _ = rotary_case(torch.float32)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.tokenferry.rotary(*change(qkv, cos, sin))
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_served_model_attends_natively_when_the_library_loaded(loaded: None, dtype: str) -> None:
     assert load("tiny", dtype=dtype).model.config._attn_implementation == attention.NATIVE
@@ -177,7 +213,7 @@ _CHECK = textwrap.dedent(
     from torch import nn
     torch.ops.load_library(sys.argv[1])
     from models import native, packed
-    from tests.models.test_native import attention_case, sdpa
+    from tests.models.test_native import attention_case, rotary_case, sdpa
     for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
         torch.manual_seed(0)
         linear = nn.Linear(576, 960, bias=False).to(dtype)
@@ -192,6 +228,8 @@ _CHECK = textwrap.dedent(
         got = torch.ops.tokenferry.attention(query, keys, values, mask, 0.125).float()
         expected = sdpa(query.float(), keys.float(), values.float(), mask, 0.125)
         assert (got - expected).abs().max() <= tolerance * expected.abs().max(), f"not SDPA's function in {dtype}"
+        qkv, cos, sin, expected = rotary_case(dtype)
+        assert torch.equal(torch.ops.tokenferry.rotary(qkv, cos, sin, 12), expected), f"not transformers' rotary in {dtype}"
     from models import quant
     from models.quant_weights import quantize_int4, quantize_int8
     weight, x = torch.randn(96, 576) * 0.05, torch.randn(37, 576)
