@@ -295,8 +295,14 @@ def _module(weight: Int4Weight | Int8Weight, bias: torch.Tensor | None, native_k
     return Int8PanelLinear(weight, bias) if panels else Int8Linear(weight, bias)
 
 
+# Where models/decoder.py's forward keeps what it read of a model's layers, in the model's __dict__.
+LAYERS_READ = "_tokenferry_layers"
+
+
 def set_module(model: nn.Module, name: str, module: nn.Module | None) -> None:
-    """Put `module` at `name`, or with None remove what is there."""
+    """Put `module` at `name`, or with None remove what is there. Drops what models/decoder.py's forward read of
+    the model's layers, so its next forward reads them again."""
+    model.__dict__.pop(LAYERS_READ, None)
     parent, _, child = name.rpartition(".")
     owner = model.get_submodule(parent) if parent else model
     if module is None:
