@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from models import attention, decoder, gguf_blocks, kv_cache, native, packed, quant, tiny
@@ -203,13 +204,16 @@ def _load(spec: str, device: str, dtype: str, quantization: str, fuse: bool) -> 
 def _matmul(model: PreTrainedModel) -> str:
     """Which kernels the model's projections run on, for the load log."""
     kinds = {type(m) for m in model.modules()}
-    if kinds & {quant.Int8PanelLinear, quant.Int4PanelLinear}:
-        return "native int8/int4 panels" + (" and pytorch weight-only" if kinds & {quant.Int8Linear, quant.Int4Linear} else "")
-    if kinds & {quant.Int8Linear, quant.Int4Linear}:
-        return "pytorch weight-only int8/int4"
-    if packed.PanelLinear in kinds:
-        return "native panels" + (" and onednn packed" if packed.PackedLinear in kinds else "")
-    return "onednn packed" if packed.PackedLinear in kinds else "pytorch linear"
+    names = {
+        quant.Int4PanelLinear: "native int4",
+        quant.Int8PanelLinear: "native int8",
+        quant.Int4Linear: "pytorch int4",
+        quant.Int8Linear: "pytorch int8",
+        packed.PanelLinear: "native panels",
+        packed.Bfloat16PanelLinear: "native bfloat16 panels",
+        packed.PackedLinear: "onednn packed",
+    }
+    return ", ".join(name for kind, name in names.items() if kind in kinds) or "pytorch linear"
 
 
 def _quantize(
@@ -220,7 +224,15 @@ def _quantize(
     try:
         blocks = gguf_blocks.gguf_int4_blocks(gguf_file, model) if gguf_file is not None and mode == "int4" else None
         fusions = decoder.fusions(model) if fuse else None
-        outcome = quant.quantize(model, mode, file_blocks=blocks, cache_file=cache, fuse=fusions, native=on_native)
+        # int4's LM head on bfloat16 panels where the library loaded, else int8 (packed.Bfloat16PanelLinear).
+        name = quant.output_name(model)
+        head = model.get_submodule(name) if name else None
+        panel_head = on_native and mode == "int4" and isinstance(head, nn.Linear) and packed.Bfloat16PanelLinear.fits(head)
+        outcome = quant.quantize(
+            model, mode, file_blocks=blocks, cache_file=cache, fuse=fusions, native=on_native, head=not panel_head
+        )
+        if panel_head:
+            quant.set_module(model, name, packed.Bfloat16PanelLinear(head))
     except quant.QuantizationError as exc:
         raise ModelLoadError(f"{source}: {exc}") from None
     log.info(

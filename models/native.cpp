@@ -4,7 +4,9 @@
 //   that a tile of rows streams each panel once, in order. At one row a decode step is a pass over the
 //   weights, and oneDNN reads them at two thirds of what the machine streams; this reads them at its full rate.
 // - attention: each query over its own row's kept columns (decode steps and prompts alike).
-// - rms_norm and silu_mul: the decoder's norm and gated activation, one call each.
+// - int8_linear and int4_linear: the quantized modes' matmuls over codes in panels, summed in float32; int4 codes
+//   widen to bfloat16 with shifts and byte interleaves alone.
+// - rms_norm, silu_mul and rotary: the decoder's norm, gated activation and rotary embedding, one call each.
 //
 // Batch invariance by construction: every output element is one fixed chain of operations over its own row's
 // inputs (a matmul's: fused multiply-adds over k = 0..K-1 from zero), whatever tile, batch, padding or chunk
@@ -375,19 +377,20 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
               "int4_linear: scale_zeros must be [", panel_total, ", ", groups, ", 2, ", V, "] bfloat16, contiguous");
   Rows rows = rows_of(x, K, N);
   const int64_t M = rows.in.size(0);
-  std::vector<bf16> rounded;  // a float32 input's rows rounded to bfloat16 (to nearest, ties to even, as PyTorch)
-  if (dtype == at::kFloat) {
-    rounded.resize(M * K);
-    const float* in = read<float>(rows.in);
-    for (int64_t i = 0; i < M * K; i += V) store_bf16(rounded.data() + i, load(in + i));
-  }
-  const bf16* xs = dtype == at::kFloat ? rounded.data() : read<bf16>(rows.in);  // [M, K]
-  std::vector<float> sums(M * groups);  // [M, K/32]: X of each row's groups, summed in k order
-  for (int64_t i = 0; i < M * groups; ++i) {
-    float total = 0.0f;
-    for (int64_t k = 0; k < GROUP; ++k) total += to_float(xs[i * GROUP + k]);
-    sums[i] = total;
-  }
+  // A float32 input's rows rounded to bfloat16 (to nearest, ties to even, as PyTorch), and X of each row's groups,
+  // summed in k order: [M, K] and [M, K/32].
+  std::vector<bf16> rounded(dtype == at::kFloat ? M * K : 0);
+  const bf16* xs = dtype == at::kFloat ? rounded.data() : read<bf16>(rows.in);
+  std::vector<float> sums(M * groups);
+  at::parallel_for(0, M, 16, [&](int64_t first, int64_t last) {
+    if (dtype == at::kFloat)
+      for (int64_t i = first * K; i < last * K; i += V) store_bf16(rounded.data() + i, load(read<float>(rows.in) + i));
+    for (int64_t i = first * groups; i < last * groups; ++i) {
+      float total = 0.0f;
+      for (int64_t k = 0; k < GROUP; ++k) total += to_float(xs[i * GROUP + k]);
+      sums[i] = total;
+    }
+  });
   with_type(dtype, [&](auto type) {
     using T = decltype(type);
     T* ys = write<T>(rows.out);

@@ -225,8 +225,10 @@ def quantize(
     cache_file: Path | None = None,
     fuse: Mapping[str, Sequence[str]] | None = None,
     native: bool = False,
+    head: bool = True,
 ) -> Outcome:
-    """Replace every Linear of `model` (decoder and LM head) by its `mode` version, in place.
+    """Replace every Linear of `model` (decoder and LM head) by its `mode` version, in place; with `head` False
+    the LM head stays as it is (models/loader.py serves int4's on bfloat16 panels where the library loaded).
 
     In int4 mode the LM head is int8: a 4-bit head changed the first 8 greedy tokens of 6 of 12 answers on
     SmolLM2-135M, an 8-bit one of 2 (tests/models/test_quant.py), and GGUF files keep their head at 8 bits
@@ -243,9 +245,9 @@ def quantize(
     """
     if mode == "none":
         return Outcome(mode, 0, 0, False, 0)
-    targets = dict(quantizable(model))
-    head = _head_name(model)
-    kinds = {name: "int8" if mode == "int8" or name == head else "int4" for name in targets}
+    head_name = output_name(model)
+    targets = {name: linear for name, linear in quantizable(model) if head or name != head_name}
+    kinds = {name: "int8" if mode == "int8" or name == head_name else "int4" for name in targets}
     file_blocks = {name: w for name, w in (file_blocks or {}).items() if kinds.get(name) == "int4"}
     for name, weight in file_blocks.items():
         expected = tuple(targets[name].weight.shape)
@@ -279,7 +281,8 @@ def quantize(
     return Outcome(mode, len(targets), len(file_blocks), from_cache, served)
 
 
-def _head_name(model: nn.Module) -> str | None:
+def output_name(model: nn.Module) -> str | None:
+    """The LM head's module name, if the model names one."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return next((name for name, module in model.named_modules() if module is head), None)
 

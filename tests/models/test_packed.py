@@ -86,3 +86,20 @@ def test_a_linear_the_panels_cannot_take_stays_on_onednn() -> None:
     model = nn.Sequential(_linear(32, 5, torch.bfloat16, bias=False), _linear(32, 6, torch.bfloat16, bias=False))
     assert packed.pack(model, panels=True) == 2  # bfloat16 reads inputs in pairs: 5 cannot, 6 can
     assert [type(m) for m in model] == [packed.PackedLinear, packed.PanelLinear]
+
+
+def test_a_float32_linear_on_bfloat16_panels_computes_with_rounded_inputs_and_weights() -> None:
+    """int4 mode's LM head (models/loader.py): float32 in and out, bfloat16 panels and products in between."""
+    if not native.load(cache_root()):
+        pytest.skip("models/native.cpp did not build or load here (the log says why)")
+    linear = _linear(96, 576, torch.float32, bias=False)
+    module = packed.Bfloat16PanelLinear(linear)
+    assert packed.Bfloat16PanelLinear.fits(linear) and not packed.Bfloat16PanelLinear.fits(_linear(96, 5, torch.float32, bias=False))
+    x = torch.randn(70, 576)  # [rows, in]
+    with torch.inference_mode():
+        got = module(x)
+        alone = torch.cat([module(x[i : i + 1]) for i in range(70)])
+    assert got.dtype == torch.float32 and torch.equal(got, alone)
+    # The rounded values' product, to the output's bfloat16 rounding (the panels store bfloat16).
+    expected = x.bfloat16().double() @ linear.weight.bfloat16().double().T
+    assert (got - expected).abs().max() <= 2e-2 * expected.abs().max()

@@ -16,7 +16,7 @@ from gguf.quants import quantize as gguf_quantize
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
-from models import LoadedModel, ModelLoadError, decoder, gguf_blocks, load, loader, native, quant, quant_cache, quant_weights
+from models import LoadedModel, ModelLoadError, decoder, gguf_blocks, load, loader, native, packed, quant, quant_cache, quant_weights
 from models.loader import cache_root, default_gguf
 from server.request import SamplingParams
 from tests.helpers import generate_alone, generate_together
@@ -295,11 +295,15 @@ def test_a_served_model_runs_the_native_kernels_where_its_layers_fill_whole_pane
     _native_or_skip()
     model = load("tiny", dtype=dtype, quantization=mode).model
     layers = [m for m in model.modules() if isinstance(m, quant.QuantizedLinear)]
-    assert len(layers) == 2 * 4 + 1
     for layer in layers:
         panels = layer.out_features % native.width() == 0
         assert isinstance(layer, (quant.Int8PanelLinear, quant.Int4PanelLinear)) is panels, layer
-    assert model.model.layers[0].mlp.down_proj.kind == mode and model.lm_head.kind == "int8"
+    assert model.model.layers[0].mlp.down_proj.kind == mode
+    # int4's head runs on bfloat16 panels where they fit it, else it is int8, as in int8 mode.
+    if mode == "int4" and model.lm_head.out_features % native.width() == 0:
+        assert isinstance(model.lm_head, packed.Bfloat16PanelLinear) and len(layers) == 2 * 4
+    else:
+        assert model.lm_head.kind == "int8" and len(layers) == 2 * 4 + 1
     # Without the library's attention (transformers' own forward) the quantized layers stay PyTorch's.
     unfused = load("tiny", dtype=dtype, quantization=mode, fuse=False).model
     assert not any(isinstance(m, (quant.Int8PanelLinear, quant.Int4PanelLinear)) for m in unfused.modules())
@@ -370,7 +374,9 @@ def test_int4_serves_the_gguf_files_own_blocks(smol_transformers: LoadedModel) -
     float_weight = smol_transformers.model.model.layers[3].self_attn.k_proj.weight
     # The file's weights, up to the kernel's bfloat16 scale and zero (2^-9 relative) and its bf16 output.
     assert (served - float_weight).abs().max() <= 2**-7 * float_weight.abs().max()
-    assert loaded.model.lm_head.kind == "int8"  # the file's head is Q8_0: it stays 8-bit
+    # The file's head is Q8_0: it stays 8-bit, or runs in bfloat16 on the native kernels (models/packed.py).
+    head = loaded.model.lm_head
+    assert isinstance(head, packed.Bfloat16PanelLinear) if native.load(cache_root()) else head.kind == "int8"
 
 
 @pytest.mark.slow
