@@ -1,13 +1,16 @@
 """Weight-only quantization: every Linear of the decoder and the LM head becomes an int8 or int4 matmul.
 
-The matmuls are PyTorch's CPU weight-only kernels, which take bfloat16 activations:
-`_weight_int8pack_mm` (one symmetric scale per output channel) and `_weight_int4pack_mm_for_cpu`
-(asymmetric, one scale and offset per group of 32 inputs). Only the matmul changes: its input is cast to
-bfloat16 and its output back to the model's dtype, so embeddings, norms, rotary embeddings, attention and
-the KV cache run as before. A tied LM head keeps its embedding: the head module is replaced, the embedding
-lookup still reads the float table. In int4 mode the head is int8 (a 4-bit head costs too much quality).
+Two sets of kernels serve them. Where models/native.cpp loaded (the loader passes `native`), tokenferry's own:
+`int8_linear` and `int4_linear` over codes in panels (Int8PanelLinear, Int4PanelLinear), which take the
+model's dtype as it is and sum in float32. Otherwise PyTorch's CPU weight-only kernels, which take bfloat16
+activations: `_weight_int8pack_mm` (one symmetric scale per output channel) and `_weight_int4pack_mm_for_cpu`
+(asymmetric, one scale and offset per group of 32 inputs); their input is cast to bfloat16 and their output
+back (Int8Linear, Int4Linear). Only the matmuls change: embeddings, norms, rotary embeddings, attention and the
+KV cache run as before. A tied LM head keeps its embedding: the head module is replaced, the embedding lookup
+still reads the float table. In int4 mode the head is int8 (a 4-bit head costs too much quality), or left to
+the loader, which serves it on bfloat16 panels where the native library loaded.
 
-Both kernels compute each output row from its own input row alone (checked in tests/models/test_quant.py),
+Every kernel computes each output row from its own input row alone (checked in tests/models/test_quant.py),
 so batched greedy output still equals greedy output alone.
 
 `quantize` can also fuse Linears that read one input (q, k and v; gate and up) into one module, whose one
