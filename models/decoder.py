@@ -92,8 +92,8 @@ def fused(model: nn.Module) -> bool:
 @dataclass(frozen=True)
 class _Layer:
     """One decoder layer's modules and sizes as the forward uses them, read once per model: reading them through
-    nn.Module's and transformers' config's attribute lookups every layer of every step cost about 0.5 ms of a
-    9 ms one-row step."""
+    nn.Module's and transformers' config's attribute lookups every layer of every step cost 0.2 ms of an 8.6 ms
+    one-row int4 step (measured in one process, alternating)."""
 
     attention: nn.Module  # self_attn, as the attention functions take it
     input_norm: nn.Module

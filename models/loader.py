@@ -227,7 +227,7 @@ def _quantize(
         # int4's LM head on bfloat16 panels where the library loaded, else int8 (packed.Bfloat16PanelLinear).
         name = quant.output_name(model)
         head = model.get_submodule(name) if name else None
-        panel_head = on_native and mode == "int4" and isinstance(head, nn.Linear) and packed.Bfloat16PanelLinear.fits(head)
+        panel_head = on_native and mode == "int4" and isinstance(head, nn.Linear) and packed.panels_fit(head, torch.bfloat16)
         outcome = quant.quantize(
             model, mode, file_blocks=blocks, cache_file=cache, fuse=fusions, native=on_native, head=not panel_head
         )

@@ -99,22 +99,17 @@ class Bfloat16PanelLinear(PanelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.to(torch.bfloat16)).to(x.dtype)  # [..., in] -> [..., out]
 
-    @staticmethod
-    def fits(linear: nn.Linear) -> bool:
-        """Whether `linear` can run so (the library must be loaded): no bias, whole panels, whole pairs of inputs."""
-        return linear.bias is None and linear.out_features % native.width() == 0 and linear.in_features % 2 == 0
 
-
-def panels_fit(linear: nn.Linear) -> bool:
-    """Whether `linear` can run on `panel_linear` (the library must be loaded: `native.load`): no bias, whole
-    panels, and in bfloat16 whole pairs of inputs."""
-    weight = linear.weight
+def panels_fit(linear: nn.Linear, dtype: torch.dtype | None = None) -> bool:
+    """Whether `linear`, in `dtype` (default its own), can run on `panel_linear` (the library must be loaded:
+    `native.load`): no bias, whole panels, and in bfloat16 whole pairs of inputs."""
+    weight, dtype = linear.weight, dtype or linear.weight.dtype
     return (
         weight.device.type == "cpu"
-        and weight.dtype in DTYPES
+        and dtype in DTYPES
         and linear.bias is None
         and linear.out_features % native.width() == 0
-        and (weight.dtype == torch.float32 or linear.in_features % 2 == 0)
+        and (dtype == torch.float32 or linear.in_features % 2 == 0)
     )
 
 

@@ -94,7 +94,7 @@ def test_a_float32_linear_on_bfloat16_panels_computes_with_rounded_inputs_and_we
         pytest.skip("models/native.cpp did not build or load here (the log says why)")
     linear = _linear(96, 576, torch.float32, bias=False)
     module = packed.Bfloat16PanelLinear(linear)
-    assert packed.Bfloat16PanelLinear.fits(linear) and not packed.Bfloat16PanelLinear.fits(_linear(96, 5, torch.float32, bias=False))
+    assert packed.panels_fit(linear, torch.bfloat16) and not packed.panels_fit(_linear(96, 5, torch.float32, bias=False), torch.bfloat16)
     x = torch.randn(70, 576)  # [rows, in]
     with torch.inference_mode():
         got = module(x)
