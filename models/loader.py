@@ -229,7 +229,7 @@ def _quantize(
         head = model.get_submodule(name) if name else None
         panel_head = on_native and mode == "int4" and isinstance(head, nn.Linear) and packed.panels_fit(head, torch.bfloat16)
         outcome = quant.quantize(
-            model, mode, file_blocks=blocks, cache_file=cache, fuse=fusions, native=on_native, head=not panel_head
+            model, mode, file_blocks=blocks, cache_file=cache, fuse=fusions, native_kernels=on_native, head=not panel_head
         )
         if panel_head:
             quant.set_module(model, name, packed.Bfloat16PanelLinear(head))

@@ -58,14 +58,15 @@ class PackedLinear(nn.Module):
 
 
 class PanelLinear(nn.Module):
-    """y = x W^T in float32 or bfloat16, W in `panel_linear`'s panels [out / V, in, V] (V: the library's width)."""
+    """y = x W^T in float32 or bfloat16, W in `panel_linear`'s panels [out / V, in, V] (V: the library's width);
+    `dtype`: the panels' dtype, by default the Linear's."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        if not panels_fit(linear):
-            raise ValueError(f"{linear} does not fit panel_linear (models/packed.py, panels_fit)")
+        if not panels_fit(linear, dtype):
+            raise ValueError(f"{linear} does not fit panel_linear in {dtype} (models/packed.py, panels_fit)")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach()  # [out, in]
+        weight = linear.weight.detach().to(dtype or linear.weight.dtype)  # [out, in]
         width, k = native.width(), self.in_features
         # NOTE: panel p holds output columns [p V, (p + 1) V) in k order, so a tile reads it in one pass: float32
         # as [k][column]; bfloat16 as [k / 2][column][2], each column's pair of k side by side, which the
@@ -91,10 +92,7 @@ class Bfloat16PanelLinear(PanelLinear):
     multiplies in float32, half the bfloat16 dot product's rate), on a 2-core AVX-512 EPYC with AVX512-BF16."""
 
     def __init__(self, linear: nn.Linear) -> None:
-        weight = linear.weight.detach().to(torch.bfloat16)
-        rounded = nn.Linear(linear.in_features, linear.out_features, bias=False, dtype=torch.bfloat16)
-        rounded.weight = nn.Parameter(weight, requires_grad=False)
-        super().__init__(rounded)
+        super().__init__(linear, torch.bfloat16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.to(torch.bfloat16)).to(x.dtype)  # [..., in] -> [..., out]

@@ -1,8 +1,8 @@
 """Weight-only quantization: every Linear of the decoder and the LM head becomes an int8 or int4 matmul.
 
-Two sets of kernels serve them. Where models/native.cpp loaded (the loader passes `native`), tokenferry's own:
-`int8_linear` and `int4_linear` over codes in panels (Int8PanelLinear, Int4PanelLinear), which take the
-model's dtype as it is and sum in float32. Otherwise PyTorch's CPU weight-only kernels, which take bfloat16
+Two sets of kernels serve them. Where models/native.cpp loaded (the loader passes `native_kernels`),
+tokenferry's own: `int8_linear` and `int4_linear` over codes in panels (Int8PanelLinear, Int4PanelLinear),
+which take the model's dtype as it is and sum in float32. Otherwise PyTorch's CPU weight-only kernels, which take bfloat16
 activations: `_weight_int8pack_mm` (one symmetric scale per output channel) and `_weight_int4pack_mm_for_cpu`
 (asymmetric, one scale and offset per group of 32 inputs); their input is cast to bfloat16 and their output
 back (Int8Linear, Int4Linear). Only the matmuls change: embeddings, norms, rotary embeddings, attention and the
@@ -227,7 +227,7 @@ def quantize(
     file_blocks: dict[str, Int4Weight] | None = None,
     cache_file: Path | None = None,
     fuse: Mapping[str, Sequence[str]] | None = None,
-    native: bool = False,
+    native_kernels: bool = False,
     head: bool = True,
 ) -> Outcome:
     """Replace every Linear of `model` (decoder and LM head) by its `mode` version, in place; with `head` False
@@ -243,7 +243,7 @@ def quantize(
     kernel call (models/decoder.py's q, k, v and gate, up): those are replaced by the one module. The kernels
     compute each output column from its own weight row, so a fused module's outputs equal its parts'.
 
-    `native` (models/native.cpp is loaded): layers whose outputs fill whole panels run on its int8 and int4
+    `native_kernels` (models/native.cpp is loaded): layers whose outputs fill whole panels run on its int8 and int4
     kernels (Int8PanelLinear, Int4PanelLinear), the others on PyTorch's.
     """
     if mode == "none":
@@ -278,7 +278,7 @@ def quantize(
             set_module(model, part, None)
     served = 0
     for name, weight in weights.items():
-        replacement = _module(weight, biases[name], native)
+        replacement = _module(weight, biases[name], native_kernels)
         set_module(model, name, replacement)
         served += sum(b.numel() * b.element_size() for b in replacement.buffers())
     return Outcome(mode, len(targets), len(file_blocks), from_cache, served)
