@@ -11,8 +11,9 @@ from typing import TypeVar
 import pytest
 import torch
 
-from models import LoadedModel
+from models import LoadedModel, native
 from models.forward import Forward
+from models.loader import cache_root
 from models.runner import ModelRunner
 from server.engine import Engine
 from server.request import Event, FinishReason, SamplingParams
@@ -74,6 +75,12 @@ def run_with_engine(
             await engine.shutdown(drain=False)
 
     return asyncio.run(main())
+
+
+def require_native() -> None:
+    """Skip the calling test where models/native.cpp did not build or load (no compiler, another CPU)."""
+    if not native.load(cache_root()):
+        pytest.skip("models/native.cpp did not build or load here (the log says why)")
 
 
 def generate_alone(loaded: LoadedModel, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> list[Result]:

@@ -17,6 +17,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from models import attention, load, native
 from models.loader import cache_root
+from tests.helpers import require_native
 
 AVX2 = frozenset({"avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "sse4_2"})
 
@@ -34,8 +35,7 @@ def test_the_level_is_the_widest_this_cpu_runs() -> None:
 
 @pytest.fixture(scope="module")
 def loaded() -> None:
-    if not native.load(cache_root()):
-        pytest.skip("models/native.cpp did not build or load here (the log says why)")
+    require_native()
 
 
 def test_a_built_library_is_reused_not_rebuilt(loaded: None, monkeypatch: pytest.MonkeyPatch) -> None:

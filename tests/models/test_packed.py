@@ -9,6 +9,7 @@ from torch import nn
 
 from models import load, native, packed
 from models.loader import cache_root
+from tests.helpers import require_native
 
 pytestmark = pytest.mark.skipif(not packed.available(torch.device("cpu"), torch.float32), reason="no oneDNN in this PyTorch")
 
@@ -19,8 +20,7 @@ KINDS = [(kind, dtype) for kind in ("onednn", "panels") for dtype in DTYPES]  # 
 def _module(kind: str, linear: nn.Linear) -> nn.Module:
     if kind == "onednn":
         return packed.PackedLinear(linear)
-    if not native.load(cache_root()):
-        pytest.skip("models/native.cpp did not build or load here (the log says why)")
+    require_native()
     return packed.PanelLinear(linear)
 
 
@@ -77,8 +77,7 @@ def test_the_tiny_model_loads_fused_and_packed_and_its_embedding_keeps_its_table
 
 
 def test_a_linear_the_panels_cannot_take_stays_on_onednn() -> None:
-    if not native.load(cache_root()):
-        pytest.skip("models/native.cpp did not build or load here (the log says why)")
+    require_native()
     model = nn.Sequential(_linear(96, 64, torch.float32, bias=True), _linear(5, 96, torch.float32, bias=False))
     model.append(_linear(32, 5, torch.float32, bias=False))
     assert packed.pack(model, panels=True) == 3  # a bias; 5 outputs, no whole panel; fits
@@ -90,8 +89,7 @@ def test_a_linear_the_panels_cannot_take_stays_on_onednn() -> None:
 
 def test_a_float32_linear_on_bfloat16_panels_computes_with_rounded_inputs_and_weights() -> None:
     """int4 mode's LM head (models/loader.py): float32 in and out, bfloat16 panels and products in between."""
-    if not native.load(cache_root()):
-        pytest.skip("models/native.cpp did not build or load here (the log says why)")
+    require_native()
     linear = _linear(96, 576, torch.float32, bias=False)
     module = packed.Bfloat16PanelLinear(linear)
     assert packed.panels_fit(linear, torch.bfloat16) and not packed.panels_fit(_linear(96, 5, torch.float32, bias=False), torch.bfloat16)

@@ -19,15 +19,10 @@ from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 from models import LoadedModel, ModelLoadError, decoder, gguf_blocks, load, loader, native, packed, quant, quant_cache, quant_weights
 from models.loader import cache_root, default_gguf
 from server.request import SamplingParams
-from tests.helpers import generate_alone, generate_together
+from tests.helpers import generate_alone, generate_together, require_native
 
 MODES = ("int8", "int4")
 KERNELS = ("torch", "native")  # PyTorch's weight-only kernels, or models/native.cpp's int8_linear and int4_linear
-
-
-def _native_or_skip() -> None:
-    if not native.load(cache_root()):
-        pytest.skip("models/native.cpp did not build or load here (the log says why)")
 
 
 def _linear(out_features: int, in_features: int, seed: int = 0) -> torch.nn.Linear:
@@ -40,7 +35,7 @@ def _linear(out_features: int, in_features: int, seed: int = 0) -> torch.nn.Line
 def _module(mode: str, linear: torch.nn.Linear, kernels: str = "torch") -> quant.QuantizedLinear:
     weight = quant.quantize_int4(linear.weight) if mode == "int4" else quant.quantize_int8(linear.weight)
     if kernels == "native":
-        _native_or_skip()
+        require_native()
         return quant.Int4PanelLinear(weight, linear.bias) if mode == "int4" else quant.Int8PanelLinear(weight, linear.bias)
     return quant.Int4Linear(weight, linear.bias) if mode == "int4" else quant.Int8Linear(weight, linear.bias)
 
@@ -292,7 +287,7 @@ def test_int4_refuses_shapes_its_kernel_cannot_take_with_the_layer_named() -> No
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("mode", MODES)
 def test_a_served_model_runs_the_native_kernels_where_its_layers_fill_whole_panels(mode: str, dtype: str) -> None:
-    _native_or_skip()
+    require_native()
     model = load("tiny", dtype=dtype, quantization=mode).model
     layers = [m for m in model.modules() if isinstance(m, quant.QuantizedLinear)]
     for layer in layers:
