@@ -21,8 +21,10 @@ class Forward:
     attention_mask: torch.Tensor  # [rows, 1, q, past + q] bool, True where a query may attend
     cache: Cache
     real_tokens: int  # input tokens that are not padding
-    # A flattened forward (`flatten`) only: where each row's last token sits in its one sequence. [rows]
+    # A flattened forward (`flatten`) only: where each row's last token sits in its one sequence [rows], and
+    # where each part's tokens sit.
     last: torch.Tensor | None = None
+    spans: tuple[Span, ...] = ()
 
 
 def flatten(forwards: Sequence[Forward]) -> Forward:
@@ -45,4 +47,5 @@ def flatten(forwards: Sequence[Forward]) -> Forward:
         cache=flat_cache([f.cache for f in forwards], spans),
         real_tokens=sum(f.real_tokens for f in forwards),
         last=torch.tensor(last, device=device),
+        spans=tuple(spans),
     )

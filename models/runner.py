@@ -19,7 +19,7 @@ from models.batch import Batch
 from models.forward import Forward, flatten
 from models.kv_cache import CacheShape
 from models.prefix_cache import PrefixCache
-from models.types import ChunkFailed, Row, Sampled
+from models.types import Part, PartsFailed, Row, Sampled
 from models.sampler import make_generator, sample_step, to_host
 
 R = TypeVar("R", bound=Row)
@@ -28,10 +28,10 @@ R = TypeVar("R", bound=Row)
 class ModelRunner(Generic[R]):
     """Owns the model, the running batch, the prefix cache and each row's random generator.
 
-    A prompt prefilled in chunks lives in a batch of its own (same layout, own store) while it is read; its
-    chunks ride in the running rows' decode forward (`decode_with_chunk`). After its last chunk it counts as
-    running, but moves into the running batch (one column copy) only at its next decode step: the running rows
-    never hold a half-read prompt, and one whose first token ended it, dropped before then, never widens them.
+    A prompt read in a decode step (`decode_with`: whole, or in chunks over several steps) lives in a batch of its
+    own (same layout, own store) while it is read. Once read it counts as running, but moves into the running
+    batch (one column copy) only at its next decode step: the running rows never hold a half-read prompt, and one
+    whose first token ended it, dropped before then, never widens them.
     """
 
     def __init__(self, model: PreTrainedModel, max_rows: int, prefix_cache: PrefixCache | None = None) -> None:
@@ -39,25 +39,25 @@ class ModelRunner(Generic[R]):
         self.batch: Batch[R] = Batch(CacheShape.of(model), max_rows)
         self.prefix_cache = prefix_cache
         self._fused = decoder.fused(model)  # a Llama: models/decoder.py's forward, not transformers'
-        self._staging: dict[R, Batch[R]] = {}  # rows being prefilled in chunks, or read and not joined yet
+        self._staging: dict[R, Batch[R]] = {}  # rows whose prompts are being read, or read and not joined yet
         self._generators: dict[R, torch.Generator] = {}
 
     @property
     def rows(self) -> list[R]:
-        """The running rows in the order of their samples: the batch's, then rows read in chunks that join it
+        """The running rows in the order of their samples: the batch's, then rows whose prompts were read that join it
         at their next decode step."""
         return [*self.batch.keys, *self._read()]
 
     @property
     def store_bytes(self) -> int:
-        """KV storage allocated for the running batch and the prompts being read in chunks."""
+        """KV storage allocated for the running batch and the prompts being read in decode steps."""
         batches = [self.batch, *self._staging.values()]
         return sum(b.store.bytes for b in batches if b.store is not None)
 
     @property
     def staged(self) -> list[R]:
-        """Rows whose prompts are being prefilled in chunks."""
-        return [row for row in self._staging if not self._chunk_read(row)]
+        """Rows whose prompts are being read in chunks."""
+        return [row for row in self._staging if not self._prompt_read(row)]
 
     def prefill(self, rows: Sequence[R], reused: Sequence[int] | None = None) -> list[Sampled]:
         """Add `rows` to the batch, prefill their prompts as one group, return each one's first token.
@@ -83,53 +83,43 @@ class ModelRunner(Generic[R]):
             self.drop(rows)
             raise
 
-    def prefill_chunk(self, row: R, tokens: int, reused: int = 0, decodes: bool = True) -> Sampled | None:
-        """Prefill the next `tokens` prompt tokens of `row` in its own staging batch; the first chunk starts
-        after `reused` tokens read from the prefix cache. After the last chunk the row is running and its
-        first token is returned; before it, None. On failure the row is dropped.
+    def decode_with(self, parts: Sequence[Part[R]]) -> tuple[list[Sampled], list[Sampled | None]]:
+        """One forward: a decode step for every running row (if any) and each part's next prompt tokens, each
+        prompt in a staging batch of its own (made at its first part). The parts' tokens ride in the decode
+        rows' matrix products, so the step reads the weights once for all of them. Returns the running rows'
+        samples, and per part its row's first token if its whole prompt has now been read (the row then runs,
+        after the step's rows), else None.
 
-        `decodes=False` says the row ends at its first token (max_tokens 1): the running batch is then not
-        readied for a join that will not come."""
-        try:
-            logits = self._forward(self._chunk(row, tokens, reused, decodes), every_position=False)
-            return self._chunk_done(row, logits, [])[0] if self._chunk_read(row) else None
-        except BaseException:
-            self.drop([row])
-            raise
-
-    def decode_with_chunk(
-        self, row: R, tokens: int, reused: int = 0, decodes: bool = True
-    ) -> tuple[list[Sampled], Sampled | None]:
-        """One decode step for every running row and the next chunk of `row`'s prompt (as `prefill_chunk`), in
-        one forward: the decode rows' tokens ride in the chunk's matrix products, so the step reads the weights
-        once, not twice. Returns the running rows' samples, then the chunked row's first token after its last
-        chunk (it then runs after the step's rows), else None.
-
-        Raises ChunkFailed, with the chunked row dropped and the running rows as they were before the call,
-        if the chunk or the forward carrying it fails: the caller can still decode them alone."""
+        Raises PartsFailed, with the parts' rows dropped and the running rows as they were before the call, if
+        a part or the forward carrying them fails: the caller can still decode the running rows alone."""
         self._join_read()
         rows = list(self.rows)
         decode = None
         try:
-            chunk = self._chunk(row, tokens, reused, decodes)  # first: readying the running store may reallocate it
-            decode = self.batch.decode([r.output_ids[-1] for r in rows])
-            logits = self._forward(flatten([decode, chunk]), every_position=False)  # [rows + 1, 1, vocab]
+            reads = [self._read_part(part) for part in parts]  # first: readying the running store may reallocate it
+            if rows:
+                decode = self.batch.decode([r.output_ids[-1] for r in rows])
+            logits = self._forward(flatten([decode, *reads] if decode else reads), every_position=False)  # [rows + parts, 1, vocab]
         except Exception as exc:
             if decode is not None:  # the step's column, possibly half written, is written again by the next step
                 self.batch.rewind(1)
-            self.drop([row])
-            raise ChunkFailed from exc
+            self.drop([part.row for part in parts])
+            raise PartsFailed from exc
+        done = [i for i, part in enumerate(parts) if self._prompt_read(part.row)]
         try:
-            if self._chunk_read(row):
-                samples = self._chunk_done(row, logits, rows)
-                return samples[:-1], samples[-1]
-            return self._sample(logits[:-1], rows, prompt_scores=False), None
+            keep = [*range(len(rows)), *(len(rows) + i for i in done)]  # a prompt read only in part samples nothing
+            samples = self._sample(logits[keep], [*rows, *(parts[i].row for i in done)], prompt_scores=False)
         except BaseException:
-            self.drop([row])
+            self.drop([part.row for part in parts])
             raise
+        firsts: list[Sampled | None] = [None] * len(parts)
+        for i, sampled in zip(done, samples[len(rows) :], strict=True):
+            firsts[i] = sampled
+        return samples[: len(rows)], firsts
 
-    def _chunk(self, row: R, tokens: int, reused: int, decodes: bool) -> Forward:
-        """The forward of `row`'s next chunk in its staging batch (made at the first chunk)."""
+    def _read_part(self, part: Part[R]) -> Forward:
+        """The forward of `part`'s tokens in its row's staging batch (made at its first part)."""
+        row, tokens, reused = part.row, part.tokens, part.reused
         staging = self._staging.get(row)
         prompt = len(row.prompt_ids)
         if staging is None:
@@ -143,25 +133,22 @@ class ModelRunner(Generic[R]):
         else:
             before = staging.lengths[0]
             forward = staging.extend([row.prompt_ids[before : before + tokens]])
-        # Each chunk readies the share of the running batch's layers that it brings the prompt's share
-        # read to: from layer 0 at the first chunk (cached tokens included) to the last layer at the last.
-        if decodes:
+        # Each part readies the share of the running batch's layers that it brings the prompt's share read
+        # to: from layer 0 at the first (cached tokens included) to the last layer at the last. Every staged
+        # row joins at its next decode step, so the room is for all of them.
+        if part.decodes:
             layers = self.batch.shape.num_layers
             share = range(layers * before // prompt, layers * staging.lengths[0] // prompt)
-            self.batch.make_room(len(self.batch) + 1, prompt, share)
+            self.batch.make_room(len(self.batch) + len(self._staging), prompt, share)
         return forward
 
-    def _chunk_read(self, row: R) -> bool:
-        """Whether `row`'s whole prompt has been read (its last chunk is done)."""
+    def _prompt_read(self, row: R) -> bool:
+        """Whether `row`'s whole prompt has been read (its last part is done)."""
         return self._staging[row].lengths[0] == len(row.prompt_ids)
 
-    def _chunk_done(self, row: R, logits: torch.Tensor, rows: Sequence[R]) -> list[Sampled]:
-        """Sample `rows` and then the chunked `row` from `logits` (one per row, in that order)."""
-        return self._sample(logits, [*rows, row], prompt_scores=False)
-
     def _read(self) -> list[R]:
-        """Rows whose prompts have been read in chunks and that have not joined the running batch yet."""
-        return [row for row in self._staging if self._chunk_read(row)]
+        """Rows whose prompts have been read in decode steps and that have not joined the running batch yet."""
+        return [row for row in self._staging if self._prompt_read(row)]
 
     def _join_read(self) -> None:
         """Move the rows whose prompts have been read from their staging batches into the running one."""

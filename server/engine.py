@@ -4,12 +4,14 @@ Public face: `submit` (admit and queue; returns the request's event stream), `ca
 read-only health facts. Admission (server/admission.py) refuses a bad request before anything is queued.
 The loop thread asks the scheduler for a plan each step and runs it (server/steps.py):
   1. retire finished and cancelled rows            (scheduler.schedule, runner.drop)
-  2. prefill the newcomers the scheduler chose (left-padded groups of similar length, written into the
-     batch; prompt tokens the prefix cache holds are copied, not computed)
+  2. prefill the newcomers the scheduler chose to group (left-padded groups of similar length, written into
+     the batch; prompt tokens the prefix cache holds are copied, not computed): when nothing decodes, or for
+     what cannot ride in a decode step
   3. keep the new rows' prompt blocks in the prefix cache; retire rows that finished on their first token
-  4. one decode step for every row (one token per row, KV reused), carrying the next chunk of a long prompt
-     read in chunks, if any (it runs alone when no row does); a prompt read to its end decodes from the
-     next step on, and one that its first token ended never enters the batch
+  4. one decode step for every row (one token per row, KV reused), reading in the same forward the prompts
+     of the newcomers that ride in it and the next chunk of a long prompt read in chunks (they run alone
+     when no row decodes); a prompt read to its end decodes from the next step on, and one that its first
+     token ended never enters the batch
   5. keep the blocks of rows that finished in the prefix cache
 Blocks enter the prefix cache (and may evict others) only after the step's prefills, so a hit the scheduler
 planned is still cached when its group reads it. A failure in one request ends that request with an error

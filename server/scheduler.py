@@ -7,6 +7,10 @@ the head of the queue does not fit, nobody behind it jumps ahead.
 Prompt tokens the prefix cache holds are not prefilled, so admission counts only the rest. A prompt whose
 rest exceeds what is left of the step's prefill budget is prefilled in chunks, one per step (one such
 prompt at a time), while the running rows keep decoding; it joins the running set with its last chunk.
+
+While rows decode, newcomers ride in the decode step as parts (a mixed batch): each prompt is read whole in
+the step's one forward, so the step reads the weights once, not once more per prefill group, and nothing is
+padded. Prefill groups are for a step with nothing to decode, and for what cannot ride (server/features.py).
 """
 
 from __future__ import annotations
@@ -60,11 +64,14 @@ class Plan:
     leaving: list[Request] = field(default_factory=list)  # running (or chunking) rows to drop: finished or cancelled
     aborted: list[Request] = field(default_factory=list)  # cancelled while still waiting
     groups: list[list[Request]] = field(default_factory=list)  # newcomers, as left-padded prefill groups
-    chunk: tuple[Request, int] | None = None  # a prompt prefilled in chunks, and its tokens this step
+    # Prompts read in the decode step's forward, and their tokens this step: newcomers whole, and the next
+    # chunk of a prompt prefilled in chunks (first, if any).
+    parts: list[tuple[Request, int]] = field(default_factory=list)
     draft: list[int] = field(default_factory=list)  # tokens to verify for the one running row (speculation)
 
     @property
     def joining(self) -> list[Request]:
+        """Newcomers prefilled in groups."""
         return [request for group in self.groups for request in group]
 
 
@@ -128,9 +135,9 @@ class Scheduler:
             self.waiting = deque(r for r in self.waiting if not r.cancelled)
         budget = self.budgets.max_prefill_tokens
         if self.chunking is not None:
-            plan.chunk = self._next_chunk(self.chunking, budget)
-            budget -= plan.chunk[1]
-        joining, plan.chunk = self._admit(budget, plan.chunk)
+            plan.parts.append(self._next_chunk(self.chunking, budget))
+            budget -= plan.parts[0][1]
+        joining = self._admit(budget, plan.parts)
         plan.groups = group_by_length(joining)
         for group in plan.groups:
             settle_reuse(group)
@@ -142,7 +149,7 @@ class Scheduler:
         every row's last token in one column, so rows that accept different counts could not share a step,
         and a draft must never delay a newcomer's prefill. One stream alone is where a step's cost is all
         weights, too, so verifying several tokens costs about what decoding one does."""
-        if not self.budgets.speculative_tokens or plan.groups or plan.chunk or self.chunking or self.waiting:
+        if not self.budgets.speculative_tokens or plan.groups or plan.parts or self.chunking or self.waiting:
             return []
         if len(self.running) != 1 or len(self.running[0].rows) != 1:  # a beam search holds several rows
             return []
@@ -159,51 +166,61 @@ class Scheduler:
         tokens = min(budget, len(request.prompt_ids) - request.prefilled)
         request.prefilled += tokens
         if request.prefilled == len(request.prompt_ids):
-            self.chunking = None
+            if self.chunking is request:
+                self.chunking = None
             self.running.append(request)
         return request, tokens
 
-    def _admit(
-        self, budget: int, chunk: tuple[Request, int] | None
-    ) -> tuple[list[Request], tuple[Request, int] | None]:
-        """Newcomers that join whole this step, and the chunk planned (a newcomer's first, if none yet)."""
+    def _admit(self, budget: int, parts: list[tuple[Request, int]]) -> list[Request]:
+        """Newcomers that join whole this step in prefill groups; those that ride in the decode step, whole or
+        as a first chunk, are appended to `parts`."""
         budgets = self.budgets
         rows, width = self._held()
+        decodes = bool(rows or parts)  # the step has a forward that newcomers can ride in
         joining: list[Request] = []
-        started: Request | None = None  # a newcomer whose first chunk is planned
+        taken = 0  # rows the newcomers admitted so far hold
+        admitted = 0
         for request in self.waiting:
-            new_rows = rows + sum(len(r.rows) for r in joining) + len(request.rows)
+            new_rows = rows + taken + len(request.rows)
             width = max(width, len(request.prompt_ids))
             if new_rows > budgets.max_batch_size:
                 break
             # The first newcomer of a step always passes the token budget when nothing else runs: otherwise
             # a long prompt could wait forever.
-            if (rows or joining) and new_rows * width > budgets.max_batch_tokens:
+            if (rows or taken) and new_rows * width > budgets.max_batch_tokens:
                 break
             hit = self._hit(request)
             request.cached_tokens = hit
             rest = len(request.prompt_ids) - hit
-            if rest <= budget:
+            rides = features.allows("chunking", request.params)
+            if rest <= budget and rides and decodes:
+                request.prefilled = hit
+                parts.append(self._next_chunk(request, rest))  # whole: it runs from this step on
+                budget -= rest
+            elif rest <= budget:
                 joining.append(request)
                 budget -= rest
-            elif features.allows("chunking", request.params) and chunk is None and self.chunking is None:
+            elif rides and self.chunking is None:
                 if budget < max(1, MIN_FIRST_CHUNK * budgets.max_prefill_tokens):
                     break
                 request.prefilled = hit
-                self.chunking = started = request
-                chunk = self._next_chunk(request, budget)
+                self.chunking = request
+                parts.append(self._next_chunk(request, budget))
+                admitted += 1
                 break
-            elif not joining and chunk is None:
+            elif not joining and not parts:
                 # What cannot be chunked (server/features.py) still runs whole when it comes alone.
                 joining.append(request)
+                admitted += 1
                 break
             else:
                 break
-        for request in [*joining, *([started] if started else [])]:
-            self.waiting.popleft()
-            request.status = Status.RUNNING
+            taken += len(request.rows)
+            admitted += 1
+        for _ in range(admitted):
+            self.waiting.popleft().status = Status.RUNNING
         self.running.extend(joining)
-        return joining, chunk
+        return joining
 
 
 def settle_reuse(group: list[Request]) -> None:

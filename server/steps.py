@@ -1,6 +1,6 @@
-"""One step of the loop thread, phase by phase: retire, prefill the groups the plan chose (or a prompt's chunk
-alone), keep the new rows' blocks in the prefix cache, decode every row (carrying a chunk or verifying a
-draft), keep finished rows' blocks. Each phase's samples become events (server/outputs.py); `flush` hands
+"""One step of the loop thread, phase by phase: retire, prefill the groups the plan chose, keep the new rows'
+blocks in the prefix cache, decode every row (reading the plan's prompt parts in the same forward, or verifying
+a draft), keep finished rows' blocks. Each phase's samples become events (server/outputs.py); `flush` hands
 them to their event loops after each prefill group, so first tokens do not wait for the rest of the step.
 A failure in one phase fails the requests it concerned; the loop goes on.
 """
@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from models.types import ChunkFailed, Sampled
+from models.types import Part, PartsFailed, Sampled
 from server import metrics
 from server.outputs import Outputs
 from server.request import FinishReason, Request
@@ -52,22 +52,17 @@ class Steps:
         for group in plan.groups:
             joined += self._prefill(group)
             self.flush()  # a group's first tokens leave now, not after the next group or the decode step
-        chunk = plan.chunk
-        if chunk is not None and not self.runner.rows:  # nothing to decode beside it: the chunk runs alone
-            joined += self._chunk(*chunk)
-            self.flush()
-            chunk = None
         if joined:
             self._save(joined)
             with self.lock:
                 leaving = self.scheduler.retire()
             self._retire(leaving)
-        if self.runner.rows:
+        if self.runner.rows or plan.parts:
             rows = list(self.runner.rows)
-            chunked = self._decode(plan.draft, chunk)
+            read = self._decode(plan.draft, plan.parts)
             # A finished request's prompt and answer stay cached for its next turn.
             done = [r for r in owners(rows) if r.finished and r.finish_reason is not FinishReason.ERROR]
-            self._save(chunked + done)
+            self._save(read + done)
 
     def _accept(self, rows: Sequence[Row], samples: Sequence[Sampled]) -> None:
         """Turn samples into events, then apply the beam searches' moves to the batch."""
@@ -118,22 +113,6 @@ class Steps:
         self._accept(rows, samples)
         return joining
 
-    def _chunk(self, request: Request, tokens: int) -> list[Request]:
-        """Prefill one chunk of a long prompt while no row runs (else it rides in `_decode`); returns the request
-        once its last chunk has been read (it then runs)."""
-        started = time.monotonic()
-        try:
-            sampled = self.runner.prefill_chunk(request.rows[0], tokens, self._reused(request, started), request.max_tokens > 1)
-        except Exception:
-            self._prefill_failed([request])
-            return []
-        metrics.STEP_TIME.labels("prefill").observe(time.monotonic() - started)
-        metrics.PREFILL_TOKENS.inc(tokens)
-        if sampled is None:
-            return []
-        self._accept(request.rows, [sampled])
-        return [request]
-
     def _prefill_failed(self, requests: list[Request]) -> None:
         """Inside an `except`: log the failure with its traceback and end these requests with an error."""
         log.exception("prefill failed", extra={"request_ids": [r.id for r in requests]})
@@ -154,34 +133,36 @@ class Steps:
             metrics.PREFIX_CACHE_HITS.inc()
             metrics.PREFIX_CACHED_TOKENS.inc(request.cached_tokens)
 
-    def _decode(self, draft: list[int], chunk: tuple[Request, int] | None = None) -> list[Request]:
+    def _decode(self, draft: list[int], parts: list[tuple[Request, int]]) -> list[Request]:
         """One decode step for every row; or, with a draft (for a lone greedy row), its verification, which
-        may give that row several tokens; or, with a prompt's chunk, the step and the chunk in one forward.
-        Returns the chunked request if its last chunk was read (it then runs). A decode step that fails fails
-        every row in it."""
+        may give that row several tokens; or, with prompts to read (`parts`), the step and those prompts in
+        one forward. Returns the requests whose prompts were read to their end (they then run). A decode step
+        that fails fails every row in it."""
         started = time.monotonic()
         rows = list(self.runner.rows)
         try:
-            carried = self._decode_with_chunk(*chunk, started) if chunk is not None else None
+            carried = self._decode_with(parts, started) if parts else None
             if carried is not None:
-                samples, first = carried
+                samples, firsts = carried
+            elif not rows:  # the parts failed, and nothing else was to run
+                return []
             else:
-                samples, first = self.runner.verify(draft) if draft else self.runner.decode(), None
+                samples, firsts = self.runner.verify(draft) if draft else self.runner.decode(), []
         except Exception:
-            failing = owners(rows)
-            if chunk is not None and not chunk[0].finished:  # its chunk was in the failed step
-                failing.append(chunk[0])
+            failing = owners(rows) + [r for r, _ in parts if not r.finished]  # their parts were in the failed step
             log.exception("decode step failed", extra={"request_ids": [r.id for r in failing]})
             self.outputs.fail(failing, "the model failed during a decode step")
-            self.runner.drop(rows)
+            self.runner.drop([*rows, *(r.rows[0] for r, _ in parts)])
             return []
-        metrics.STEP_TIME.labels("decode").observe(time.monotonic() - started)
-        width = max(r.num_tokens for r in rows)
-        metrics.PADDING_RATIO.set(1 - sum(r.num_tokens for r in rows) / (len(rows) * width))
-        if first is not None:
-            request = chunk[0]
-            self._accept([*rows, *request.rows], [*samples, first])
-            return [request]
+        label = "decode" if rows else "prefill"
+        metrics.STEP_TIME.labels(label).observe(time.monotonic() - started)
+        if rows:
+            width = max(r.num_tokens for r in rows)
+            metrics.PADDING_RATIO.set(1 - sum(r.num_tokens for r in rows) / (len(rows) * width))
+        if carried is not None:
+            read = [r for (r, _), first in zip(parts, firsts, strict=True) if first is not None]
+            self._accept([*rows, *(r.rows[0] for r in read)], [*samples, *(f for f in firsts if f is not None)])
+            return read
         if not draft:
             self._accept(rows, samples)
             return []
@@ -191,13 +172,15 @@ class Steps:
             self._accept(rows, [sampled])
         return []
 
-    def _decode_with_chunk(self, request: Request, tokens: int, now: float) -> tuple[list[Sampled], Sampled | None] | None:
-        """The decode step carrying `request`'s next chunk; None if the chunk failed, which fails its request
-        alone (the runner leaves the running rows as they were, to be decoded without it)."""
+    def _decode_with(self, parts: list[tuple[Request, int]], now: float) -> tuple[list[Sampled], list[Sampled | None]] | None:
+        """The decode step reading `parts` (prompts, whole or a chunk); None if reading them failed, which fails
+        their requests alone (the runner leaves the running rows as they were, to be decoded without them)."""
         try:
-            carried = self.runner.decode_with_chunk(request.rows[0], tokens, self._reused(request, now), request.max_tokens > 1)
-        except ChunkFailed:
-            self._prefill_failed([request])
+            carried = self.runner.decode_with(
+                [Part(r.rows[0], tokens, self._reused(r, now), r.max_tokens > 1) for r, tokens in parts]
+            )
+        except PartsFailed:
+            self._prefill_failed([r for r, _ in parts])
             return None
-        metrics.PREFILL_TOKENS.inc(tokens)
+        metrics.PREFILL_TOKENS.inc(sum(tokens for _, tokens in parts))
         return carried

@@ -121,21 +121,22 @@ class Row:
 
 class PrefillRecorder:
     """Prompt tokens each engine step computes (install `record` with `around_forward`): every forward but a
-    decode step's, counted from its position ids (a row's last position less its first, plus one: pads sit at 0 before its real positions). A forward
-    that carries a decode step and a prompt's chunk (`decode_with_chunk`) puts the decode rows' tokens first,
-    one each: they are left out."""
+    plain decode step's. A left-padded prefill group's are counted from its position ids (a row's last position
+    less its first, plus one: pads sit at 0 before its real positions). A flattened forward (a decode step
+    reading prompts, `decode_with`) puts the decode rows' tokens first, one each, and the prompts' after them,
+    unpadded: all but the decode rows' are counted."""
 
     def __init__(self) -> None:
         self.engine: Engine | None = None
         self.decoding = False
-        self.decode_rows = 0  # during a decode step with a chunk: its decode tokens, which come first
+        self.decode_rows = 0  # during a decode step reading prompts: its decode tokens, which come first
         self.prefilled: dict[int, int] = defaultdict(int)
         self.prefill_calls = 0
 
     def watch(self, engine: Engine) -> None:
         """Record this engine's prefills: every forward but those its runner's decode step makes."""
         runner = engine._runner
-        decode, decode_with_chunk = runner.decode, runner.decode_with_chunk
+        decode, decode_with = runner.decode, runner.decode_with
 
         def marked() -> object:
             self.decoding = True
@@ -144,22 +145,24 @@ class PrefillRecorder:
             finally:
                 self.decoding = False
 
-        def marked_with_chunk(*args: object) -> object:
+        def marked_with(*args: object) -> object:
             self.decode_rows = len(runner.rows)
             try:
-                return decode_with_chunk(*args)
+                return decode_with(*args)
             finally:
                 self.decode_rows = 0
 
-        runner.decode, runner.decode_with_chunk = marked, marked_with_chunk
+        runner.decode, runner.decode_with = marked, marked_with
         self.engine = engine
 
     def record(self, inputs: Forward, run: Callable[[], torch.Tensor]) -> torch.Tensor:
         """For `around_forward`: count the prompt tokens of this forward, then run it."""
-        positions = inputs.position_ids  # [rows, q]; pads sit at 0 before a row's real positions
-        if self.decode_rows:
-            positions = positions[:, self.decode_rows :]  # [1, decode rows + chunk] -> the chunk's
         if self.engine is not None and not self.decoding:
             self.prefill_calls += 1
-            self.prefilled[self.engine.steps] += int((positions[:, -1] - positions[:, 0] + 1).sum())
+            positions = inputs.position_ids  # [rows, q]; pads sit at 0 before a row's real positions
+            if inputs.last is not None:  # flattened: [1, decode rows + the prompts' tokens]
+                tokens = positions.shape[1] - self.decode_rows
+            else:
+                tokens = int((positions[:, -1] - positions[:, 0] + 1).sum())
+            self.prefilled[self.engine.steps] += tokens
         return run()

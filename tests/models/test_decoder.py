@@ -1,5 +1,5 @@
 """models/decoder.py, the Llama forward written out for every mode, computes what transformers' forward
-computes over the same weights, bit for bit: at prefill, at decode, in a decode step carrying a prompt's chunk, and
+computes over the same weights, bit for bit: at prefill, at decode, in a decode step reading prompts (a chunk, a whole one), and
 in a draft's verification (every position's logits)."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from models import LoadedModel, decoder, load, loader
 from models.loader import default_gguf
 from models.runner import ModelRunner
+from models.types import Part
 from tests.helpers import Row
 
 
@@ -38,9 +39,13 @@ def every_forwards_logits(loaded: LoadedModel) -> list[torch.Tensor]:
         running.decode()
         feed(rows)
     long = Row([20 + i % 50 for i in range(30)])
-    running.prefill_chunk(long, 10)
-    for _ in range(2):  # a flattened forward: the decode step and the chunk's tokens in one sequence
-        running.decode_with_chunk(long, 10)
+    short = Row([30, 31, 32])
+    # Flattened forwards: the decode step and the parts' tokens in one sequence; the short prompt is read whole.
+    running.decode_with([Part(long, 10), Part(short, 3)])
+    feed([*rows, short])
+    rows.append(short)
+    for _ in range(2):
+        running.decode_with([Part(long, 10)])
         feed(rows)
     feed([long])
     for _ in range(2):

@@ -20,19 +20,26 @@ def calls(tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, 
     """Record the inputs of every forward the real tiny model runs."""
     recorded: list[dict[str, int]] = []
 
-    def spy(inputs: Forward, run: Callable[[], torch.Tensor]) -> torch.Tensor:
-        input_ids, positions, mask = inputs.input_ids, inputs.position_ids, inputs.attention_mask
-        rows, queries = input_ids.shape
+    def note(rows: int, queries: int, past: int, positions: torch.Tensor) -> None:
         recorded.append(
             {
                 "rows": rows,
                 "queries": queries,
-                "past": mask.shape[-1] - queries,  # cached columns each query also attends over
+                "past": past,  # cached columns each query also attends over
                 # Positions count real tokens from 0 and pads sit at 0 before them: a row's last position
                 # + 1 is its number of real tokens in this call.
                 "real": int((positions[:, -1] - positions[:, 0] + 1).sum()) if queries > 1 else rows,
             }
         )
+
+    def spy(inputs: Forward, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        # A flattened forward (a decode step reading prompts) is recorded as its parts, each as a call of its own.
+        for span in inputs.spans:
+            positions = inputs.position_ids[0, span.tokens].view(span.rows, span.q)
+            note(span.rows, span.q, span.mask.shape[-1] - span.q, positions)
+        if not inputs.spans:
+            rows, queries = inputs.input_ids.shape
+            note(rows, queries, inputs.attention_mask.shape[-1] - queries, inputs.position_ids)
         return run()
 
     around_forward(monkeypatch, spy)
