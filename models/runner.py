@@ -83,27 +83,30 @@ class ModelRunner(Generic[R]):
             self.drop(rows)
             raise
 
-    def decode_with(self, parts: Sequence[Part[R]]) -> tuple[list[Sampled], list[Sampled | None]]:
-        """One forward: a decode step for every running row (if any) and each part's next prompt tokens, each
-        prompt in a staging batch of its own (made at its first part). The parts' tokens ride in the decode
-        rows' matrix products, so the step reads the weights once for all of them. Returns the running rows'
-        samples, and per part its row's first token if its whole prompt has now been read (the row then runs,
-        after the step's rows), else None.
+    def decode_with(self, parts: Sequence[Part[R]], decode: bool = True) -> tuple[list[Sampled], list[Sampled | None]]:
+        """One forward: a decode step for every running row (unless `decode` is False, or none runs) and each
+        part's next prompt tokens, each prompt in a staging batch of its own (made at its first part). The parts'
+        tokens ride in the decode rows' matrix products, so the step reads the weights once for all of them.
+        Returns the running rows' samples (none without the decode step), and per part its row's first token if
+        its whole prompt has now been read (the row then runs, after the step's rows), else None.
 
-        Raises PartsFailed, with the parts' rows dropped and the running rows as they were before the call, if
-        a part or the forward carrying them fails: the caller can still decode the running rows alone."""
+        Raises PartsFailed, with every row as it was before the call (the running rows, and each part's prompt
+        read as far as before), if a part or the forward carrying them fails: the caller can still decode the
+        running rows alone, and read the parts again."""
         self._join_read()
-        rows = list(self.rows)
-        decode = None
+        rows = list(self.rows) if decode else []
+        # How far each part's prompt had been read, to restore on failure (None: not begun).
+        before = {part.row: staging.lengths[0] if (staging := self._staging.get(part.row)) else None for part in parts}
+        step = None
         try:
-            reads = [self._read_part(part) for part in parts]  # first: readying the running store may reallocate it
+            forwards = [self._read_part(part) for part in parts]  # first: readying the running store may reallocate it
             if rows:
-                decode = self.batch.decode([r.output_ids[-1] for r in rows])
-            logits = self._forward(flatten([decode, *reads] if decode else reads), every_position=False)  # [rows + parts, 1, vocab]
+                step = self.batch.decode([r.output_ids[-1] for r in rows])
+            logits = self._forward(flatten([step, *forwards] if step else forwards), every_position=False)  # [rows + parts, 1, vocab]
         except Exception as exc:
-            if decode is not None:  # the step's column, possibly half written, is written again by the next step
+            if step is not None:  # the step's column, possibly half written, is written again by the next step
                 self.batch.rewind(1)
-            self.drop([part.row for part in parts])
+            self._unread(before)
             raise PartsFailed from exc
         done = [i for i, part in enumerate(parts) if self._prompt_read(part.row)]
         try:
@@ -116,6 +119,17 @@ class ModelRunner(Generic[R]):
         for i, sampled in zip(done, samples[len(rows) :], strict=True):
             firsts[i] = sampled
         return samples[: len(rows)], firsts
+
+    def _unread(self, before: dict[R, int | None]) -> None:
+        """Take back what reading parts added: a prompt not begun before forgets its staging batch (and its
+        generator, made anew with it), one begun keeps only the tokens it had read."""
+        for row, length in before.items():
+            staging = self._staging.get(row)
+            if length is None:
+                self._staging.pop(row, None)
+                self._generators.pop(row, None)
+            elif staging is not None and staging.lengths[0] > length:
+                staging.rewind(staging.lengths[0] - length)
 
     def _read_part(self, part: Part[R]) -> Forward:
         """The forward of `part`'s tokens in its row's staging batch (made at its first part)."""

@@ -137,50 +137,48 @@ class Steps:
         """One decode step for every row; or, with a draft (for a lone greedy row), its verification, which
         may give that row several tokens; or, with prompts to read (`parts`), the step and those prompts in
         one forward. Returns the requests whose prompts were read to their end (they then run). A decode step
-        that fails fails every row in it."""
+        that fails fails every row in it; prompts that fail it are read again each alone (`_read`)."""
         started = time.monotonic()
         rows = list(self.runner.rows)
+        reads = [Part(r.rows[0], tokens, self._reused(r, started), r.max_tokens > 1) for r, tokens in parts]
+        firsts: list[Sampled | None] = []
         try:
-            carried = self._decode_with(parts, started) if parts else None
+            carried = self._read(reads, together=True) if reads else None
             if carried is not None:
                 samples, firsts = carried
-            elif not rows:  # the parts failed, and nothing else was to run
-                return []
             else:
-                samples, firsts = self.runner.verify(draft) if draft else self.runner.decode(), []
+                samples = (self.runner.verify(draft) if draft else self.runner.decode()) if rows else []
+                firsts = [first for part in reads for first in self._read([part], together=False)[1]]
         except Exception:
             failing = owners(rows) + [r for r, _ in parts if not r.finished]  # their parts were in the failed step
             log.exception("decode step failed", extra={"request_ids": [r.id for r in failing]})
             self.outputs.fail(failing, "the model failed during a decode step")
             self.runner.drop([*rows, *(r.rows[0] for r, _ in parts)])
             return []
-        label = "decode" if rows else "prefill"
-        metrics.STEP_TIME.labels(label).observe(time.monotonic() - started)
+        metrics.STEP_TIME.labels("decode" if rows else "prefill").observe(time.monotonic() - started)
         if rows:
             width = max(r.num_tokens for r in rows)
             metrics.PADDING_RATIO.set(1 - sum(r.num_tokens for r in rows) / (len(rows) * width))
-        if carried is not None:
+        if not draft:
             read = [r for (r, _), first in zip(parts, firsts, strict=True) if first is not None]
             self._accept([*rows, *(r.rows[0] for r in read)], [*samples, *(f for f in firsts if f is not None)])
             return read
-        if not draft:
-            self._accept(rows, samples)
-            return []
         metrics.SPECULATIVE_TOKENS.labels("drafted").inc(len(draft))
         metrics.SPECULATIVE_TOKENS.labels("accepted").inc(len(samples) - 1)
         for sampled in samples:  # in order; tokens after one that ends the request are dropped
             self._accept(rows, [sampled])
         return []
 
-    def _decode_with(self, parts: list[tuple[Request, int]], now: float) -> tuple[list[Sampled], list[Sampled | None]] | None:
-        """The decode step reading `parts` (prompts, whole or a chunk); None if reading them failed, which fails
-        their requests alone (the runner leaves the running rows as they were, to be decoded without them)."""
+    def _read(self, parts: list[Part[Row]], together: bool) -> tuple[list[Sampled], list[Sampled | None]] | None:
+        """Read `parts` in the decode step (`together`), or without the running rows. When that fails: together,
+        None, with every row as it was (the running rows are then decoded alone and each part read alone, since
+        which one broke the forward is not known); alone, the part's request fails, and its first is None."""
         try:
-            carried = self.runner.decode_with(
-                [Part(r.rows[0], tokens, self._reused(r, now), r.max_tokens > 1) for r, tokens in parts]
-            )
+            carried = self.runner.decode_with(parts, decode=together)
         except PartsFailed:
-            self._prefill_failed([r for r, _ in parts])
-            return None
-        metrics.PREFILL_TOKENS.inc(sum(tokens for _, tokens in parts))
+            if together:
+                return None
+            self._prefill_failed([part.row.request for part in parts])
+            return [], [None] * len(parts)
+        metrics.PREFILL_TOKENS.inc(sum(part.tokens for part in parts))
         return carried

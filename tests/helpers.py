@@ -145,10 +145,10 @@ class PrefillRecorder:
             finally:
                 self.decoding = False
 
-        def marked_with(*args: object) -> object:
-            self.decode_rows = len(runner.rows)
+        def marked_with(parts: object, decode: bool = True) -> object:
+            self.decode_rows = len(runner.rows) if decode else 0
             try:
-                return decode_with(*args)
+                return decode_with(parts, decode=decode)
             finally:
                 self.decode_rows = 0
 

@@ -7,6 +7,7 @@ Every forward the real tiny model runs outside a decode step is recorded with th
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -187,6 +188,49 @@ def test_a_chunk_that_breaks_the_model_fails_alone(tiny: LoadedModel, monkeypatc
     assert doomed.finish_reason is FinishReason.ERROR and doomed.token_ids == []
     assert [r.token_ids for r in running] == [r.token_ids for r in alone], "the running rows never noticed"
     assert after.token_ids == alone[0].token_ids[:4] and staged == 0
+
+
+def test_a_prompt_that_breaks_the_step_it_rides_in_fails_alone(tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two newcomers ride in one decode step and one of them breaks its forward. Which one is not known, so the
+    running rows decode alone and each newcomer is read alone: only the one that breaks fails, and the other
+    and the running rows get what they get alone."""
+    streams = [[(13 * i + j) % 500 + 1 for j in range(10 + i)] for i in range(2)]
+    innocent = [(19 * j) % 500 + 1 for j in range(12)]
+    alone = one_by_one(tiny, [*streams, innocent], 20, cache_bytes=0)
+    poison = 77
+    doomed_prompt = [poison] * 3 + [5, 6, 7]
+    queued = threading.Event()  # both newcomers wait in the queue
+    failed: list[int] = []  # tokens of each forward that failed
+
+    def faulty(inputs: Forward, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if armed:
+            queued.wait(10)  # the engine holds its step until both newcomers are queued: they join one step
+        if (inputs.input_ids == poison).sum() >= 3:
+            failed.append(inputs.input_ids.numel())
+            raise RuntimeError("injected forward failure")
+        return run()
+
+    armed = False
+    around_forward(monkeypatch, faulty)
+
+    async def scenario(engine: Engine) -> tuple[list[Result], Result, Result]:
+        nonlocal armed
+        running = [asyncio.create_task(collect(engine.submit(p, greedy(20)))) for p in streams]
+        while engine.num_running < len(streams):
+            await asyncio.sleep(0.001)
+        armed = True
+        newcomers = [asyncio.create_task(collect(engine.submit(p, greedy(20)))) for p in (doomed_prompt, innocent)]
+        while engine.num_waiting < 2:
+            await asyncio.sleep(0.001)
+        queued.set()
+        doomed, fine = [await t for t in newcomers]
+        return [await t for t in running], doomed, fine
+
+    running, doomed, fine = run_with_engine(tiny, scenario, prefix_cache_bytes=0)
+    assert doomed.finish_reason is FinishReason.ERROR and doomed.token_ids == []
+    assert fine.token_ids == alone[2].token_ids and [r.token_ids for r in running] == [r.token_ids for r in alone[:2]]
+    # The step that carried both failed, then the doomed prompt alone: 2 decode rows + 6 + 12 tokens, then 6.
+    assert failed == [2 + len(doomed_prompt) + len(innocent), len(doomed_prompt)]
 
 
 def test_cancelling_between_chunks_frees_everything(tiny: LoadedModel, recorder: PrefillRecorder) -> None:
