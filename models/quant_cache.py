@@ -29,13 +29,16 @@ def cached(
 ) -> tuple[dict[str, Int4Weight | Int8Weight], bool]:
     """`compute()`, or what an earlier start saved at `path`; saved there (atomically) when it was computed.
 
-    A cache holding other layers or kinds than `kinds` (another model's, or a different split between file
-    blocks and quantized layers) is recomputed and overwritten.
+    The file may hold more layers than `kinds` asks: loads of one model can split its layers differently (int4's
+    LM head is bfloat16 where the native kernels run, int8 on PyTorch's), and each split keeps the others'
+    layers, so that alternating between them does not quantize again at every start. A layer missing, or of
+    another kind, is recomputed with all the rest and overwritten.
     """
+    stored: dict[str, Int4Weight | Int8Weight] = {}
     if path is not None and path.exists():
-        cached = _unflatten(load_file(path))
-        if {name: kind_of(w) for name, w in cached.items()} == kinds:
-            return cached, True
+        stored = _unflatten(load_file(path))
+        if all(name in stored and kind_of(stored[name]) == kind for name, kind in kinds.items()):
+            return {name: stored[name] for name in kinds}, True
         log.warning("quantization cache does not match the model; quantizing again", extra={"cache": str(path)})
     weights = compute()
     if path is not None and weights:
@@ -43,7 +46,7 @@ def cached(
         fd, temp = tempfile.mkstemp(prefix=".quant-", dir=path.parent)
         os.close(fd)
         try:
-            save_file(_flatten(weights), temp)
+            save_file(_flatten({**stored, **weights}), temp)
             os.replace(temp, path)
         finally:
             Path(temp).unlink(missing_ok=True)

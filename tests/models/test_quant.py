@@ -426,3 +426,25 @@ def test_quantized_answers_start_like_float32(smol: LoadedModel, quantized: Load
     answers = generate_alone(quantized, questions, params)
     same = [a.token_ids == r.token_ids for a, r in zip(answers, reference, strict=True)]
     assert sum(same) >= 9, [(QUESTIONS[i], answers[i].text) for i, ok in enumerate(same) if not ok]
+
+
+def test_the_quantization_cache_keeps_every_split_of_a_models_layers(tmp_path: Path) -> None:
+    """Loads of one model may quantize different layers (int4's head is bfloat16 on the native kernels and int8
+    without them): each split is computed once, and neither overwrites the other's layers."""
+    torch.manual_seed(0)
+    weights = {"a": quant_weights.quantize_int4(torch.randn(16, 64)), "head": quant_weights.quantize_int8(torch.randn(8, 64))}
+    path, computed = tmp_path / "cache.safetensors", []
+
+    def load_split(names: list[str]) -> tuple[dict[str, object], bool]:
+        def compute() -> dict[str, object]:
+            computed.append(names)
+            return {name: weights[name] for name in names}
+
+        return quant_cache.cached(path, compute, {name: quant_weights.kind_of(weights[name]) for name in names})
+
+    for names, read in ((["a"], False), (["a", "head"], False), (["a"], True), (["a", "head"], True)):
+        got, hit = load_split(names)
+        assert sorted(got) == names and hit == read
+        for name in names:
+            assert torch.equal(got[name].codes, weights[name].codes) and torch.equal(got[name].scales, weights[name].scales)
+    assert computed == [["a"], ["a", "head"]], "the third and fourth loads read the file"
