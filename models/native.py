@@ -153,6 +153,12 @@ def _load(root: Path) -> bool:
     return True
 
 
+def computes_bfloat16() -> bool:
+    """Whether the loaded library has a native bfloat16 dot product (the x86-64-v4-bf16 level: AVX512-BF16), where
+    bfloat16 weights are read at half float32's bytes and multiplied at twice its rate."""
+    return bool(_loaded) and level() == "x86-64-v4-bf16"
+
+
 def width() -> int:
     """float32 lanes per vector in the loaded library: the panel width of `panel_linear`'s weights."""
     return int(torch.ops.tokenferry.panel_width())

@@ -33,7 +33,7 @@ class Config:
     host: str = field(default="127.0.0.1", metadata=_help("address to listen on"))
     port: int = field(default=8000, metadata=_help("port to listen on"))
     device: str = field(default="auto", metadata=_help("auto (cuda when available), cpu, cuda or cuda:N"))
-    dtype: str = field(default="auto", metadata=_help("auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16"))
+    dtype: str = field(default="auto", metadata=_help("auto (bfloat16 on cuda, and on a CPU with AVX512-BF16 where tokenferry's own kernels run the model; float32 otherwise), float32, bfloat16, float16"))
     quantization: str = field(default="none", metadata=_help("none (exact), int8 or int4: weight-only kernels for every Linear, CPU only"))
     max_batch_size: int = field(default=64, metadata=_help("most rows in the running batch"))
     max_batch_tokens: int = field(default=65536, metadata=_help("most rows x padded length when a request joins"))

@@ -33,12 +33,13 @@ def kv_stores_start_as_nan(request: pytest.FixtureRequest, monkeypatch: pytest.M
 
 @pytest.fixture(scope="session")
 def tiny() -> LoadedModel:
-    return load("tiny")
+    # float32 wherever `auto` would choose: the references these fixtures are compared with are float32.
+    return load("tiny", dtype="float32")
 
 
 @pytest.fixture(scope="session")
 def smol() -> LoadedModel:
-    return load("default")
+    return load("default", dtype="float32")
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +63,8 @@ def tiny_server(server_logs: Path) -> Iterator[ServerProcess]:
 
 @pytest.fixture(scope="session")
 def smol_server(server_logs: Path) -> Iterator[ServerProcess]:
-    server = ServerProcess("--log-level", "warning", log_dir=server_logs).wait_ready()
+    """The default model in float32, the dtype of the references its answers are checked against."""
+    server = ServerProcess("--log-level", "warning", "--dtype", "float32", log_dir=server_logs).wait_ready()
     yield server
     server.terminate()
 

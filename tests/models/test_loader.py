@@ -6,9 +6,10 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import LlamaConfig, MistralConfig
 
-from models import LoadedModel, ModelLoadError, load, loader
+from models import LoadedModel, ModelLoadError, load, loader, native
 from models.kv_cache import check_supported
 from models.loader import converted_gguf, default_gguf, resolve_device, resolve_dtype
 from models.types import model_name
@@ -48,10 +49,22 @@ def test_a_corrupt_gguf_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.
 def test_device_and_dtype_resolution() -> None:
     assert resolve_device("cpu").type == "cpu"
     assert str(resolve_dtype("auto", resolve_device("cpu"))) == "torch.float32"
+    assert str(resolve_dtype("auto", resolve_device("cpu"), native_bfloat16=True)) == "torch.bfloat16"
     with pytest.raises(ModelLoadError, match="unknown dtype"):
         resolve_dtype("float8", resolve_device("cpu"))
     with pytest.raises(ModelLoadError, match="unknown device"):
         resolve_device("tpu")
+
+
+def test_auto_is_bfloat16_exactly_where_the_native_kernels_compute_all_of_it() -> None:
+    """On a CPU with AVX512-BF16, where models/native.cpp runs the whole forward and keeps batched == alone exact
+    in bfloat16 too, `auto` serves bfloat16; anywhere else (another CPU, transformers' own forward) float32."""
+    served = load("tiny")
+    expected = "bfloat16" if native.computes_bfloat16() else "float32"
+    assert served.info.dtype == expected and next(served.model.parameters()).dtype == getattr(torch, expected)
+    assert load("tiny", fuse=False).info.dtype == "float32", "transformers' forward: only float32 is batch invariant"
+    assert load("tiny", dtype="float32").info.dtype == "float32"
+    assert load("tiny", quantization="int4").info.dtype == expected
 
 
 def test_sliding_window_models_are_refused_with_a_clear_message() -> None:
