@@ -178,21 +178,21 @@ class Scheduler:
         rows, width = self._held()
         decodes = bool(rows or parts)  # the step has a forward that newcomers can ride in
         joining: list[Request] = []
-        taken = 0  # rows the newcomers admitted so far hold
-        admitted = 0
+        admitted: list[Request] = []  # from the head of the queue, in order
         for request in self.waiting:
-            new_rows = rows + taken + len(request.rows)
+            new_rows = rows + sum(len(r.rows) for r in admitted) + len(request.rows)
             width = max(width, len(request.prompt_ids))
             if new_rows > budgets.max_batch_size:
                 break
             # The first newcomer of a step always passes the token budget when nothing else runs: otherwise
             # a long prompt could wait forever.
-            if (rows or taken) and new_rows * width > budgets.max_batch_tokens:
+            if (rows or admitted) and new_rows * width > budgets.max_batch_tokens:
                 break
             hit = self._hit(request)
             request.cached_tokens = hit
             rest = len(request.prompt_ids) - hit
             rides = features.allows("chunking", request.params)
+            last = False  # nobody behind it joins this step
             if rest <= budget and rides and decodes:
                 request.prefilled = hit
                 parts.append(self._next_chunk(request, rest))  # whole: it runs from this step on
@@ -206,18 +206,17 @@ class Scheduler:
                 request.prefilled = hit
                 self.chunking = request
                 parts.append(self._next_chunk(request, budget))
-                admitted += 1
-                break
+                last = True
             elif not joining and not parts:
                 # What cannot be chunked (server/features.py) still runs whole when it comes alone.
                 joining.append(request)
-                admitted += 1
-                break
+                last = True
             else:
                 break
-            taken += len(request.rows)
-            admitted += 1
-        for _ in range(admitted):
+            admitted.append(request)
+            if last:
+                break
+        for _ in admitted:
             self.waiting.popleft().status = Status.RUNNING
         self.running.extend(joining)
         return joining
