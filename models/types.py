@@ -101,7 +101,8 @@ class Part(Generic[R]):
 
 
 class PartsFailed(Exception):
-    """Reading the parts, or the forward that carried them, failed; the running rows are as they were."""
+    """Reading the parts, or the forward that carried them, failed; every row is as it was before (the running
+    rows, and each part's prompt read as far as before)."""
 
 
 @dataclass(frozen=True)
