@@ -7,6 +7,7 @@
 // - int8_linear and int4_linear: the quantized modes' matmuls over codes in panels, summed in float32; int4 codes
 //   widen to bfloat16 with shifts and byte interleaves alone.
 // - rms_norm, silu_mul and rotary: the decoder's norm, gated activation and rotary embedding, one call each.
+// - argmax: greedy sampling's index of each row's largest logit, as torch.argmax, at memory speed.
 //
 // Batch invariance by construction: every output element is one fixed chain of operations over its own row's
 // inputs (a matmul's: fused multiply-adds over k = 0..K-1 from zero), whatever tile, batch, padding or chunk
@@ -48,6 +49,8 @@ inline Vec where_nonnegative(Vec x, Vec a, Vec b) {  // x >= 0 ? a : b, lane by 
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, zero(), _CMP_GE_OQ), b, a);
 }
 inline float sum(Vec v) { return _mm512_reduce_add_ps(v); }
+inline uint32_t equal_lanes(Vec a, Vec b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }  // bit j: lane j
+inline uint32_t nan_lanes(Vec a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q); }
 inline Vec round(Vec v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 inline Vec pow2(Vec n) {  // 2^n for integral n in [-126, 127]
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
@@ -69,6 +72,8 @@ inline Vec max(Vec a, Vec b) { return _mm256_max_ps(a, b); }
 inline Vec min(Vec a, Vec b) { return _mm256_min_ps(a, b); }
 inline Vec div(Vec a, Vec b) { return _mm256_div_ps(a, b); }
 inline Vec where_nonnegative(Vec x, Vec a, Vec b) { return _mm256_blendv_ps(b, a, _mm256_cmp_ps(x, zero(), _CMP_GE_OQ)); }
+inline uint32_t equal_lanes(Vec a, Vec b) { return _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_EQ_OQ)); }
+inline uint32_t nan_lanes(Vec a) { return _mm256_movemask_ps(_mm256_cmp_ps(a, a, _CMP_UNORD_Q)); }
 inline float sum(Vec v) {  // a fixed tree: the same bits for the same lanes
   __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   half = _mm_add_ps(half, _mm_movehl_ps(half, half));
@@ -657,9 +662,55 @@ at::Tensor attention(const at::Tensor& query, const at::Tensor& keys, const at::
   return out;
 }
 
+// The index of a row's largest value as torch.argmax gives it: the first one on ties (-0 equals +0), and a NaN
+// counts as the largest (the first NaN's index). Two passes over the row: its maximum, then where it first is.
+int64_t row_argmax(const float* x, int64_t n) {
+  const int64_t whole = n / V * V;
+  Vec top = splat(-INFINITY);
+  uint32_t nan = 0;
+  for (int64_t i = 0; i < whole; i += V) {
+    const Vec v = load(x + i);
+    nan |= nan_lanes(v);
+    top = max(top, v);
+  }
+  float best = -INFINITY;
+  alignas(64) float lanes[V];
+  store(lanes, top);
+  for (int64_t j = 0; j < V; ++j) best = std::max(best, lanes[j]);
+  for (int64_t i = whole; i < n; ++i) {
+    if (std::isnan(x[i])) nan = 1;
+    best = std::max(best, x[i]);
+  }
+  if (nan) {
+    for (int64_t i = 0; i < n; ++i)
+      if (std::isnan(x[i])) return i;
+  }
+  const Vec target = splat(best);
+  for (int64_t i = 0; i < whole; i += V)
+    if (const uint32_t found = equal_lanes(load(x + i), target)) return i + __builtin_ctz(found);
+  for (int64_t i = whole; i < n; ++i)
+    if (x[i] == best) return i;
+  return 0;  // every value -inf: the first
+}
+
+at::Tensor argmax(const at::Tensor& x) {
+  // x [rows, n] float32, contiguous -> [rows] int64
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) > 0 && x.is_contiguous(),
+              "argmax: x must be [rows, n] float32 with n > 0, contiguous");
+  const int64_t rows = x.size(0), n = x.size(1);
+  at::Tensor out = at::empty({rows}, x.options().dtype(at::kLong));
+  const float* xs = read<float>(x);
+  int64_t* index = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) index[r] = row_argmax(xs + r * n, n);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tokenferry, m) {
+  m.def("argmax(Tensor x) -> Tensor", &argmax);
   m.def("panel_linear(Tensor x, Tensor panels) -> Tensor", &panel_linear);
   m.def("panel_width() -> int", &panel_width);
   m.def("int8_linear(Tensor x, Tensor codes, Tensor scales) -> Tensor", &int8_linear);

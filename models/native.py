@@ -153,10 +153,15 @@ def _load(root: Path) -> bool:
     return True
 
 
+def loaded() -> bool:
+    """Whether `load` has loaded the library in this process (torch.ops.tokenferry is there)."""
+    return bool(_loaded)
+
+
 def computes_bfloat16() -> bool:
     """Whether the loaded library has a native bfloat16 dot product (the x86-64-v4-bf16 level: AVX512-BF16), where
     bfloat16 weights are read at half float32's bytes and multiplied at twice its rate."""
-    return bool(_loaded) and level() == "x86-64-v4-bf16"
+    return loaded() and level() == "x86-64-v4-bf16"
 
 
 def width() -> int:

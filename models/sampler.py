@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import torch
 
+from models import native
 from models.grammar import apply_masks
 from models.types import Candidate, Row, Sampled, TokenLogprobs
 
@@ -96,7 +97,7 @@ def sample(logits: torch.Tensor, rows: Sequence[Row], generators: Sequence[torch
     apply_masks(logits, rows)
     _suppress(logits, rows)
     _penalize(logits, rows)
-    tokens = logits.argmax(dim=-1)
+    tokens = argmax(logits)
     sampled = [i for i, row in enumerate(rows) if row.params.temperature > 0]
     if not sampled:
         return tokens
@@ -118,6 +119,15 @@ def sample(logits: torch.Tensor, rows: Sequence[Row], generators: Sequence[torch
         choice = _draw(probs, uniform)
     tokens[index] = choice
     return tokens
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's greedy token, [rows, vocab] float32 -> [rows]: models/native.cpp's `argmax` where it loaded (the
+    same answer as torch.argmax, first index on ties; ATen's took 0.7-1.3 ms over 32 rows of 49152 logits on a
+    2-core AVX-512 EPYC), else torch's."""
+    if logits.device.type == "cpu" and logits.is_contiguous() and native.loaded():
+        return torch.ops.tokenferry.argmax(logits)
+    return logits.argmax(dim=-1)
 
 
 def _suppress(logits: torch.Tensor, rows: Sequence[Row]) -> None:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from models import attention, load, native
+from models import attention, load, native, sampler
 from models.loader import cache_root
 from tests.helpers import require_native
 
@@ -207,13 +207,40 @@ def test_a_served_model_attends_natively_when_the_library_loaded(loaded: None, d
 
 
 # Run in a fresh interpreter: one process registers one library under torch.ops.tokenferry.
+def argmax_cases() -> list[torch.Tensor]:
+    """Rows [rows, n] whose argmax a vectorized kernel could get wrong: ties across vectors and in the tail (n not a
+    multiple of the vector), a NaN (torch counts it as the largest), every value -inf, -0 against +0."""
+    torch.manual_seed(0)
+    cases = [torch.randn(rows, n) for rows, n in ((1, 1), (3, 7), (5, 16), (32, 49152), (4, 49157))]
+    ties = torch.randn(6, 100)
+    for row, places in enumerate(([3, 40], [40, 3], [17, 99], [98, 99], [0, 16, 32], [96, 97])):
+        ties[row, places] = 9.0
+    nan = torch.randn(3, 100)
+    nan[0, 50], nan[1, [20, 98]], nan[2, 99] = float("nan"), float("nan"), float("nan")
+    nan[0, 10] = float("inf")
+    zeros = torch.full((2, 20), -1.0)
+    zeros[0, [4, 9]] = torch.tensor([-0.0, 0.0])
+    zeros[1, [4, 9]] = torch.tensor([0.0, -0.0])
+    return [*cases, ties, nan, torch.full((2, 33), float("-inf")), zeros]
+
+
+def test_argmax_is_torchs(loaded: None) -> None:
+    for logits in argmax_cases():
+        assert torch.equal(torch.ops.tokenferry.argmax(logits), logits.argmax(dim=-1)), logits.shape
+    assert torch.equal(sampler.argmax(argmax_cases()[3]), argmax_cases()[3].argmax(dim=-1))
+    with pytest.raises(RuntimeError, match="argmax: x must be"):
+        torch.ops.tokenferry.argmax(torch.randn(4, 64).t())  # not contiguous: every CPU refuses it
+
+
 _CHECK = textwrap.dedent(
     """
     import sys, torch
     from torch import nn
     torch.ops.load_library(sys.argv[1])
     from models import native, packed
-    from tests.models.test_native import attention_case, rotary_case, sdpa
+    from tests.models.test_native import argmax_cases, attention_case, rotary_case, sdpa
+    for logits in argmax_cases():
+        assert torch.equal(torch.ops.tokenferry.argmax(logits), logits.argmax(dim=-1)), logits.shape
     for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
         torch.manual_seed(0)
         linear = nn.Linear(576, 960, bias=False).to(dtype)
