@@ -180,7 +180,7 @@ def _load(spec: str, device: str, dtype: str, quantization: str, fuse: bool) -> 
         kv_cache.check_supported(model.config)
     except ValueError as exc:
         raise ModelLoadError(f"{source}: {exc}") from None
-    torch_dtype = resolve_dtype(dtype, torch_device, serves_bfloat16_natively(model, torch_device, fuse))
+    torch_dtype = resolve_dtype(dtype, torch_device, dtype == "auto" and serves_bfloat16_natively(model, torch_device, fuse))
     model.to(device=torch_device, dtype=torch_dtype).eval()
     # The served forward on CPU runs tokenferry's own kernels where the library builds: its float matmuls, and
     # quantized or not, attention, norms and activation.
