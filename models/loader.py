@@ -79,7 +79,8 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device, native_bfloat16: bool = False) -> torch.dtype:
-    """`auto` is bfloat16 on cuda, and on a CPU where `native_bfloat16` (`serves_bfloat16_natively`); else float32.
+    """`auto` is bfloat16 on cuda, and on a CPU where `native_bfloat16` (`runs_natively` on a library that computes
+    bfloat16 natively); else float32.
 
     Batched output equals alone output exactly in float32 everywhere, and in bfloat16 only on tokenferry's own
     kernels, whose sums do not depend on the batch (PyTorch's do): `auto` never trades that away."""
@@ -135,15 +136,15 @@ def load(
         return loader.submit(_load, spec, device, dtype, quantization, fuse).result()
 
 
-def serves_bfloat16_natively(model: PreTrainedModel, device: torch.device, fuse: bool) -> bool:
-    """Whether tokenferry's own kernels would compute all of `model`'s forward in bfloat16 at the native rate:
-    a Llama that models/decoder.py runs (fused), on models/native.cpp built for AVX512-BF16, in shapes it takes."""
+def runs_natively(model: PreTrainedModel, device: torch.device, fuse: bool) -> bool:
+    """Whether tokenferry's own kernels can compute all of `model`'s forward: a Llama that models/decoder.py runs
+    (fused), on models/native.cpp, in shapes its attention, norm and activation take. The same answer before and
+    after the model is fused."""
     return (
         fuse
         and device.type == "cpu"
         and bool(decoder.fusions(model))
         and native.load(cache_root())
-        and native.computes_bfloat16()
         and decoder.native_fits(model, native.width())
     )
 
@@ -180,7 +181,8 @@ def _load(spec: str, device: str, dtype: str, quantization: str, fuse: bool) -> 
         kv_cache.check_supported(model.config)
     except ValueError as exc:
         raise ModelLoadError(f"{source}: {exc}") from None
-    torch_dtype = resolve_dtype(dtype, torch_device, dtype == "auto" and serves_bfloat16_natively(model, torch_device, fuse))
+    native_bfloat16 = dtype == "auto" and runs_natively(model, torch_device, fuse) and native.computes_bfloat16()
+    torch_dtype = resolve_dtype(dtype, torch_device, native_bfloat16)
     model.to(device=torch_device, dtype=torch_dtype).eval()
     # The served forward on CPU runs tokenferry's own kernels where the library builds: its float matmuls, and
     # quantized or not, attention, norms and activation.
@@ -192,7 +194,7 @@ def _load(spec: str, device: str, dtype: str, quantization: str, fuse: bool) -> 
         decoder.fuse(model)
         if packed.available(torch_device, torch_dtype):
             packed.pack(model, panels=on_native)
-    if on_native and decoder.fused(model) and decoder.native_fits(model, native.width()):
+    if on_native and runs_natively(model, torch_device, fuse):
         model.config._attn_implementation = attention.NATIVE
     log.info(
         "forward",
