@@ -137,18 +137,17 @@ class Steps:
         """One decode step for every row; or, with a draft (for a lone greedy row), its verification, which
         may give that row several tokens; or, with prompts to read (`parts`), the step and those prompts in
         one forward. Returns the requests whose prompts were read to their end (they then run). A decode step
-        that fails fails every row in it; prompts that fail it are read again each alone (`_read`)."""
+        that fails fails every row in it; prompts that fail it are read again each alone (`_read_alone`)."""
         started = time.monotonic()
         rows = list(self.runner.rows)
         reads = [Part(r.rows[0], tokens, self._reused(r, started), r.max_tokens > 1) for r, tokens in parts]
-        firsts: list[Sampled | None] = []
         try:
-            carried = self._read(reads, together=True) if reads else None
+            carried = self._decode_with(reads) if reads else None
             if carried is not None:
                 samples, firsts = carried
             else:
                 samples = (self.runner.verify(draft) if draft else self.runner.decode()) if rows else []
-                firsts = [first for part in reads for first in self._read([part], together=False)[1]]
+                firsts = [self._read_alone(part) for part in reads]
         except Exception:
             failing = owners(rows) + [r for r, _ in parts if not r.finished]  # their parts were in the failed step
             log.exception("decode step failed", extra={"request_ids": [r.id for r in failing]})
@@ -169,16 +168,23 @@ class Steps:
             self._accept(rows, [sampled])
         return []
 
-    def _read(self, parts: list[Part[Row]], together: bool) -> tuple[list[Sampled], list[Sampled | None]] | None:
-        """Read `parts` in the decode step (`together`), or without the running rows. When that fails: together,
-        None, with every row as it was (the running rows are then decoded alone and each part read alone, since
-        which one broke the forward is not known); alone, the part's request fails, and its first is None."""
+    def _decode_with(self, parts: list[Part[Row]]) -> tuple[list[Sampled], list[Sampled | None]] | None:
+        """The decode step reading `parts`; None if that failed, with every row as it was: which part broke the
+        forward is not known, so the running rows are then decoded alone and each part read alone."""
         try:
-            carried = self.runner.decode_with(parts, decode=together)
+            carried = self.runner.decode_with(parts)
         except PartsFailed:
-            if together:
-                return None
-            self._prefill_failed([part.row.request for part in parts])
-            return [], [None] * len(parts)
+            return None
         metrics.PREFILL_TOKENS.inc(sum(part.tokens for part in parts))
         return carried
+
+    def _read_alone(self, part: Part[Row]) -> Sampled | None:
+        """Read `part` without the running rows: its row's first token if its prompt is now read, else None; if
+        it fails, its request fails."""
+        try:
+            _, (first,) = self.runner.decode_with([part], decode=False)
+        except PartsFailed:
+            self._prefill_failed([part.row.request])
+            return None
+        metrics.PREFILL_TOKENS.inc(part.tokens)
+        return first
