@@ -16,7 +16,9 @@ computes, it keeps its row independence too (tests/models/test_decoder.py).
 
 Served on CPU, the loader puts the model on models/native.cpp (attention.NATIVE): the same function, with
 attention, RMSNorm and the gated activation each one call of tokenferry's own kernels, which sum in their own
-orders (the logits move by rounding only, tested) and compute every row alone by construction.
+orders (the logits move by rounding only, tested) and compute every row alone by construction. There a decode
+step's layer is one call (`decoder_layer`) of the same kernels in the same order: its 15 operations called
+through Python took a fifth of a one-row float32 step.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from models import attention, native
 from models.forward import Forward
+from models.kv_cache import WindowLayer
 from models.quant import LAYERS_READ, set_module
 
 QKV = "qkv_proj"  # a fused module's name in each layer's self_attn: q, k and v side by side
@@ -106,6 +109,9 @@ class _Layer:
     kv_heads: int
     dim: int
     scaling: float
+    # qkv, o, gate_up and down as models/native.cpp's `decoder_layer` takes them; None where one of them is not on
+    # the library's kernels.
+    native_weights: tuple[tuple[torch.Tensor, ...], ...] | None
 
 
 def _layers(model: LlamaForCausalLM) -> list[_Layer]:
@@ -125,11 +131,19 @@ def _layers(model: LlamaForCausalLM) -> list[_Layer]:
                 kv_heads=config.num_key_value_heads,
                 dim=layer.self_attn.head_dim,
                 scaling=layer.self_attn.scaling,
+                native_weights=_native_weights(
+                    getattr(layer.self_attn, QKV), layer.self_attn.o_proj, getattr(layer.mlp, GATE_UP), layer.mlp.down_proj
+                ),
             )
             for layer in model.model.layers
         ]
         model.__dict__[LAYERS_READ] = layers  # `set_module` drops them
     return layers
+
+
+def _native_weights(*projections: nn.Module) -> tuple[tuple[torch.Tensor, ...], ...] | None:
+    weights = tuple(getattr(projection, "native_weights", lambda: None)() for projection in projections)
+    return None if None in weights else weights
 
 
 def forward(model: LlamaForCausalLM, inputs: Forward, every_position: bool) -> torch.Tensor:
@@ -145,16 +159,48 @@ def forward(model: LlamaForCausalLM, inputs: Forward, every_position: bool) -> t
     rows, q = inputs.input_ids.shape
     hidden = decoder.embed_tokens(inputs.input_ids)  # [rows, q, hidden]
     rotary = Rotary(*decoder.rotary_emb(hidden, inputs.position_ids), native and _turns_natively(model))
-    for i, layer in enumerate(_layers(model)):
-        attended = _attention(layer, attend, _norm(hidden, layer.input_norm, native), rotary, inputs, i)
-        hidden = hidden + attended.view(rows, q, -1)
-        hidden = hidden + _mlp(layer, _norm(hidden, layer.post_norm, native), native).view(rows, q, -1)
+    layers = _layers(model)
+    if rotary.native and _one_call_a_layer(layers, inputs):
+        hidden = _layers_natively(layers, hidden, rotary, inputs)
+    else:
+        for i, layer in enumerate(layers):
+            attended = _attention(layer, attend, _norm(hidden, layer.input_norm, native), rotary, inputs, i)
+            hidden = hidden + attended.view(rows, q, -1)
+            hidden = hidden + _mlp(layer, _norm(hidden, layer.post_norm, native), native).view(rows, q, -1)
     if inputs.last is not None:
         hidden = hidden[0, inputs.last][:, None]  # [rows, 1, hidden]
     elif not every_position:
         hidden = hidden[:, -1:]
     logits = model.lm_head(_norm(hidden, decoder.norm, native))  # [kept rows * kept q, vocab]
     return logits.view(*hidden.shape[:2], -1)
+
+
+def _one_call_a_layer(layers: list[_Layer], inputs: Forward) -> bool:
+    """Whether models/native.cpp's `decoder_layer` computes this forward's layers: one token a row (a decode step)
+    written into a window of one KV store, a boolean mask, and every projection on the library's kernels."""
+    return (
+        inputs.input_ids.shape[1] == 1
+        and inputs.last is None
+        and isinstance(inputs.cache.layers[0], WindowLayer)
+        and inputs.attention_mask.dtype == torch.bool
+        and all(layer.native_weights is not None for layer in layers)
+    )
+
+
+def _layers_natively(layers: list[_Layer], hidden: torch.Tensor, rotary: Rotary, inputs: Forward) -> torch.Tensor:
+    """hidden [rows, 1, H] through every layer, one `decoder_layer` call each: what the loop in `forward` computes,
+    on the same kernels in the same order, without a Python call per operation."""
+    rows = hidden.shape[0]
+    mask = inputs.attention_mask[:, 0].contiguous()  # [rows, 1, cols]
+    hidden = hidden.view(rows, -1)
+    for layer, window in zip(layers, inputs.cache.layers, strict=True):
+        keys, values, first_row, start, write_at = window.claim(1)
+        hidden = torch.ops.tokenferry.decoder_layer(
+            hidden, layer.input_norm.weight, layer.input_norm.variance_epsilon, layer.post_norm.weight,
+            layer.post_norm.variance_epsilon, *layer.native_weights, keys, values, first_row, start, write_at, mask,
+            rotary.cos, rotary.sin, layer.heads, layer.scaling,
+        )  # fmt: skip
+    return hidden.view(rows, 1, -1)
 
 
 def _norm(hidden: torch.Tensor, norm: nn.Module, native: bool = False) -> torch.Tensor:

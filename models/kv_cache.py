@@ -111,7 +111,7 @@ class KVStore:
 
     def window(self, rows: slice, start: int, write_at: int) -> Cache:
         """A transformers Cache over `rows`: new states land at column `write_at`, attention reads `[start, write_at + q)`."""
-        layers = [_WindowLayer(k, v, rows, start, write_at) for k, v in zip(self.keys, self.values)]
+        layers = [WindowLayer(k, v, rows, start, write_at) for k, v in zip(self.keys, self.values)]
         return Cache(layers=layers)
 
     def move_rows(self, src: list[int], dst: list[int], cols: slice) -> None:
@@ -175,7 +175,7 @@ class _StoreLayer(CacheLayerMixin):
         """Storage is preallocated by KVStore; nothing to do."""
 
 
-class _WindowLayer(_StoreLayer):
+class WindowLayer(_StoreLayer):
     """One layer of a window: writes in place and returns views, never concatenates."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: slice, start: int, write_at: int) -> None:
@@ -197,6 +197,14 @@ class _WindowLayer(_StoreLayer):
         self.keys = self._key_buffer[self._rows, :, self._start : stop]
         self.values = self._value_buffer[self._rows, :, self._start : stop]
         return self.keys, self.values
+
+    def claim(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+        """For a kernel that writes the new states itself (models/native.cpp's `decoder_layer`): the store's key
+        and value buffers, the window's first row, its first column and the column where `tokens` new states
+        land. The window then counts them as written, as `update` would."""
+        write_at = self._write_at
+        self._write_at += tokens
+        return self._key_buffer, self._value_buffer, self._rows.start, self._start, write_at
 
     def get_seq_length(self) -> int:
         return self._write_at - self._start

@@ -80,6 +80,10 @@ class PanelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.tokenferry.panel_linear(x, self.panels)  # [..., in] -> [..., out]
 
+    def native_weights(self) -> tuple[torch.Tensor, ...] | None:
+        """The weights as models/native.cpp's `decoder_layer` takes a projection."""
+        return (self.panels,)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias=False"
 
@@ -96,6 +100,9 @@ class Bfloat16PanelLinear(PanelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.to(torch.bfloat16)).to(x.dtype)  # [..., in] -> [..., out]
+
+    def native_weights(self) -> None:
+        return None  # the casts around the product are not the kernel's
 
 
 def panels_fit(linear: nn.Linear, dtype: torch.dtype | None = None) -> bool:

@@ -66,6 +66,10 @@ class QuantizedLinear(nn.Module, ABC):
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T without the bias: [..., in] -> [..., out], in x's dtype."""
 
+    def native_weights(self) -> tuple[torch.Tensor, ...] | None:
+        """The weights as models/native.cpp's `decoder_layer` takes a projection; None if it cannot."""
+        return None
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
@@ -150,6 +154,9 @@ class Int8PanelLinear(QuantizedLinear):
     def product(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.tokenferry.int8_linear(x, self.codes, self.scales)
 
+    def native_weights(self) -> tuple[torch.Tensor, ...] | None:
+        return (self.codes, self.scales) if self.bias is None else None
+
 
 class Int4PanelLinear(QuantizedLinear):
     """W in int4 as Int4Linear, on models/native.cpp's `int4_linear`: the codes two to a byte in panels of V
@@ -173,6 +180,9 @@ class Int4PanelLinear(QuantizedLinear):
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.tokenferry.int4_linear(x, self.codes, self.scale_zeros)
+
+    def native_weights(self) -> tuple[torch.Tensor, ...] | None:
+        return (self.codes, self.scale_zeros) if self.bias is None else None
 
 
 def kernel_buffer(tensor: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from models import LoadedModel, decoder, load, loader
 from models.loader import default_gguf
 from models.runner import ModelRunner
 from models.types import Part
-from tests.helpers import Row
+from tests.helpers import Row, require_native
 
 
 def every_forwards_logits(loaded: LoadedModel) -> list[torch.Tensor]:
@@ -116,6 +116,26 @@ def test_served_logits_differ_from_transformers_by_rounding_only(model: str, dty
         return max(((got.float() - true).abs().max() / true.abs().max()).item() for got, true in zip(logits, truth, strict=True))
 
     assert error(served) <= 1.5 * error(theirs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("dtype", "mode"), [("float32", "none"), ("bfloat16", "none"), ("float32", "int8"), ("bfloat16", "int4")])
+def test_a_layer_in_one_native_call_computes_what_its_operations_one_by_one_do(
+    dtype: str, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A served decode step runs each layer as one call of models/native.cpp's `decoder_layer`; the same forwards
+    with it turned off run the layer's operations one by one. The same kernels in the same order: the same bits,
+    and the store holds the same keys and values (the steps after each read them)."""
+    require_native()
+    loaded = load("default", dtype=dtype, quantization=mode)
+    one_call_a_layer, calls = decoder._layers_natively, []
+    monkeypatch.setattr(decoder, "_layers_natively", lambda *args: calls.append(args[1].shape[0]) or one_call_a_layer(*args))
+    got = every_forwards_logits(loaded)
+    assert calls == [3, 3, 3, 5, 5]  # the plain decode steps; prefills, flattened steps and the draft's check are not
+    monkeypatch.setattr(decoder, "_one_call_a_layer", lambda layers, inputs: False)
+    expected = every_forwards_logits(loaded)
+    for step, (mine, theirs) in enumerate(zip(got, expected, strict=True)):
+        assert torch.equal(mine, theirs), f"forward {step}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -17,6 +17,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from models import attention, load, native, sampler
 from models.loader import cache_root
+from models.packed import PanelLinear
 from tests.helpers import require_native
 
 AVX2 = frozenset({"avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "sse4_2"})
@@ -288,3 +289,40 @@ def test_every_level_this_cpu_runs_computes_the_same_function(level: str, tmp_pa
     done = subprocess.run([sys.executable, "-c", _CHECK, str(path)], capture_output=True, text=True, timeout=120, cwd=repo)
     assert done.returncode == 0, done.stderr[-2000:]
     assert int(done.stdout) == (8 if level == "x86-64-v3" else 16)
+
+
+def decoder_layer_case() -> dict[str, object]:
+    """`decoder_layer`'s arguments for 2 rows of a layer of 2 query heads and 1 key-value head of 64, hidden 128, in a
+    store of 4 rows and 10 columns: rows 1 and 2 write column 6 and attend to columns 3 to 6."""
+    torch.manual_seed(4)
+
+    def weights(n: int, k: int) -> list[torch.Tensor]:
+        return list(PanelLinear(torch.nn.Linear(k, n, bias=False)).native_weights() or ())
+
+    return {
+        "hidden": torch.randn(2, 128), "input_norm": torch.rand(128), "input_eps": 1e-5, "post_norm": torch.rand(128),
+        "post_eps": 1e-5, "qkv": weights(256, 128), "o": weights(128, 128), "gate_up": weights(512, 128),
+        "down": weights(128, 256), "keys": torch.randn(4, 1, 10, 64), "values": torch.randn(4, 1, 10, 64),
+        "first_row": 1, "start": 3, "write_at": 6, "mask": torch.ones(2, 1, 4, dtype=torch.bool),
+        "cos": torch.randn(2, 1, 64), "sin": torch.randn(2, 1, 64), "heads": 2, "scaling": 0.125,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"first_row": 3}, "outside the store"),
+        ({"write_at": 10, "mask": torch.ones(2, 1, 8, dtype=torch.bool)}, "outside the store"),
+        ({"start": 7}, "outside the store"),
+        ({"mask": torch.ones(2, 1, 5, dtype=torch.bool)}, "mask must be"),
+        ({"hidden": torch.randn(2, 1, 128)}, "hidden must be"),
+        ({"o": [torch.randn(8, 128, 16)] * 3}, "a projection is"),
+    ],
+)
+def test_a_decoder_layer_refuses_what_it_cannot_compute_on_every_cpu(
+    loaded: None, change: dict[str, object], message: str
+) -> None:
+    arguments = decoder_layer_case()
+    assert torch.ops.tokenferry.decoder_layer(**arguments).shape == (2, 128)  # as given, it computes
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.tokenferry.decoder_layer(**{**arguments, **change})
