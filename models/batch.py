@@ -19,7 +19,7 @@ from typing import Generic, TypeVar
 import torch
 
 from models.forward import Forward
-from models.kv_cache import CacheShape, KVStore, return_freed_memory
+from models.kv_cache import CacheShape, KVStore, release
 
 Key = TypeVar("Key", bound=Hashable)
 
@@ -206,8 +206,9 @@ class Batch(Generic[Key]):
         )
         self.keys.extend(other.keys)
         self.lengths.extend(other.lengths)
+        freed = other._store.bytes if other._store is not None else 0
         other.keys, other.lengths, other.end, other._store = [], [], 0, None
-        return_freed_memory()
+        release(freed)
 
     def make_room(self, rows: int, width: int, layers: range) -> None:
         """Ready the store, a share of its layers at a time, for a later `join` that brings the batch to `rows`
@@ -242,8 +243,9 @@ class Batch(Generic[Key]):
             return
         kept = len(self) - len(dropped)
         if kept == 0:
+            freed = self._store.bytes if self._store is not None else 0
             self.keys, self.lengths, self.end, self._store, self._zeroed = [], [], 0, None, None
-            return_freed_memory()
+            release(freed, idle=True)
             return
         # NOTE: rows [0, kept) will be the survivors. Dropped rows below `kept` are holes and kept rows at
         # or above `kept` are movers; there are exactly as many of each, so moving each mover into a hole
@@ -309,5 +311,6 @@ class Batch(Generic[Key]):
             store.copy_to(new, len(self), slice(self.start, self.end), dst_start=end - self.width)
         self._store, self.end, self._zeroed = new, end, None
         if store is not None:
-            del store  # the last reference to the old store: free it, then return its memory
-            return_freed_memory()
+            freed = store.bytes
+            del store  # the last reference to the old store: free it, then count it
+            release(freed)

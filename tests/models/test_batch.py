@@ -336,18 +336,32 @@ def test_a_join_clears_a_row_appended_after_make_room_in_the_slot_of_one_that_le
     join_thirty_tokens(running)
 
 
-def test_a_dropped_store_hands_its_memory_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Growing past its store and emptying both drop a store, and each time the batch returns the C heap's
-    freed memory (kv_cache.return_freed_memory), so the process does not stay as large as its widest batch."""
+def test_dropped_stores_go_back_to_the_system_once_they_add_up_and_when_the_batch_empties(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Growing past its store, joining a staging batch and emptying drop a store. The batch returns the C heap's
+    freed memory (kv_cache.return_freed_memory) once the stores dropped since the last time add up to
+    kv_cache.TRIM_BYTES, and when it empties, so the process does not stay as large as its widest batch; not at
+    every drop, since each trim walks the whole heap."""
     calls: list[int] = []
-    monkeypatch.setattr("models.batch.return_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr(kv_cache, "return_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr(kv_cache, "_held", 0)
     batch: Batch[str] = Batch(SHAPE, max_rows=8)
     play(batch.prefill(["a"], [[1, 2]]))
-    assert calls == []
-    play(batch.prefill(["b", "c", "d"], [[3] * 300, [4], [5]]))  # more rows and a wider window: a new store
-    assert len(calls) == 1
-    batch.filter({"a", "b", "c", "d"})
-    assert len(calls) == 2 and batch.store is None
+    first = batch.store
+    assert first is not None
+    staging: Batch[str] = Batch(SHAPE, max_rows=1)
+    play(staging.prefill(["c"], [[4] * 10]))
+    assert staging.store is not None
+    monkeypatch.setattr(kv_cache, "TRIM_BYTES", first.bytes + staging.store.bytes)
+    play(batch.prefill(["b"], [[3] * 40]))  # more rows and a wider window: a new store, the first one dropped
+    second = batch.store
+    assert second is not first and calls == []
+    batch.filter({"a"})
+    batch.join(staging)  # into a's row: the staging store dropped, and with the first one the bound is reached
+    assert batch.store is second and calls == [1]
+    batch.filter({"b", "c"})  # empty: at once
+    assert calls == [1, 1] and batch.store is None
 
 
 def resident_mib() -> float:
