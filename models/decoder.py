@@ -109,9 +109,9 @@ class _Layer:
     kv_heads: int
     dim: int
     scaling: float
-    # qkv, o, gate_up and down as models/native.cpp's `decoder_layer` takes them; None where one of them is not on
-    # the library's kernels.
-    native_weights: tuple[tuple[torch.Tensor, ...], ...] | None
+    # models/native.cpp's `decoder_layer` arguments that stay the same every step: the norms' weights and epsilons,
+    # and qkv, o, gate_up and down as it takes them; None where a projection is not on the library's kernels.
+    native_arguments: tuple[object, ...] | None
 
 
 def _layers(model: LlamaForCausalLM) -> list[_Layer]:
@@ -131,9 +131,7 @@ def _layers(model: LlamaForCausalLM) -> list[_Layer]:
                 kv_heads=config.num_key_value_heads,
                 dim=layer.self_attn.head_dim,
                 scaling=layer.self_attn.scaling,
-                native_weights=_native_weights(
-                    getattr(layer.self_attn, QKV), layer.self_attn.o_proj, getattr(layer.mlp, GATE_UP), layer.mlp.down_proj
-                ),
+                native_arguments=_native_arguments(layer),
             )
             for layer in model.model.layers
         ]
@@ -141,9 +139,13 @@ def _layers(model: LlamaForCausalLM) -> list[_Layer]:
     return layers
 
 
-def _native_weights(*projections: nn.Module) -> tuple[tuple[torch.Tensor, ...], ...] | None:
+def _native_arguments(layer: nn.Module) -> tuple[object, ...] | None:
+    projections = (getattr(layer.self_attn, QKV), layer.self_attn.o_proj, getattr(layer.mlp, GATE_UP), layer.mlp.down_proj)
     weights = tuple(getattr(projection, "native_weights", lambda: None)() for projection in projections)
-    return None if None in weights else weights
+    if None in weights:
+        return None
+    norms = layer.input_layernorm, layer.post_attention_layernorm
+    return (norms[0].weight, norms[0].variance_epsilon, norms[1].weight, norms[1].variance_epsilon, *weights)
 
 
 def forward(model: LlamaForCausalLM, inputs: Forward, every_position: bool) -> torch.Tensor:
@@ -183,7 +185,7 @@ def _one_call_a_layer(layers: list[_Layer], inputs: Forward) -> bool:
         and inputs.last is None
         and isinstance(inputs.cache.layers[0], WindowLayer)
         and inputs.attention_mask.dtype == torch.bool
-        and all(layer.native_weights is not None for layer in layers)
+        and all(layer.native_arguments is not None for layer in layers)
     )
 
 
@@ -196,9 +198,8 @@ def _layers_natively(layers: list[_Layer], hidden: torch.Tensor, rotary: Rotary,
     for layer, window in zip(layers, inputs.cache.layers, strict=True):
         keys, values, first_row, start, write_at = window.claim(1)
         hidden = torch.ops.tokenferry.decoder_layer(
-            hidden, layer.input_norm.weight, layer.input_norm.variance_epsilon, layer.post_norm.weight,
-            layer.post_norm.variance_epsilon, *layer.native_weights, keys, values, first_row, start, write_at, mask,
-            rotary.cos, rotary.sin, layer.heads, layer.scaling,
+            hidden, *layer.native_arguments, keys, values, first_row, start, write_at, mask, rotary.cos, rotary.sin,
+            layer.heads, layer.scaling,
         )  # fmt: skip
     return hidden.view(rows, 1, -1)
 
