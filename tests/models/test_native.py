@@ -260,7 +260,7 @@ _CHECK = textwrap.dedent(
         assert torch.equal(torch.ops.tokenferry.rotary(qkv, cos, sin, 12), expected), f"not transformers' rotary in {dtype}"
     from models import quant
     from models.quant_weights import quantize_int4, quantize_int8
-    weight, x = torch.randn(96, 576) * 0.05, torch.randn(37, 576)
+    weight, x = torch.randn(112, 576) * 0.05, torch.randn(37, 576)  # 7 panels of 16: an edge of one panel past 8 rows
     int4, int8 = quantize_int4(weight), quantize_int8(weight)
     for module, served, rows in (
         (quant.Int4PanelLinear(int4, None), int4.dequantize(), x.bfloat16()),  # int4 reads bfloat16 rows
