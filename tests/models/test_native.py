@@ -317,6 +317,8 @@ def decoder_layer_case() -> dict[str, object]:
         ({"mask": torch.ones(2, 1, 5, dtype=torch.bool)}, "mask must be"),
         ({"hidden": torch.randn(2, 1, 128)}, "hidden must be"),
         ({"o": [torch.randn(8, 128, 16)] * 3}, "a projection is"),
+        ({"keys": torch.randn(4, 1, 10, 64).bfloat16(), "values": torch.randn(4, 1, 10, 64).bfloat16()}, "the store's dtype"),
+        ({"keys": torch.randn(4, 1, 10, 128)[..., ::2], "values": torch.randn(4, 1, 10, 128)[..., ::2]}, "contiguous"),
     ],
 )
 def test_a_decoder_layer_refuses_what_it_cannot_compute_on_every_cpu(
