@@ -228,19 +228,24 @@ void tile_any(int64_t rows, int64_t panel_count, const T* x, int64_t K, const W*
   tile<T, W, R, P>(x, K, panels, scales, out, out_stride);
 }
 
-// Threads split the panels, P at a time; each streams its own panels once per tile of R rows.
-template <typename T, typename W, int R, int P>
-void panels_times_in(const T* xs, int64_t M, int64_t K, const W* ws, const float* scales, int64_t panel_total, T* ys) {
-  const int64_t N = panel_total * V, groups = (panel_total + P - 1) / P;
-  at::parallel_for(0, groups, 1, [&](int64_t first, int64_t last) {
+// The loop of every panel kernel: threads split the panels, P at a time, and each streams its own panels once
+// per tile of R rows, calling tile(first row, rows, first panel, panels) with rows <= R and panels <= P.
+template <int R, int P, typename Tile>
+void over_tiles(int64_t M, int64_t panel_total, const Tile& tile) {
+  at::parallel_for(0, (panel_total + P - 1) / P, 1, [&](int64_t first, int64_t last) {
     for (int64_t g = first; g < last; ++g) {
       const int64_t p = g * P, count = std::min<int64_t>(P, panel_total - p);
-      for (int64_t m = 0; m < M; m += R) {
-        const int64_t rows = std::min<int64_t>(R, M - m);
-        tile_any<T, W, R, P>(rows, count, xs + m * K, K, ws + p * K * V, scales ? scales + p * V : nullptr,
-                             ys + m * N + p * V, N);
-      }
+      for (int64_t m = 0; m < M; m += R) tile(m, std::min<int64_t>(R, M - m), p, count);
     }
+  });
+}
+
+template <typename T, typename W, int R, int P>
+void panels_times_in(const T* xs, int64_t M, int64_t K, const W* ws, const float* scales, int64_t panel_total, T* ys) {
+  const int64_t N = panel_total * V;
+  over_tiles<R, P>(M, panel_total, [&](int64_t m, int64_t rows, int64_t p, int64_t count) {
+    tile_any<T, W, R, P>(rows, count, xs + m * K, K, ws + p * K * V, scales ? scales + p * V : nullptr,
+                         ys + m * N + p * V, N);
   });
 }
 
@@ -396,18 +401,13 @@ void int4_tile_any(int64_t rows, int64_t panel_count, const bf16* x, const float
   int4_tile<T, R, P>(x, sums, K, codes, scale_zeros, out, out_stride);
 }
 
-// Threads split the panels, P at a time; each streams its own panels once per tile of Q_ROWS rows.
 template <typename T, int P>
 void int4_times(const bf16* xs, const float* sums, int64_t M, int64_t K, const uint8_t* codes,
                 const bf16* scale_zeros, int64_t panel_total, T* ys) {
   const int64_t N = panel_total * V, groups = K / GROUP;
-  at::parallel_for(0, (panel_total + P - 1) / P, 1, [&](int64_t first, int64_t last) {
-    for (int64_t g = first; g < last; ++g) {
-      const int64_t p = g * P, count = std::min<int64_t>(P, panel_total - p);
-      for (int64_t m = 0; m < M; m += Q_ROWS)
-        int4_tile_any<T, Q_ROWS, P>(std::min<int64_t>(Q_ROWS, M - m), count, xs + m * K, sums + m * groups, K,
-                                    codes + p * K / 2 * V, scale_zeros + p * groups * 2 * V, ys + m * N + p * V, N);
-    }
+  over_tiles<Q_ROWS, P>(M, panel_total, [&](int64_t m, int64_t rows, int64_t p, int64_t count) {
+    int4_tile_any<T, Q_ROWS, P>(rows, count, xs + m * K, sums + m * groups, K, codes + p * K / 2 * V,
+                                scale_zeros + p * groups * 2 * V, ys + m * N + p * V, N);
   });
 }
 
