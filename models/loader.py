@@ -192,8 +192,7 @@ def _load(spec: str, device: str, dtype: str, quantization: str, fuse: bool) -> 
         _quantize(model, quantization, gguf_file, quant_cache, source, fuse, on_native)
     elif fuse:
         decoder.fuse(model)
-        if packed.available(torch_device, torch_dtype):
-            packed.pack(model, panels=on_native)
+        packed.pack(model, panels=on_native)
     if on_native and runs_natively(model, torch_device, fuse):
         model.config._attn_implementation = attention.NATIVE
     log.info(

@@ -33,9 +33,13 @@ PACKED_FOR_ROWS = 32
 DTYPES = (torch.float32, torch.bfloat16)
 
 
-def available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether this PyTorch build can run packed matmuls for weights on `device` in `dtype`."""
-    return device.type == "cpu" and dtype in DTYPES and torch.backends.mkldnn.is_available()
+def onednn_packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN, inside this PyTorch, packs a weight of `dtype` on this CPU: float32 wherever it is built
+    in, bfloat16 only with AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT (elsewhere, an AVX2-only EPYC for one, its
+    reorder raises)."""
+    if dtype not in DTYPES or not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class PackedLinear(nn.Module):
@@ -119,9 +123,18 @@ def panels_fit(linear: nn.Linear, dtype: torch.dtype | None = None) -> bool:
 
 
 def pack(model: nn.Module, panels: bool = False) -> int:
-    """Replace every nn.Linear of `model` by a PanelLinear (`panels`, where it fits) or a PackedLinear, in place;
-    returns how many. A tied LM head is packed too: the embedding keeps its own table for the lookup."""
-    linears = [(name, module) for name, module in model.named_modules() if type(module) is nn.Linear]
-    for name, linear in linears:
-        set_module(model, name, PanelLinear(linear) if panels and panels_fit(linear) else PackedLinear(linear))
-    return len(linears)
+    """Replace every nn.Linear of `model` on CPU by a PanelLinear (`panels`, where it fits) or else a
+    PackedLinear (where oneDNN packs its dtype), in place; returns how many. A Linear neither takes stays as it
+    is, on F.linear. A tied LM head is packed too: the embedding keeps its own table for the lookup."""
+    count = 0
+    for name, linear in [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]:
+        if linear.weight.device.type != "cpu":
+            continue
+        if panels and panels_fit(linear):
+            set_module(model, name, PanelLinear(linear))
+        elif onednn_packs(linear.weight.dtype):
+            set_module(model, name, PackedLinear(linear))
+        else:
+            continue
+        count += 1
+    return count

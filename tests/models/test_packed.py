@@ -11,14 +11,14 @@ from models import load, native, packed
 from models.loader import cache_root
 from tests.helpers import require_native
 
-pytestmark = pytest.mark.skipif(not packed.available(torch.device("cpu"), torch.float32), reason="no oneDNN in this PyTorch")
-
 DTYPES = [torch.float32, torch.bfloat16]
 KINDS = [(kind, dtype) for kind in ("onednn", "panels") for dtype in DTYPES]  # (module, dtype)
 
 
 def _module(kind: str, linear: nn.Linear) -> nn.Module:
     if kind == "onednn":
+        if not packed.onednn_packs(linear.weight.dtype):
+            pytest.skip(f"oneDNN packs no {linear.weight.dtype} weight on this CPU: pack() leaves it to F.linear")
         return packed.PackedLinear(linear)
     require_native()
     return packed.PanelLinear(linear)
@@ -61,9 +61,12 @@ def test_every_row_is_computed_alone_bit_for_bit_whatever_the_row_count(kind: st
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_the_tiny_model_loads_fused_and_packed_and_its_embedding_keeps_its_table(dtype: str) -> None:
     loaded = load("tiny", dtype=dtype)
-    assert not any(type(m) is nn.Linear for m in loaded.model.modules())
-    # On the panels wherever the library loaded, oneDNN otherwise.
-    kind = packed.PanelLinear if native.load(cache_root()) else packed.PackedLinear
+    # On the panels wherever the library loaded, else on oneDNN where it packs the dtype, else F.linear.
+    if native.load(cache_root()):
+        kind = packed.PanelLinear
+    else:
+        kind = packed.PackedLinear if packed.onednn_packs(getattr(torch, dtype)) else nn.Linear
+    assert all(type(m) is kind for m in loaded.model.modules() if isinstance(m, nn.Linear))
     assert isinstance(loaded.model.model.layers[0].self_attn.qkv_proj, kind)
     assert isinstance(loaded.model.lm_head, kind)
     reference = load("tiny", dtype=dtype, fuse=False).model  # transformers' own modules
@@ -76,15 +79,20 @@ def test_the_tiny_model_loads_fused_and_packed_and_its_embedding_keeps_its_table
     assert (got.float() - expected.float()).abs().max() <= tolerance * expected.float().abs().max()
 
 
-def test_a_linear_the_panels_cannot_take_stays_on_onednn() -> None:
+def test_a_linear_the_panels_cannot_take_goes_to_onednn_where_it_packs_the_dtype() -> None:
     require_native()
     model = nn.Sequential(_linear(96, 64, torch.float32, bias=True), _linear(5, 96, torch.float32, bias=False))
     model.append(_linear(32, 5, torch.float32, bias=False))
     assert packed.pack(model, panels=True) == 3  # a bias; 5 outputs, no whole panel; fits
     assert [type(m) for m in model] == [packed.PackedLinear, packed.PackedLinear, packed.PanelLinear]
     model = nn.Sequential(_linear(32, 5, torch.bfloat16, bias=False), _linear(32, 6, torch.bfloat16, bias=False))
-    assert packed.pack(model, panels=True) == 2  # bfloat16 reads inputs in pairs: 5 cannot, 6 can
-    assert [type(m) for m in model] == [packed.PackedLinear, packed.PanelLinear]
+    # bfloat16 reads inputs in pairs: 5 cannot, 6 can. The other goes to oneDNN where it packs bfloat16 (AVX-512),
+    # else stays an nn.Linear (AVX2: oneDNN's reorder would raise).
+    onednn = packed.onednn_packs(torch.bfloat16)
+    assert packed.pack(model, panels=True) == 1 + onednn
+    assert [type(m) for m in model] == [packed.PackedLinear if onednn else nn.Linear, packed.PanelLinear]
+    with torch.inference_mode():  # both run on this CPU
+        assert model[0](torch.randn(3, 5, dtype=torch.bfloat16)).shape == model[1](torch.randn(3, 6, dtype=torch.bfloat16)).shape == (3, 32)
 
 
 def test_a_float32_linear_on_bfloat16_panels_computes_with_rounded_inputs_and_weights() -> None:
