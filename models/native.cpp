@@ -331,33 +331,55 @@ constexpr int64_t GROUP = 32, BLOCK = 8;
 // 8 rows x 1 panel: 8 dot products, 8 sums and 4 weight vectors. Past 8 rows, 8 x 2 panels (each input pair
 // broadcast once for both; the sums may spill): 2-6% faster at 9 to 128 rows over SmolLM2's layers, 30% slower at
 // 1 to 4 (a 2-core AVX-512 EPYC). 8 x 3 was 10-20% slower.
-constexpr int Q_ROWS = 8, Q_PANELS = 2;
-inline void widen_block(const uint8_t* p, Bits w[4]) {
+constexpr int Q_ROWS = 8, Q_PANELS = 2, Q_FEW_ROWS = Q_ROWS, Q_FEW_PANELS = 1;
+// A block's codes as two vectors of bytes: the low nibbles' and the high nibbles', each moved to bits 3..6 of its
+// byte with 0x80 set; `pairs` interleaves them with 0x41 into the bfloat16 pairs of k0 + 2j and k0 + 2j + 1.
+struct Nibbles {
+  Bits lo, hi;
+};
+inline Nibbles nibbles(const uint8_t* p) {
   const __m512i b = _mm512_loadu_si512(p), mask = _mm512_set1_epi8(0x78), low = _mm512_set1_epi8(char(0x80));
-  // Ternary-logic 0xEA is (A & B) | C: each nibble moved to bits 3..6 of its byte, with 0x80 set.
-  const __m512i lo = _mm512_ternarylogic_epi32(_mm512_slli_epi16(b, 3), mask, low, 0xEA);
-  const __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(b, 1), mask, low, 0xEA);
-  const __m512i top = _mm512_set1_epi8(0x41);
-  w[0] = _mm512_unpacklo_epi8(lo, top), w[1] = _mm512_unpackhi_epi8(lo, top);
-  w[2] = _mm512_unpacklo_epi8(hi, top), w[3] = _mm512_unpackhi_epi8(hi, top);
+  // Ternary-logic 0xEA is (A & B) | C.
+  return {_mm512_ternarylogic_epi32(_mm512_slli_epi16(b, 3), mask, low, 0xEA),
+          _mm512_ternarylogic_epi32(_mm512_srli_epi16(b, 1), mask, low, 0xEA)};
+}
+inline Bits pairs(const Nibbles& n, int j) {
+  const __m512i top = _mm512_set1_epi8(0x41), half = j < 2 ? n.lo : n.hi;
+  return j % 2 ? _mm512_unpackhi_epi8(half, top) : _mm512_unpacklo_epi8(half, top);
 }
 #else
-constexpr int Q_ROWS = 4, Q_PANELS = 1;  // 4 + 4 + 4 of the 16 registers
-inline void widen_block(const uint8_t* p, Bits w[4]) {
-  const __m256i b = _mm256_loadu_si256((const __m256i*)p), mask = _mm256_set1_epi8(0x78);
-  const __m256i low = _mm256_set1_epi8(char(0x80)), top = _mm256_set1_epi8(0x41);
-  const __m256i lo = _mm256_or_si256(_mm256_and_si256(_mm256_slli_epi16(b, 3), mask), low);
-  const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b, 1), mask), low);
-  w[0] = _mm256_unpacklo_epi8(lo, top), w[1] = _mm256_unpackhi_epi8(lo, top);
-  w[2] = _mm256_unpacklo_epi8(hi, top), w[3] = _mm256_unpackhi_epi8(hi, top);
+// 4 rows x 1 panel: 4 sums, 4 dot products, a block's 2 vectors of nibbles and a pair of weight vectors. One stream
+// (1 or 2 rows) takes 3 panels: each sum is a chain of dependent multiply-adds, and with 1 panel the chain's
+// latency, not the weights, bounds the step.
+constexpr int Q_ROWS = 4, Q_PANELS = 1, Q_FEW_ROWS = 2, Q_FEW_PANELS = 3;
+struct Nibbles {
+  Bits lo, hi;
+};
+inline Nibbles nibbles(const uint8_t* p) {
+  const __m256i b = _mm256_loadu_si256((const __m256i*)p), mask = _mm256_set1_epi8(0x78), low = _mm256_set1_epi8(char(0x80));
+  return {_mm256_or_si256(_mm256_and_si256(_mm256_slli_epi16(b, 3), mask), low),
+          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b, 1), mask), low)};
 }
+inline Bits pairs(const Nibbles& n, int j) {
+  const __m256i top = _mm256_set1_epi8(0x41), half = j < 2 ? n.lo : n.hi;
+  return j % 2 ? _mm256_unpackhi_epi8(half, top) : _mm256_unpacklo_epi8(half, top);
+}
+#endif
+
+// The rows as the int4 tile reads them, the input rounded to bfloat16: as such where the dot-product instruction
+// multiplies bfloat16 pairs, else widened back to float32 once per call, so that a tile broadcasts each input as
+// it is where it would split every broadcast pair into two floats with shifts, once per row and block.
+#if defined(__AVX512BF16__)
+using QIn = bf16;
+#else
+using QIn = float;
 #endif
 
 // out[r][p V + j] for R rows and P panels of V columns: per group, D in float32 from zero, then acc += s D +
 // (z - 24 s) X. Each panel's codes [K/8][4V] bytes, code_stride apart; its scale_zeros [K/32][2][V] bfloat16;
 // sums [rows][K/32] float32.
 template <typename T, int R, int P>
-void int4_tile(const bf16* x, const float* sums, int64_t K, const uint8_t* codes, const bf16* scale_zeros, T* out,
+void int4_tile(const QIn* x, const float* sums, int64_t K, const uint8_t* codes, const bf16* scale_zeros, T* out,
                int64_t out_stride) {
   const int64_t groups = K / GROUP, code_stride = K / 2 * V, scale_stride = groups * 2 * V;
   Vec acc[R][P];
@@ -368,15 +390,30 @@ void int4_tile(const bf16* x, const float* sums, int64_t K, const uint8_t* codes
     for (int r = 0; r < R; ++r)
       for (int p = 0; p < P; ++p) dot[r][p] = zero();
     for (int64_t k = g * GROUP; k < (g + 1) * GROUP; k += BLOCK) {
-      Bits w[P][4];  // each panel's pairs k, k + 2, k + 4 and k + 6 of its V columns
-      for (int p = 0; p < P; ++p) widen_block(codes + p * code_stride + k / 2 * V, w[p]);
-      for (int j = 0; j < 4; ++j)
+      Nibbles n[P];
+      for (int p = 0; p < P; ++p) n[p] = nibbles(codes + p * code_stride + k / 2 * V);
+      for (int j = 0; j < 4; ++j) {  // each panel's pairs k + 2j, k + 2j + 1 of its V columns
+#if defined(__AVX512BF16__)
+        Bits w[P];
+        for (int p = 0; p < P; ++p) w[p] = pairs(n[p], j);
         for (int r = 0; r < R; ++r) {
           uint32_t pair;
           std::memcpy(&pair, x + r * K + k + 2 * j, sizeof pair);
           const Bits xr = splat_bits(pair);
-          for (int p = 0; p < P; ++p) dot[r][p] = pair_fma(xr, w[p][j], dot[r][p]);
+          for (int p = 0; p < P; ++p) dot[r][p] = pair_fma(xr, w[p], dot[r][p]);
         }
+#else
+        Vec first[P], second[P];  // the weights of k + 2j and of k + 2j + 1, as pair_fma splits them
+        for (int p = 0; p < P; ++p) {
+          const Bits w = pairs(n[p], j);
+          first[p] = low_halves(w), second[p] = high_halves(w);
+        }
+        for (int r = 0; r < R; ++r) {
+          const Vec x0 = splat(x[r * K + k + 2 * j]), x1 = splat(x[r * K + k + 2 * j + 1]);
+          for (int p = 0; p < P; ++p) dot[r][p] = fma(x1, second[p], fma(x0, first[p], dot[r][p]));
+        }
+#endif
+      }
     }
     for (int p = 0; p < P; ++p) {
       const bf16* scale_zero = scale_zeros + p * scale_stride + g * 2 * V;
@@ -390,7 +427,7 @@ void int4_tile(const bf16* x, const float* sums, int64_t K, const uint8_t* codes
 
 // The tile for `rows` <= R rows and `panel_count` <= P panels: the edges of the output.
 template <typename T, int R, int P>
-void int4_tile_any(int64_t rows, int64_t panel_count, const bf16* x, const float* sums, int64_t K,
+void int4_tile_any(int64_t rows, int64_t panel_count, const QIn* x, const float* sums, int64_t K,
                    const uint8_t* codes, const bf16* scale_zeros, T* out, int64_t out_stride) {
   if constexpr (R > 1) {
     if (rows < R) return int4_tile_any<T, R - 1, P>(rows, panel_count, x, sums, K, codes, scale_zeros, out, out_stride);
@@ -401,13 +438,13 @@ void int4_tile_any(int64_t rows, int64_t panel_count, const bf16* x, const float
   int4_tile<T, R, P>(x, sums, K, codes, scale_zeros, out, out_stride);
 }
 
-template <typename T, int P>
-void int4_times(const bf16* xs, const float* sums, int64_t M, int64_t K, const uint8_t* codes,
+template <typename T, int R, int P>
+void int4_times(const QIn* xs, const float* sums, int64_t M, int64_t K, const uint8_t* codes,
                 const bf16* scale_zeros, int64_t panel_total, T* ys) {
   const int64_t N = panel_total * V, groups = K / GROUP;
-  over_tiles<Q_ROWS, P>(M, panel_total, [&](int64_t m, int64_t rows, int64_t p, int64_t count) {
-    int4_tile_any<T, Q_ROWS, P>(rows, count, xs + m * K, sums + m * groups, K, codes + p * K / 2 * V,
-                                scale_zeros + p * groups * 2 * V, ys + m * N + p * V, N);
+  over_tiles<R, P>(M, panel_total, [&](int64_t m, int64_t rows, int64_t p, int64_t count) {
+    int4_tile_any<T, R, P>(rows, count, xs + m * K, sums + m * groups, K, codes + p * K / 2 * V,
+                           scale_zeros + p * groups * 2 * V, ys + m * N + p * V, N);
   });
 }
 
@@ -427,14 +464,17 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
               "int4_linear: scale_zeros must be [", panel_total, ", ", groups, ", 2, ", V, "] bfloat16, contiguous");
   Rows rows = rows_of(x, K, N);
   const int64_t M = rows.in.size(0);
-  // A float32 input's rows rounded to bfloat16 (to nearest, ties to even, as PyTorch), and X of each row's groups,
-  // summed in k order: [M, K] and [M, K/32].
-  std::vector<bf16> rounded(dtype == at::kFloat ? M * K : 0);
-  const bf16* xs = dtype == at::kFloat ? rounded.data() : read<bf16>(rows.in);
+  // The rows rounded to bfloat16 (to nearest, ties to even, as PyTorch) as the tile reads them (QIn), unless they
+  // already are, and X of each row's groups, summed in k order: [M, K] and [M, K/32].
+  const bool as_is = dtype == at::kBFloat16 && std::is_same_v<QIn, bf16>;
+  std::vector<QIn> rounded(as_is ? 0 : M * K);
+  const QIn* xs = as_is ? reinterpret_cast<const QIn*>(read<bf16>(rows.in)) : rounded.data();
   std::vector<float> sums(M * groups);
   at::parallel_for(0, M, 16, [&](int64_t first, int64_t last) {
-    if (dtype == at::kFloat)
-      for (int64_t i = first * K; i < last * K; i += V) store_bf16(rounded.data() + i, load(read<float>(rows.in) + i));
+    for (int64_t i = first * K; !as_is && i < last * K; i += V) {
+      const Vec v = dtype == at::kFloat ? round_bf16(load(read<float>(rows.in) + i)) : load_bf16(read<bf16>(rows.in) + i);
+      store_any(rounded.data() + i, v);  // a float32 row's values are rounded once, so storing bfloat16 is exact
+    }
     for (int64_t i = first * groups; i < last * groups; ++i) {
       float total = 0.0f;
       for (int64_t k = 0; k < GROUP; ++k) total += to_float(xs[i * GROUP + k]);
@@ -445,8 +485,9 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
     using T = decltype(type);
     const uint8_t* panels = read<uint8_t>(codes);
     const bf16* scales = read<bf16>(scale_zeros);
-    if (M <= Q_ROWS) int4_times<T, 1>(xs, sums.data(), M, K, panels, scales, panel_total, write<T>(rows.out));
-    else int4_times<T, Q_PANELS>(xs, sums.data(), M, K, panels, scales, panel_total, write<T>(rows.out));
+    if (M <= Q_FEW_ROWS) int4_times<T, Q_FEW_ROWS, Q_FEW_PANELS>(xs, sums.data(), M, K, panels, scales, panel_total, write<T>(rows.out));
+    else if (M <= Q_ROWS) int4_times<T, Q_ROWS, 1>(xs, sums.data(), M, K, panels, scales, panel_total, write<T>(rows.out));
+    else int4_times<T, Q_ROWS, Q_PANELS>(xs, sums.data(), M, K, panels, scales, panel_total, write<T>(rows.out));
   });
   return rows.done(x);
 }
