@@ -315,73 +315,57 @@ int64_t panel_width() { return V; }
 
 // ---- int4 weights: y = x W^T with W = (q - 8) s + z, q a 4-bit code, s and z one per group of 32 inputs.
 //
-// 16 + q for q in 0..15 is exactly the bfloat16 0x4180 | q << 3: its low byte 0x80 | q << 3, its high byte
-// 0x41. So codes widen to bfloat16 with shifts, masks and byte interleaves alone, a group's dot product is the
-// bfloat16 one, D = sum x (16 + q), and the group adds s D + (z - 24 s) X, X = sum x, to the output:
-// sum x w = s (D - 24 X) + z X. Rows are bfloat16 (a float32 input is rounded to it first, as PyTorch's int4
-// kernel does); sums, scales and the output stay in float32 until stored in the input's dtype.
-//
 // Codes are packed in panels of V columns, [N/V][K/8][4V] bytes: a block of 4V bytes holds the column's codes
-// for 8 k, two to a byte, arranged so that one vector load and `widen_block` give the 4 vectors of bfloat16
-// pairs (k, k+1) of k0, k0+2, k0+4, k0+6, each [V columns][2], the layout of bfloat16 panels. The byte at
-// 16 (j / 4) + 8 h + 2 (j % 4) + t of column j's block holds k0 + 2h + t in its low nibble and k0 + 4 + 2h + t
-// in its high one (models/quant.py's Int4PanelLinear packs them so).
+// for 8 k, two to a byte. The byte at 16 (j / 4) + 8 h + 2 (j % 4) + t of column j's block holds k0 + 2h + t in
+// its low nibble and k0 + 4 + 2h + t in its high one (models/quant.py's Int4PanelLinear packs them so): in each
+// 16-byte lane, byte pairs are one column's pair of k, the layout both products below read.
+//
+// Each group adds to the output s D + c X, from X = sum x (the group's inputs, in k order) and a dot product
+// D of the inputs and codes, summed in float32. Batch invariance: D and X are a row's own, in a fixed order.
+// - AVX-512: D = sum x (16 + q) with the bfloat16 dot product (or its emulation in float32 FMAs), c = z - 24 s.
+//   16 + q is exactly the bfloat16 0x4180 | q << 3, so codes widen with shifts, masks and byte interleaves alone;
+//   rows are bfloat16, a float32 input rounded to it first, as PyTorch's int4 kernel does.
+// - AVX2: D = d sum x_i q in integers, exactly: each group of a row quantized to 16 bits, d = max |x| / 32767,
+//   x_i = x / d rounded to nearest, and c = z - 8 s. The codes widen to 16 bits with masks and byte interleaves,
+//   and a pair of inputs meets a pair of codes in one multiply-add (_mm256_madd_epi16): fewer instructions than
+//   widening both to floats, which bound this CPU's int4 step, not its memory. (Inputs in 8 bits, as llama.cpp's
+//   q8_1, took a third fewer but changed the first 8 greedy tokens of 7 of 12 answers against float32, where
+//   bfloat16 inputs changed 2.)
 constexpr int64_t GROUP = 32, BLOCK = 8;
 #if defined(__AVX512F__)
 // 8 rows x 1 panel: 8 dot products, 8 sums and 4 weight vectors. Past 8 rows, 8 x 2 panels (each input pair
 // broadcast once for both; the sums may spill): 2-6% faster at 9 to 128 rows over SmolLM2's layers, 30% slower at
 // 1 to 4 (a 2-core AVX-512 EPYC). 8 x 3 was 10-20% slower.
-constexpr int Q_ROWS = 8, Q_PANELS = 2, Q_FEW_ROWS = Q_ROWS, Q_FEW_PANELS = 1;
-// A block's codes as two vectors of bytes: the low nibbles' and the high nibbles', each moved to bits 3..6 of its
-// byte with 0x80 set; `pairs` interleaves them with 0x41 into the bfloat16 pairs of k0 + 2j and k0 + 2j + 1.
-struct Nibbles {
-  Bits lo, hi;
-};
-inline Nibbles nibbles(const uint8_t* p) {
-  const __m512i b = _mm512_loadu_si512(p), mask = _mm512_set1_epi8(0x78), low = _mm512_set1_epi8(char(0x80));
-  // Ternary-logic 0xEA is (A & B) | C.
-  return {_mm512_ternarylogic_epi32(_mm512_slli_epi16(b, 3), mask, low, 0xEA),
-          _mm512_ternarylogic_epi32(_mm512_srli_epi16(b, 1), mask, low, 0xEA)};
-}
-inline Bits pairs(const Nibbles& n, int j) {
-  const __m512i top = _mm512_set1_epi8(0x41), half = j < 2 ? n.lo : n.hi;
-  return j % 2 ? _mm512_unpackhi_epi8(half, top) : _mm512_unpacklo_epi8(half, top);
-}
-#else
-// 4 rows x 1 panel: 4 sums, 4 dot products, a block's 2 vectors of nibbles and a pair of weight vectors. One stream
-// (1 or 2 rows) takes 3 panels: each sum is a chain of dependent multiply-adds, and with 1 panel the chain's
-// latency, not the weights, bounds the step.
-constexpr int Q_ROWS = 4, Q_PANELS = 1, Q_FEW_ROWS = 2, Q_FEW_PANELS = 3;
-struct Nibbles {
-  Bits lo, hi;
-};
-inline Nibbles nibbles(const uint8_t* p) {
-  const __m256i b = _mm256_loadu_si256((const __m256i*)p), mask = _mm256_set1_epi8(0x78), low = _mm256_set1_epi8(char(0x80));
-  return {_mm256_or_si256(_mm256_and_si256(_mm256_slli_epi16(b, 3), mask), low),
-          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b, 1), mask), low)};
-}
-inline Bits pairs(const Nibbles& n, int j) {
-  const __m256i top = _mm256_set1_epi8(0x41), half = j < 2 ? n.lo : n.hi;
-  return j % 2 ? _mm256_unpackhi_epi8(half, top) : _mm256_unpacklo_epi8(half, top);
-}
-#endif
-
-// The rows as the int4 tile reads them, the input rounded to bfloat16: as such where the dot-product instruction
-// multiplies bfloat16 pairs, else widened back to float32 once per call, so that a tile broadcasts each input as
-// it is where it would split every broadcast pair into two floats with shifts, once per row and block.
+constexpr int Q_ROWS = 8, Q_PANELS = 2;
+// The rows as the tile reads them: bfloat16 where the dot-product instruction multiplies pairs of it, else widened
+// back to float32 once per call (a tile then broadcasts each input as it is, not a pair split by shifts).
 #if defined(__AVX512BF16__)
 using QIn = bf16;
 #else
 using QIn = float;
 #endif
+struct Int4Rows {
+  const QIn* x;       // [M, K]
+  const float* sums;  // X: [M, K/32]
+  int64_t K;
+  Int4Rows from(int64_t m) const { return {x + m * K, sums + m * (K / GROUP), K}; }
+};
+// A block's codes as the 4 vectors of bfloat16 pairs (k0 + 2j, k0 + 2j + 1) of its V columns: each nibble moved
+// to bits 3..6 of its byte with 0x80 set, interleaved with 0x41 (ternary-logic 0xEA is (A & B) | C).
+inline void widen_block(const uint8_t* p, Bits w[4]) {
+  const __m512i b = _mm512_loadu_si512(p), mask = _mm512_set1_epi8(0x78), low = _mm512_set1_epi8(char(0x80));
+  const __m512i lo = _mm512_ternarylogic_epi32(_mm512_slli_epi16(b, 3), mask, low, 0xEA);
+  const __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(b, 1), mask, low, 0xEA);
+  const __m512i top = _mm512_set1_epi8(0x41);
+  w[0] = _mm512_unpacklo_epi8(lo, top), w[1] = _mm512_unpackhi_epi8(lo, top);
+  w[2] = _mm512_unpacklo_epi8(hi, top), w[3] = _mm512_unpackhi_epi8(hi, top);
+}
 
-// out[r][p V + j] for R rows and P panels of V columns: per group, D in float32 from zero, then acc += s D +
-// (z - 24 s) X. Each panel's codes [K/8][4V] bytes, code_stride apart; its scale_zeros [K/32][2][V] bfloat16;
-// sums [rows][K/32] float32.
+// out[r][p V + j] for R rows and P panels of V columns. Each panel's codes [K/8][4V] bytes, code_stride apart; its
+// scale_zeros [K/32][2][V] bfloat16.
 template <typename T, int R, int P>
-void int4_tile(const QIn* x, const float* sums, int64_t K, const uint8_t* codes, const bf16* scale_zeros, T* out,
-               int64_t out_stride) {
-  const int64_t groups = K / GROUP, code_stride = K / 2 * V, scale_stride = groups * 2 * V;
+void int4_tile(const Int4Rows& rows, const uint8_t* codes, const bf16* scale_zeros, T* out, int64_t out_stride) {
+  const int64_t K = rows.K, groups = K / GROUP, code_stride = K / 2 * V, scale_stride = groups * 2 * V;
   Vec acc[R][P];
   for (int r = 0; r < R; ++r)
     for (int p = 0; p < P; ++p) acc[r][p] = zero();
@@ -390,61 +374,163 @@ void int4_tile(const QIn* x, const float* sums, int64_t K, const uint8_t* codes,
     for (int r = 0; r < R; ++r)
       for (int p = 0; p < P; ++p) dot[r][p] = zero();
     for (int64_t k = g * GROUP; k < (g + 1) * GROUP; k += BLOCK) {
-      Nibbles n[P];
-      for (int p = 0; p < P; ++p) n[p] = nibbles(codes + p * code_stride + k / 2 * V);
-      for (int j = 0; j < 4; ++j) {  // each panel's pairs k + 2j, k + 2j + 1 of its V columns
+      Bits w[P][4];
+      for (int p = 0; p < P; ++p) widen_block(codes + p * code_stride + k / 2 * V, w[p]);
+      for (int j = 0; j < 4; ++j)
+        for (int r = 0; r < R; ++r) {
+          const QIn* x = rows.x + r * K + k + 2 * j;
 #if defined(__AVX512BF16__)
-        Bits w[P];
-        for (int p = 0; p < P; ++p) w[p] = pairs(n[p], j);
-        for (int r = 0; r < R; ++r) {
           uint32_t pair;
-          std::memcpy(&pair, x + r * K + k + 2 * j, sizeof pair);
+          std::memcpy(&pair, x, sizeof pair);
           const Bits xr = splat_bits(pair);
-          for (int p = 0; p < P; ++p) dot[r][p] = pair_fma(xr, w[p], dot[r][p]);
-        }
+          for (int p = 0; p < P; ++p) dot[r][p] = pair_fma(xr, w[p][j], dot[r][p]);
 #else
-        Vec first[P], second[P];  // the weights of k + 2j and of k + 2j + 1, as pair_fma splits them
-        for (int p = 0; p < P; ++p) {
-          const Bits w = pairs(n[p], j);
-          first[p] = low_halves(w), second[p] = high_halves(w);
-        }
-        for (int r = 0; r < R; ++r) {
-          const Vec x0 = splat(x[r * K + k + 2 * j]), x1 = splat(x[r * K + k + 2 * j + 1]);
-          for (int p = 0; p < P; ++p) dot[r][p] = fma(x1, second[p], fma(x0, first[p], dot[r][p]));
-        }
+          const Vec x0 = splat(x[0]), x1 = splat(x[1]);  // pair_fma's order: k, then k + 1
+          for (int p = 0; p < P; ++p) dot[r][p] = fma(x1, high_halves(w[p][j]), fma(x0, low_halves(w[p][j]), dot[r][p]));
 #endif
-      }
+        }
     }
     for (int p = 0; p < P; ++p) {
       const bf16* scale_zero = scale_zeros + p * scale_stride + g * 2 * V;
       const Vec s = load_bf16(scale_zero), offset = fma(splat(-24.0f), s, load_bf16(scale_zero + V));
-      for (int r = 0; r < R; ++r) acc[r][p] = fma(s, dot[r][p], fma(offset, splat(sums[r * groups + g]), acc[r][p]));
+      for (int r = 0; r < R; ++r)
+        acc[r][p] = fma(s, dot[r][p], fma(offset, splat(rows.sums[r * groups + g]), acc[r][p]));
     }
   }
   for (int r = 0; r < R; ++r)
     for (int p = 0; p < P; ++p) store_any(out + r * out_stride + p * V, acc[r][p]);
 }
 
-// The tile for `rows` <= R rows and `panel_count` <= P panels: the edges of the output.
-template <typename T, int R, int P>
-void int4_tile_any(int64_t rows, int64_t panel_count, const QIn* x, const float* sums, int64_t K,
-                   const uint8_t* codes, const bf16* scale_zeros, T* out, int64_t out_stride) {
-  if constexpr (R > 1) {
-    if (rows < R) return int4_tile_any<T, R - 1, P>(rows, panel_count, x, sums, K, codes, scale_zeros, out, out_stride);
+// The rows rounded to bfloat16 (to nearest, ties to even, as PyTorch) as the tile reads them, unless they already
+// are, and X of each row's groups, summed in k order.
+struct Int4Input {
+  std::vector<QIn> rounded;
+  std::vector<float> sums;
+  Int4Rows rows;
+  Int4Input(const at::Tensor& in, int64_t M, int64_t K) : sums(M * (K / GROUP)) {
+    const bool as_is = in.scalar_type() == at::kBFloat16 && std::is_same_v<QIn, bf16>;
+    if (!as_is) rounded.resize(M * K);
+    const QIn* xs = as_is ? reinterpret_cast<const QIn*>(read<bf16>(in)) : rounded.data();
+    at::parallel_for(0, M, 16, [&](int64_t first, int64_t last) {
+      for (int64_t i = first * K; !as_is && i < last * K; i += V) {
+        const Vec v = in.scalar_type() == at::kFloat ? round_bf16(load(read<float>(in) + i)) : load_bf16(read<bf16>(in) + i);
+        store_any(rounded.data() + i, v);  // already rounded: storing it as bfloat16 is exact
+      }
+      for (int64_t i = first * (K / GROUP); i < last * (K / GROUP); ++i) {
+        float total = 0.0f;
+        for (int64_t k = 0; k < GROUP; ++k) total += to_float(xs[i * GROUP + k]);
+        sums[i] = total;
+      }
+    });
+    rows = {xs, sums.data(), K};
   }
-  if constexpr (P > 1) {
-    if (panel_count < P) return int4_tile_any<T, R, P - 1>(rows, panel_count, x, sums, K, codes, scale_zeros, out, out_stride);
-  }
-  int4_tile<T, R, P>(x, sums, K, codes, scale_zeros, out, out_stride);
-}
+};
+#else
+// 4 rows x 1 panel: 4 sums and 4 dot products (32-bit integers, whose adds do not chain on a float latency).
+constexpr int Q_ROWS = 4, Q_PANELS = 1;
+struct Int4Rows {
+  const int16_t* x;     // [M, K]: x_i
+  const float* scales;  // d: [M, K/32]
+  const float* sums;    // X: [M, K/32]
+  int64_t K;
+  Int4Rows from(int64_t m) const { return {x + m * K, scales + m * (K / GROUP), sums + m * (K / GROUP), K}; }
+};
 
 template <typename T, int R, int P>
-void int4_times(const QIn* xs, const float* sums, int64_t M, int64_t K, const uint8_t* codes,
-                const bf16* scale_zeros, int64_t panel_total, T* ys) {
-  const int64_t N = panel_total * V, groups = K / GROUP;
-  over_tiles<R, P>(M, panel_total, [&](int64_t m, int64_t rows, int64_t p, int64_t count) {
-    int4_tile_any<T, R, P>(rows, count, xs + m * K, sums + m * groups, K, codes + p * K / 2 * V,
-                           scale_zeros + p * groups * 2 * V, ys + m * N + p * V, N);
+void int4_tile(const Int4Rows& rows, const uint8_t* codes, const bf16* scale_zeros, T* out, int64_t out_stride) {
+  const int64_t K = rows.K, groups = K / GROUP, code_stride = K / 2 * V, scale_stride = groups * 2 * V;
+  const __m256i nibble = _mm256_set1_epi8(0x0F), none = _mm256_setzero_si256();
+  Vec acc[R][P];
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < P; ++p) acc[r][p] = zero();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256i dot[R][P];  // sum of x_i q per column, exact
+    for (int r = 0; r < R; ++r)
+      for (int p = 0; p < P; ++p) dot[r][p] = none;
+    for (int64_t k = g * GROUP; k < (g + 1) * GROUP; k += BLOCK) {
+      __m256i w[P][4];  // 16-bit codes of the pairs (k + 2j, k + 2j + 1) of the V columns, as the bfloat16 pairs above
+      for (int p = 0; p < P; ++p) {
+        const __m256i b = _mm256_loadu_si256((const __m256i*)(codes + p * code_stride + k / 2 * V));
+        const __m256i lo = _mm256_and_si256(b, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble);
+        w[p][0] = _mm256_unpacklo_epi8(lo, none), w[p][1] = _mm256_unpackhi_epi8(lo, none);
+        w[p][2] = _mm256_unpacklo_epi8(hi, none), w[p][3] = _mm256_unpackhi_epi8(hi, none);
+      }
+      for (int j = 0; j < 4; ++j)
+        for (int r = 0; r < R; ++r) {
+          int32_t pair;
+          std::memcpy(&pair, rows.x + r * K + k + 2 * j, sizeof pair);
+          const __m256i xr = _mm256_set1_epi32(pair);
+          for (int p = 0; p < P; ++p) dot[r][p] = _mm256_add_epi32(dot[r][p], _mm256_madd_epi16(w[p][j], xr));
+        }
+    }
+    for (int p = 0; p < P; ++p) {
+      const bf16* scale_zero = scale_zeros + p * scale_stride + g * 2 * V;
+      const Vec s = load_bf16(scale_zero), offset = fma(splat(-8.0f), s, load_bf16(scale_zero + V));
+      for (int r = 0; r < R; ++r) {
+        const Vec scaled = mul(s, splat(rows.scales[r * groups + g]));
+        acc[r][p] = fma(scaled, _mm256_cvtepi32_ps(dot[r][p]), fma(offset, splat(rows.sums[r * groups + g]), acc[r][p]));
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < P; ++p) store_any(out + r * out_stride + p * V, acc[r][p]);
+}
+
+// Each group of a row quantized to 16 bits, its d and its exact X (float32, in k order).
+struct Int4Input {
+  std::vector<int16_t> x;
+  std::vector<float> scales, sums;
+  Int4Rows rows;
+  Int4Input(const at::Tensor& in, int64_t M, int64_t K) : x(M * K), scales(M * (K / GROUP)), sums(M * (K / GROUP)) {
+    const bool bfloat = in.scalar_type() == at::kBFloat16;
+    at::parallel_for(0, M * (K / GROUP), 64, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {  // group i: inputs [i * 32, i * 32 + 32) of the [M, K] rows
+        Vec v[GROUP / V];
+        alignas(32) float values[GROUP], tops[V];
+        Vec top = zero();
+        for (int64_t n = 0; n < GROUP / V; ++n) {
+          v[n] = bfloat ? load_bf16(read<bf16>(in) + i * GROUP + n * V) : load(read<float>(in) + i * GROUP + n * V);
+          store(values + n * V, v[n]);
+          top = max(top, max(v[n], sub(zero(), v[n])));
+        }
+        store(tops, top);
+        float total = 0.0f, largest = 0.0f;
+        for (int64_t k = 0; k < GROUP; ++k) total += values[k];
+        for (int64_t k = 0; k < V; ++k) largest = std::max(largest, tops[k]);
+        sums[i] = total;
+        scales[i] = largest / 32767.0f;
+        const Vec inverse = splat(largest > 0.0f ? 32767.0f / largest : 0.0f);
+        for (int64_t n = 0; n < GROUP / V; ++n) {
+          const __m256i q = _mm256_cvtps_epi32(mul(v[n], inverse));  // to nearest, ties to even; |q| <= 32767
+          _mm_storeu_si128((__m128i*)(x.data() + i * GROUP + n * V),
+                           _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)));
+        }
+      }
+    });
+    rows = {x.data(), scales.data(), sums.data(), K};
+  }
+};
+#endif
+
+// The tile for `rows` <= R rows and `panel_count` <= P panels: the edges of the output.
+template <typename T, int R, int P>
+void int4_tile_any(int64_t rows, int64_t panel_count, const Int4Rows& in, const uint8_t* codes,
+                   const bf16* scale_zeros, T* out, int64_t out_stride) {
+  if constexpr (R > 1) {
+    if (rows < R) return int4_tile_any<T, R - 1, P>(rows, panel_count, in, codes, scale_zeros, out, out_stride);
+  }
+  if constexpr (P > 1) {
+    if (panel_count < P) return int4_tile_any<T, R, P - 1>(rows, panel_count, in, codes, scale_zeros, out, out_stride);
+  }
+  int4_tile<T, R, P>(in, codes, scale_zeros, out, out_stride);
+}
+
+template <typename T, int P>
+void int4_times(const Int4Rows& in, int64_t M, const uint8_t* codes, const bf16* scale_zeros, int64_t panel_total, T* ys) {
+  const int64_t K = in.K, N = panel_total * V, groups = K / GROUP;
+  over_tiles<Q_ROWS, P>(M, panel_total, [&](int64_t m, int64_t rows, int64_t p, int64_t count) {
+    int4_tile_any<T, Q_ROWS, P>(rows, count, in.from(m), codes + p * K / 2 * V, scale_zeros + p * groups * 2 * V,
+                                ys + m * N + p * V, N);
   });
 }
 
@@ -464,30 +550,13 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
               "int4_linear: scale_zeros must be [", panel_total, ", ", groups, ", 2, ", V, "] bfloat16, contiguous");
   Rows rows = rows_of(x, K, N);
   const int64_t M = rows.in.size(0);
-  // The rows rounded to bfloat16 (to nearest, ties to even, as PyTorch) as the tile reads them (QIn), unless they
-  // already are, and X of each row's groups, summed in k order: [M, K] and [M, K/32].
-  const bool as_is = dtype == at::kBFloat16 && std::is_same_v<QIn, bf16>;
-  std::vector<QIn> rounded(as_is ? 0 : M * K);
-  const QIn* xs = as_is ? reinterpret_cast<const QIn*>(read<bf16>(rows.in)) : rounded.data();
-  std::vector<float> sums(M * groups);
-  at::parallel_for(0, M, 16, [&](int64_t first, int64_t last) {
-    for (int64_t i = first * K; !as_is && i < last * K; i += V) {
-      const Vec v = dtype == at::kFloat ? round_bf16(load(read<float>(rows.in) + i)) : load_bf16(read<bf16>(rows.in) + i);
-      store_any(rounded.data() + i, v);  // a float32 row's values are rounded once, so storing bfloat16 is exact
-    }
-    for (int64_t i = first * groups; i < last * groups; ++i) {
-      float total = 0.0f;
-      for (int64_t k = 0; k < GROUP; ++k) total += to_float(xs[i * GROUP + k]);
-      sums[i] = total;
-    }
-  });
+  const Int4Input input(rows.in, M, K);
   with_type(dtype, [&](auto type) {
     using T = decltype(type);
     const uint8_t* panels = read<uint8_t>(codes);
     const bf16* scales = read<bf16>(scale_zeros);
-    if (M <= Q_FEW_ROWS) int4_times<T, Q_FEW_ROWS, Q_FEW_PANELS>(xs, sums.data(), M, K, panels, scales, panel_total, write<T>(rows.out));
-    else if (M <= Q_ROWS) int4_times<T, Q_ROWS, 1>(xs, sums.data(), M, K, panels, scales, panel_total, write<T>(rows.out));
-    else int4_times<T, Q_ROWS, Q_PANELS>(xs, sums.data(), M, K, panels, scales, panel_total, write<T>(rows.out));
+    if (M <= Q_ROWS) int4_times<T, 1>(input.rows, M, panels, scales, panel_total, write<T>(rows.out));
+    else int4_times<T, Q_PANELS>(input.rows, M, panels, scales, panel_total, write<T>(rows.out));
   });
   return rows.done(x);
 }

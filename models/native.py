@@ -164,6 +164,12 @@ def computes_bfloat16() -> bool:
     return loaded() and level() == "x86-64-v4-bf16"
 
 
+def int4_quantizes_inputs() -> bool:
+    """Whether the loaded library's int4 kernel multiplies its inputs quantized to 16 bits, a scale per group of 32
+    (the AVX2 level), rather than rounded to bfloat16 (the AVX-512 levels)."""
+    return loaded() and width() == 8  # the AVX2 build's vectors
+
+
 def width() -> int:
     """float32 lanes per vector in the loaded library: the panel width of `panel_linear`'s weights."""
     return int(torch.ops.tokenferry.panel_width())
