@@ -14,6 +14,7 @@ import torch
 from models import LoadedModel, native
 from models.forward import Forward
 from models.loader import cache_root
+from models.quant_weights import Int4Weight
 from models.runner import ModelRunner
 from server.engine import Engine
 from server.request import Event, FinishReason, SamplingParams
@@ -166,3 +167,34 @@ class PrefillRecorder:
                 tokens = int((positions[:, -1] - positions[:, 0] + 1).sum())
             self.prefilled[self.engine.steps] += tokens
         return run()
+
+
+def int4_of_quantized_inputs(x: torch.Tensor, weight: Int4Weight) -> torch.Tensor:
+    """What the AVX2 int4 kernel computes, in float64: each group of 32 inputs quantized to 16 bits (d = max |x| /
+    32767, x_i = x / d to nearest, ties to even), sum over groups of s d sum(x_i q) + (z - 8 s) sum(x); s and z as
+    bfloat16. x [rows, in] -> [rows, out]."""
+    rows, groups = x.shape[0], x.shape[1] // 32
+    g = x.float().reshape(rows, groups, 32)  # [rows, groups, 32]
+    largest = g.abs().amax(-1)  # [rows, groups]
+    inverse = torch.where(largest > 0, 32767 / largest, torch.zeros_like(largest))
+    x_i = (g * inverse[..., None]).round()  # float32 products rounded half to even, as the kernel's
+    d = (largest / 32767).double()
+    codes = weight.codes.reshape(-1, groups, 32).double()  # [out, groups, 32]
+    s = weight.scales.to(torch.bfloat16).double()  # [out, groups]
+    z = weight.zeros.to(torch.bfloat16).double()
+    dots = torch.einsum("rgk,ogk->rog", x_i.double(), codes)  # [rows, out, groups]
+    return torch.einsum("rog,og,rg->ro", dots, s, d) + torch.einsum("rg,og->ro", g.sum(-1).double(), z - 8 * s)
+
+
+def test_the_native_int4_kernel_sums_groups_of_the_largest_codes_and_inputs_without_overflow() -> None:
+    """Inputs all at their group's largest value against codes all 15: on AVX2 a column's group sums 31 products
+    of 15 x 32767 in integers; it must still be the dequantized weight's product."""
+    require_native()
+    weight = torch.ones(64, 128)
+    weight[:, ::32] = 0.0  # each group: a zero (code 0), then 31 ones (code 15)
+    module = quant.Int4PanelLinear(quant.quantize_int4(weight), None)
+    x = torch.ones(3, 128)
+    x[1] = -1.0
+    expected = (x.double() @ quant.quantize_int4(weight).dequantize().double().t()).float()  # [3, 64]
+    got = module(x)
+    assert (got - expected).abs().max() < 1e-5 * expected.abs().max()

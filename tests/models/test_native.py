@@ -264,8 +264,8 @@ _CHECK = textwrap.dedent(
     weight, x = torch.randn(112, 576) * 0.05, torch.randn(37, 576)  # 7 panels of 16: an edge of one panel past 8 rows
     int4, int8 = quantize_int4(weight), quantize_int8(weight)
     # int4 reads bfloat16 rows (AVX-512), or rows quantized to 16 bits (AVX2: 8 lanes)
-    from tests.models.test_quant import _int4_of_quantized_inputs
-    int4_of = (lambda x: _int4_of_quantized_inputs(x, int4)) if native.width() == 8 else (lambda x: x.bfloat16().double() @ int4.dequantize().double().T)
+    from tests.helpers import int4_of_quantized_inputs
+    int4_of = (lambda x: int4_of_quantized_inputs(x, int4)) if native.width() == 8 else (lambda x: x.bfloat16().double() @ int4.dequantize().double().T)
     for module, product in (
         (quant.Int4PanelLinear(int4, None), int4_of),
         (quant.Int8PanelLinear(int8, None), lambda x: x.double() @ (int8.codes.double() * int8.scales.double()[:, None]).T),

@@ -19,7 +19,7 @@ from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 from models import LoadedModel, ModelLoadError, decoder, gguf_blocks, load, loader, native, packed, quant, quant_cache, quant_weights
 from models.loader import cache_root, default_gguf
 from server.request import SamplingParams
-from tests.helpers import generate_alone, generate_together, require_native
+from tests.helpers import generate_alone, generate_together, int4_of_quantized_inputs, require_native
 
 MODES = ("int8", "int4")
 KERNELS = ("torch", "native")  # PyTorch's weight-only kernels, or models/native.cpp's int8_linear and int4_linear
@@ -70,7 +70,7 @@ def test_a_quantized_linear_computes_with_its_dequantized_weight(mode: str, kern
         # float32 sums and output: int8 multiplies the input as it is, int4 its bfloat16 rounding or, on AVX2, its
         # quantization to 16 bits.
         if mode == "int4" and native.int4_quantizes_inputs():
-            reference = (_int4_of_quantized_inputs(x.reshape(-1, 128), quant.quantize_int4(linear.weight)) + linear.bias.double()).float().reshape(got.shape)
+            reference = (int4_of_quantized_inputs(x.reshape(-1, 128), quant.quantize_int4(linear.weight)) + linear.bias.double()).float().reshape(got.shape)
         else:
             rows = x.to(torch.bfloat16).double() if mode == "int4" else x.double()
             reference = (rows @ weight.double().t() + linear.bias.double()).float()
@@ -82,37 +82,6 @@ def test_a_quantized_linear_computes_with_its_dequantized_weight(mode: str, kern
     error = (weight - linear.weight).abs().max()
     step = (linear.weight.abs().max() / 127) if mode == "int8" else (linear.weight.max() - linear.weight.min()) / 15
     assert error <= step  # half a step per group, bounded by a whole step of the widest range
-
-
-def _int4_of_quantized_inputs(x: torch.Tensor, weight: quant.Int4Weight) -> torch.Tensor:
-    """What the AVX2 int4 kernel computes, in float64: each group of 32 inputs quantized to 16 bits (d = max |x| /
-    32767, x_i = x / d to nearest, ties to even), sum over groups of s d sum(x_i q) + (z - 8 s) sum(x); s and z as
-    bfloat16. x [rows, in] -> [rows, out]."""
-    rows, groups = x.shape[0], x.shape[1] // 32
-    g = x.float().reshape(rows, groups, 32)  # [rows, groups, 32]
-    largest = g.abs().amax(-1)  # [rows, groups]
-    inverse = torch.where(largest > 0, 32767 / largest, torch.zeros_like(largest))
-    x_i = (g * inverse[..., None]).round()  # float32 products rounded half to even, as the kernel's
-    d = (largest / 32767).double()
-    codes = weight.codes.reshape(-1, groups, 32).double()  # [out, groups, 32]
-    s = weight.scales.to(torch.bfloat16).double()  # [out, groups]
-    z = weight.zeros.to(torch.bfloat16).double()
-    dots = torch.einsum("rgk,ogk->rog", x_i.double(), codes)  # [rows, out, groups]
-    return torch.einsum("rog,og,rg->ro", dots, s, d) + torch.einsum("rg,og->ro", g.sum(-1).double(), z - 8 * s)
-
-
-def test_the_native_int4_kernel_sums_groups_of_the_largest_codes_and_inputs_without_overflow() -> None:
-    """Inputs all at their group's largest value against codes all 15: on AVX2 a column's group sums 31 products
-    of 15 x 32767 in integers; it must still be the dequantized weight's product."""
-    require_native()
-    weight = torch.ones(64, 128)
-    weight[:, ::32] = 0.0  # each group: a zero (code 0), then 31 ones (code 15)
-    module = quant.Int4PanelLinear(quant.quantize_int4(weight), None)
-    x = torch.ones(3, 128)
-    x[1] = -1.0
-    expected = (x.double() @ quant.quantize_int4(weight).dequantize().double().t()).float()  # [3, 64]
-    got = module(x)
-    assert (got - expected).abs().max() < 1e-5 * expected.abs().max()
 
 
 def test_int4_codes_round_to_the_nearest_level_of_each_group() -> None:
