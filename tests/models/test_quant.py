@@ -84,6 +84,20 @@ def test_a_quantized_linear_computes_with_its_dequantized_weight(mode: str, kern
     assert error <= step  # half a step per group, bounded by a whole step of the widest range
 
 
+def test_the_native_int4_kernel_sums_groups_of_the_largest_codes_and_inputs_without_overflow() -> None:
+    """Inputs all at their group's largest value against codes all 15: on AVX2 a column's group sums 31 products
+    of 15 x 32767 in integers; it must still be the dequantized weight's product."""
+    require_native()
+    weight = torch.ones(64, 128)
+    weight[:, ::32] = 0.0  # each group: a zero (code 0), then 31 ones (code 15)
+    module = quant.Int4PanelLinear(quant.quantize_int4(weight), None)
+    x = torch.ones(3, 128)
+    x[1] = -1.0
+    expected = (x.double() @ quant.quantize_int4(weight).dequantize().double().t()).float()  # [3, 64]
+    got = module(x)
+    assert (got - expected).abs().max() < 1e-5 * expected.abs().max()
+
+
 def test_int4_codes_round_to_the_nearest_level_of_each_group() -> None:
     weight = torch.randn(8, 64) * torch.linspace(0.01, 1, 8)[:, None]  # rows of very different ranges
     q = quant.quantize_int4(weight)
