@@ -242,10 +242,14 @@ def _quantize(
     try:
         blocks = gguf_blocks.gguf_int4_blocks(gguf_file, model) if gguf_file is not None and mode == "int4" else None
         fusions = decoder.fusions(model) if fuse else None
-        # int4's LM head on bfloat16 panels where the library loaded, else int8 (packed.Bfloat16PanelLinear).
+        # int4's LM head on bfloat16 panels where the library multiplies bfloat16 natively, else int8
+        # (packed.Bfloat16PanelLinear says why).
         name = quant.output_name(model)
         head = model.get_submodule(name) if name else None
-        panel_head = on_native and mode == "int4" and isinstance(head, nn.Linear) and packed.panels_fit(head, torch.bfloat16)
+        panel_head = (
+            on_native and native.computes_bfloat16() and mode == "int4" and isinstance(head, nn.Linear)
+            and packed.panels_fit(head, torch.bfloat16)
+        )  # fmt: skip
         outcome = quant.quantize(
             model, mode, file_blocks=blocks, cache_file=cache, fuse=fusions, native_kernels=on_native, head=not panel_head
         )

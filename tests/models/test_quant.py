@@ -313,8 +313,9 @@ def test_a_served_model_runs_the_native_kernels_where_its_layers_fill_whole_pane
         panels = layer.out_features % native.width() == 0
         assert isinstance(layer, (quant.Int8PanelLinear, quant.Int4PanelLinear)) is panels, layer
     assert model.model.layers[0].mlp.down_proj.kind == mode
-    # int4's head runs on bfloat16 panels where they fit it, else it is int8, as in int8 mode.
-    if mode == "int4" and model.lm_head.out_features % native.width() == 0:
+    # int4's head runs on bfloat16 panels where they fit it and the library multiplies bfloat16 natively, else it
+    # is int8, as in int8 mode.
+    if mode == "int4" and model.lm_head.out_features % native.width() == 0 and native.computes_bfloat16():
         assert isinstance(model.lm_head, packed.Bfloat16PanelLinear) and len(layers) == 2 * 4
     else:
         assert model.lm_head.kind == "int8" and len(layers) == 2 * 4 + 1
@@ -388,9 +389,10 @@ def test_int4_serves_the_gguf_files_own_blocks(smol_transformers: LoadedModel) -
     float_weight = smol_transformers.model.model.layers[3].self_attn.k_proj.weight
     # The file's weights, up to the kernel's bfloat16 scale and zero (2^-9 relative) and its bf16 output.
     assert (served - float_weight).abs().max() <= 2**-7 * float_weight.abs().max()
-    # The file's head is Q8_0: it stays 8-bit, or runs in bfloat16 on the native kernels (models/packed.py).
+    # The file's head is Q8_0: it stays 8-bit, or runs in bfloat16 where the native kernels multiply bfloat16
+    # natively (models/packed.py).
     head = loaded.model.lm_head
-    assert isinstance(head, packed.Bfloat16PanelLinear) if native.load(cache_root()) else head.kind == "int8"
+    assert isinstance(head, packed.Bfloat16PanelLinear) if native.computes_bfloat16() else head.kind == "int8"
 
 
 @pytest.mark.slow
