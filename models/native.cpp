@@ -17,7 +17,6 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
@@ -274,16 +273,32 @@ Rows rows_of(const at::Tensor& x, int64_t K, int64_t N) {
   return {in, at::empty({in.size(0), N}, x.options())};
 }
 
+// Panels for inputs of K features in `dtype` (float32 or bfloat16): [N/V, K, V] contiguous. Returns N.
+int64_t check_panels(const char* op, const at::Tensor& panels, int64_t K, at::ScalarType dtype) {
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && panels.scalar_type() == dtype,
+              op, ": float32 or bfloat16, the input's and the panels' alike");
+  TORCH_CHECK(panels.dim() == 3 && panels.size(2) == V && panels.is_contiguous(),
+              op, ": panels must be [N/", V, ", K, ", V, "] and contiguous");
+  TORCH_CHECK(K == panels.size(1), op, ": x has ", K, " features, the weight ", panels.size(1));
+  TORCH_CHECK(dtype == at::kFloat || K % 2 == 0, op, ": bfloat16 needs an even number of features");
+  return panels.size(0) * V;
+}
+
+// int8 weights for inputs of K features: codes [N/V, K, V] int8 and scales [N] float32, contiguous. Returns N.
+int64_t check_int8(const char* op, const at::Tensor& codes, const at::Tensor& scales, int64_t K) {
+  TORCH_CHECK(codes.scalar_type() == at::kChar && codes.dim() == 3 && codes.size(2) == V && codes.is_contiguous(),
+              op, ": codes must be [N/", V, ", K, ", V, "] int8 and contiguous");
+  TORCH_CHECK(K == codes.size(1), op, ": x has ", K, " features, the weight ", codes.size(1));
+  const int64_t N = codes.size(0) * V;
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 1 && scales.size(0) == N && scales.is_contiguous(),
+              op, ": scales must be [", N, "] float32 and contiguous");
+  return N;
+}
+
 at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels) {
   // x [..., K]; panels [N/V, K, V] contiguous, in x's dtype (float32 or bfloat16) -> [..., N]
   const auto dtype = x.scalar_type();
-  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && panels.scalar_type() == dtype,
-              "panel_linear: float32 or bfloat16, the input's and the panels' alike");
-  TORCH_CHECK(panels.dim() == 3 && panels.size(2) == V && panels.is_contiguous(),
-              "panel_linear: panels must be [N/", V, ", K, ", V, "] and contiguous");
-  const int64_t K = panels.size(1), panel_total = panels.size(0);
-  TORCH_CHECK(x.size(-1) == K, "panel_linear: x has ", x.size(-1), " features, the weight ", K);
-  TORCH_CHECK(dtype == at::kFloat || K % 2 == 0, "panel_linear: bfloat16 needs an even number of features");
+  const int64_t K = x.size(-1), panel_total = check_panels("panel_linear", panels, K, dtype) / V;
   Rows rows = rows_of(x, K, panel_total * V);
   with_type(dtype, [&](auto type) {
     using T = decltype(type);
@@ -296,12 +311,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
   // x [..., K] float32 or bfloat16; codes [N/V, K, V] int8; scales [N] float32 -> [..., N] in x's dtype
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "int8_linear: x must be float32 or bfloat16");
-  TORCH_CHECK(codes.scalar_type() == at::kChar && codes.dim() == 3 && codes.size(2) == V && codes.is_contiguous(),
-              "int8_linear: codes must be [N/", V, ", K, ", V, "] int8 and contiguous");
-  const int64_t K = codes.size(1), panel_total = codes.size(0), N = panel_total * V;
-  TORCH_CHECK(x.size(-1) == K, "int8_linear: x has ", x.size(-1), " features, the weight ", K);
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 1 && scales.size(0) == N && scales.is_contiguous(),
-              "int8_linear: scales must be [", N, "] float32 and contiguous");
+  const int64_t K = x.size(-1), N = check_int8("int8_linear", codes, scales, K), panel_total = N / V;
   Rows rows = rows_of(x, K, N);
   with_type(dtype, [&](auto type) {
     using T = decltype(type);
@@ -407,13 +417,14 @@ struct Int4Input {
   std::vector<QIn> rounded;
   std::vector<float> sums;
   Int4Rows rows;
-  Int4Input(const at::Tensor& in, int64_t M, int64_t K) : sums(M * (K / GROUP)) {
-    const bool as_is = in.scalar_type() == at::kBFloat16 && std::is_same_v<QIn, bf16>;
+  template <typename T>
+  Int4Input(const T* in, int64_t M, int64_t K) : sums(M * (K / GROUP)) {
+    constexpr bool as_is = std::is_same_v<T, bf16> && std::is_same_v<QIn, bf16>;
     if (!as_is) rounded.resize(M * K);
-    const QIn* xs = as_is ? reinterpret_cast<const QIn*>(read<bf16>(in)) : rounded.data();
+    const QIn* xs = as_is ? reinterpret_cast<const QIn*>(in) : rounded.data();
     at::parallel_for(0, M, 16, [&](int64_t first, int64_t last) {
       for (int64_t i = first * K; !as_is && i < last * K; i += V) {
-        const Vec v = in.scalar_type() == at::kFloat ? round_bf16(load(read<float>(in) + i)) : load_bf16(read<bf16>(in) + i);
+        const Vec v = std::is_same_v<T, float> ? round_bf16(load_any(in + i)) : load_any(in + i);
         store_any(rounded.data() + i, v);  // already rounded: storing it as bfloat16 is exact
       }
       for (int64_t i = first * (K / GROUP); i < last * (K / GROUP); ++i) {
@@ -481,15 +492,15 @@ struct Int4Input {
   std::vector<int16_t> x;
   std::vector<float> scales, sums;
   Int4Rows rows;
-  Int4Input(const at::Tensor& in, int64_t M, int64_t K) : x(M * K), scales(M * (K / GROUP)), sums(M * (K / GROUP)) {
-    const bool bfloat = in.scalar_type() == at::kBFloat16;
+  template <typename T>
+  Int4Input(const T* in, int64_t M, int64_t K) : x(M * K), scales(M * (K / GROUP)), sums(M * (K / GROUP)) {
     at::parallel_for(0, M * (K / GROUP), 64, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {  // group i: inputs [i * 32, i * 32 + 32) of the [M, K] rows
         Vec v[GROUP / V];
         alignas(32) float values[GROUP], tops[V];
         Vec top = zero();
         for (int64_t n = 0; n < GROUP / V; ++n) {
-          v[n] = bfloat ? load_bf16(read<bf16>(in) + i * GROUP + n * V) : load(read<float>(in) + i * GROUP + n * V);
+          v[n] = load_any(in + i * GROUP + n * V);
           store(values + n * V, v[n]);
           top = max(top, max(v[n], sub(zero(), v[n])));
         }
@@ -534,29 +545,41 @@ void int4_times(const Int4Rows& in, int64_t M, const uint8_t* codes, const bf16*
   });
 }
 
+// xs [M, K] -> ys [M, N]: the int4 product of rows, over codes and scale_zeros checked by `check_int4`.
+template <typename T>
+void int4_times_rows(const T* xs, int64_t M, int64_t K, const uint8_t* codes, const bf16* scale_zeros, int64_t panel_total,
+                     T* ys) {
+  const Int4Input input(xs, M, K);
+  if (M <= Q_ROWS) int4_times<T, 1>(input.rows, M, codes, scale_zeros, panel_total, ys);
+  else int4_times<T, Q_PANELS>(input.rows, M, codes, scale_zeros, panel_total, ys);
+}
+
+// int4 weights for inputs of K features: codes [N/V, K/2, V] uint8 and scale_zeros [N/V, K/32, 2, V] bfloat16,
+// contiguous. Returns N.
+int64_t check_int4(const char* op, const at::Tensor& codes, const at::Tensor& scale_zeros, int64_t K) {
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 3 && codes.size(2) == V && codes.is_contiguous(),
+              op, ": codes must be [N/", V, ", K/2, ", V, "] uint8 and contiguous");
+  const int64_t panel_total = codes.size(0), features = codes.size(1) * 2, groups = features / GROUP;
+  TORCH_CHECK(features % GROUP == 0, op, ": ", features, " features is not a multiple of ", GROUP);
+  TORCH_CHECK(K == features, op, ": x has ", K, " features, the weight ", features);
+  TORCH_CHECK(scale_zeros.scalar_type() == at::kBFloat16 && scale_zeros.is_contiguous() && scale_zeros.dim() == 4 &&
+                  scale_zeros.size(0) == panel_total && scale_zeros.size(1) == groups && scale_zeros.size(2) == 2 &&
+                  scale_zeros.size(3) == V,
+              op, ": scale_zeros must be [", panel_total, ", ", groups, ", 2, ", V, "] bfloat16, contiguous");
+  return panel_total * V;
+}
+
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale_zeros) {
   // x [..., K] float32 or bfloat16; codes [N/V, K/2, V] uint8; scale_zeros [N/V, K/32, 2, V] bfloat16
   // -> [..., N] in x's dtype
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "int4_linear: x must be float32 or bfloat16");
-  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 3 && codes.size(2) == V && codes.is_contiguous(),
-              "int4_linear: codes must be [N/", V, ", K/2, ", V, "] uint8 and contiguous");
-  const int64_t panel_total = codes.size(0), K = codes.size(1) * 2, N = panel_total * V, groups = K / GROUP;
-  TORCH_CHECK(K % GROUP == 0, "int4_linear: ", K, " features is not a multiple of ", GROUP);
-  TORCH_CHECK(x.size(-1) == K, "int4_linear: x has ", x.size(-1), " features, the weight ", K);
-  TORCH_CHECK(scale_zeros.scalar_type() == at::kBFloat16 && scale_zeros.is_contiguous() && scale_zeros.dim() == 4 &&
-                  scale_zeros.size(0) == panel_total && scale_zeros.size(1) == groups && scale_zeros.size(2) == 2 &&
-                  scale_zeros.size(3) == V,
-              "int4_linear: scale_zeros must be [", panel_total, ", ", groups, ", 2, ", V, "] bfloat16, contiguous");
+  const int64_t K = x.size(-1), N = check_int4("int4_linear", codes, scale_zeros, K);
   Rows rows = rows_of(x, K, N);
-  const int64_t M = rows.in.size(0);
-  const Int4Input input(rows.in, M, K);
   with_type(dtype, [&](auto type) {
     using T = decltype(type);
-    const uint8_t* panels = read<uint8_t>(codes);
-    const bf16* scales = read<bf16>(scale_zeros);
-    if (M <= Q_ROWS) int4_times<T, 1>(input.rows, M, panels, scales, panel_total, write<T>(rows.out));
-    else int4_times<T, Q_PANELS>(input.rows, M, panels, scales, panel_total, write<T>(rows.out));
+    int4_times_rows(read<T>(rows.in), rows.in.size(0), K, read<uint8_t>(codes), read<bf16>(scale_zeros), codes.size(0),
+                    write<T>(rows.out));
   });
   return rows.done(x);
 }
@@ -700,16 +723,28 @@ constexpr int64_t MAX_DIM = 256, MAX_GROUP = 16;
 // in order: a query's result depends on its own kept columns alone, not on how much left padding its batch
 // holds nor on how its prompt was cut into chunks, so it is the same bits in any batch (as the panel
 // kernel's rows are).
+//
+// Its operands as pointers and strides (of the first three dimensions; each head's vector is contiguous): query
+// [rows, heads, queries, dim], keys and values [rows, kv_heads, cols, dim], mask [rows, queries, cols] and out
+// [rows, queries, heads, dim], both contiguous.
+template <typename T>
+struct Attend {
+  const T *query, *keys, *values;
+  const bool* mask;
+  T* out;
+  int64_t rows, heads, queries, dim, kv_heads, cols;
+  int64_t query_strides[3], key_strides[3], value_strides[3];
+};
+
 // LANES: vectors per head, dim / V, fixed at compile time for the common head sizes (0: read from dim).
 template <typename T, int64_t LANES>
-void attend_rows(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& mask,
-                 float scaling, at::Tensor& out) {
-  const int64_t rows = query.size(0), heads = query.size(1), queries = query.size(2), dim = query.size(3);
-  const int64_t kv_heads = keys.size(1), cols = keys.size(2);
+void attend_rows(const Attend<T>& a, float scaling) {
+  const int64_t rows = a.rows, heads = a.heads, queries = a.queries, dim = a.dim, kv_heads = a.kv_heads, cols = a.cols;
   const int64_t group = heads / kv_heads, lanes = LANES ? LANES : dim / V;
-  const T *qs = read<T>(query), *ks = read<T>(keys), *vs = read<T>(values);
-  const bool* ms = read<bool>(mask);
-  T* os = write<T>(out);
+  const int64_t *q_stride = a.query_strides, *k_stride = a.key_strides, *v_stride = a.value_strides;
+  const T *qs = a.query, *ks = a.keys, *vs = a.values;
+  const bool* ms = a.mask;
+  T* os = a.out;
   at::parallel_for(0, rows * kv_heads * queries, 1, [&](int64_t first, int64_t last) {
     std::vector<int64_t> kept(cols);
     std::vector<float> scores(group * cols);  // [group][kept], then e^(score - max)
@@ -719,9 +754,9 @@ void attend_rows(const at::Tensor& query, const at::Tensor& keys, const at::Tens
       const bool* row_mask = ms + (r * queries + t) * cols;
       for (int64_t c = 0; c < cols; ++c)
         if (row_mask[c]) kept[n++] = c;
-      const T* k_head = ks + r * keys.stride(0) + h * keys.stride(1);
-      const T* v_head = vs + r * values.stride(0) + h * values.stride(1);
-      const T* q_group = qs + r * query.stride(0) + h * group * query.stride(1) + t * query.stride(2);
+      const T* k_head = ks + r * k_stride[0] + h * k_stride[1];
+      const T* v_head = vs + r * v_stride[0] + h * v_stride[1];
+      const T* q_group = qs + r * q_stride[0] + h * group * q_stride[1] + t * q_stride[2];
       T* o_group = os + ((r * queries + t) * heads + h * group) * dim;  // out [rows, queries, heads, dim]
       if (n == 0) {  // nothing to attend to: zeros, where SDPA would give NaN
         std::fill(o_group, o_group + group * dim, T{});
@@ -729,9 +764,9 @@ void attend_rows(const at::Tensor& query, const at::Tensor& keys, const at::Tens
       }
       Vec q[MAX_GROUP][MAX_DIM / V];
       for (int64_t g = 0; g < group; ++g)
-        for (int64_t j = 0; j < lanes; ++j) q[g][j] = load_any(q_group + g * query.stride(1) + j * V);
+        for (int64_t j = 0; j < lanes; ++j) q[g][j] = load_any(q_group + g * q_stride[1] + j * V);
       for (int64_t i = 0; i < n; ++i) {
-        const T* k = k_head + kept[i] * keys.stride(2);
+        const T* k = k_head + kept[i] * k_stride[2];
         Vec key[MAX_DIM / V];
         for (int64_t j = 0; j < lanes; ++j) key[j] = load_any(k + j * V);
         for (int64_t g = 0; g < group; ++g) {
@@ -762,7 +797,7 @@ void attend_rows(const at::Tensor& query, const at::Tensor& keys, const at::Tens
       for (int64_t g = 0; g < group; ++g)
         for (int64_t j = 0; j < lanes; ++j) acc[g][j] = zero();
       for (int64_t i = 0; i < n; ++i) {
-        const T* v = v_head + kept[i] * values.stride(2);
+        const T* v = v_head + kept[i] * v_stride[2];
         Vec value[MAX_DIM / V];
         for (int64_t j = 0; j < lanes; ++j) value[j] = load_any(v + j * V);
         for (int64_t g = 0; g < group; ++g) {
@@ -776,6 +811,15 @@ void attend_rows(const at::Tensor& query, const at::Tensor& keys, const at::Tens
       }
     }
   });
+}
+
+template <typename T>
+void attend(const Attend<T>& a, float scaling) {
+  switch (a.dim / V) {  // the head sizes of most models get loops the compiler unrolls
+    case 4: return attend_rows<T, 4>(a, scaling);
+    case 8: return attend_rows<T, 8>(a, scaling);
+    default: return attend_rows<T, 0>(a, scaling);
+  }
 }
 
 at::Tensor attention(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& mask,
@@ -800,14 +844,12 @@ at::Tensor attention(const at::Tensor& query, const at::Tensor& keys, const at::
                   mask.size(2) == cols && mask.is_contiguous(),
               "attention: mask must be [rows, q, cols] bool and contiguous");
   at::Tensor out = at::empty({rows, queries, heads, dim}, query.options());
-  const float scaling = static_cast<float>(scale);
   with_type(dtype, [&](auto type) {
     using T = decltype(type);
-    switch (dim / V) {  // the head sizes of most models get loops the compiler unrolls
-      case 4: attend_rows<T, 4>(query, keys, values, mask, scaling, out); break;
-      case 8: attend_rows<T, 8>(query, keys, values, mask, scaling, out); break;
-      default: attend_rows<T, 0>(query, keys, values, mask, scaling, out);
-    }
+    attend(Attend<T>{read<T>(query), read<T>(keys), read<T>(values), read<bool>(mask), write<T>(out), rows, heads, queries,
+                     dim, kv_heads, cols, {query.stride(0), query.stride(1), query.stride(2)},
+                     {keys.stride(0), keys.stride(1), keys.stride(2)}, {values.stride(0), values.stride(1), values.stride(2)}},
+           static_cast<float>(scale));
   });
   return out;
 }
@@ -815,30 +857,48 @@ at::Tensor attention(const at::Tensor& query, const at::Tensor& keys, const at::
 // ---- A decoder layer of a one-token-a-row forward (a decode step) in one call: the operations models/decoder.py
 // calls one by one, called from here in the same order on the same kernels, so the same bits. At one row a
 // layer's 15 operations through Python cost about 4 ms of a 22 ms float32 step on a 2-core AVX-512 EPYC; here
-// each is a C++ call.
+// each is a C++ call on pointers into one scratch buffer, without the ATen operations (views, allocations, adds)
+// that took about a sixth of a one-row int4 step on a 2-core AVX2 EPYC while the other thread waited.
 
 // A projection's weights as its module keeps them: panels [N/V, K, V] (float32 or bfloat16), or codes and their
-// scales (int8 codes [N/V, K, V] and scales [N]; int4 codes [N/V, K/2, V] uint8 and scale_zeros).
-at::Tensor project(const at::Tensor& x, at::TensorList weights) {
+// scales (int8 codes [N/V, K, V] and scales [N]; int4 codes [N/V, K/2, V] uint8 and scale_zeros), checked for
+// inputs of K features in `dtype`. Returns N.
+int64_t check_projection(at::TensorList weights, int64_t K, at::ScalarType dtype) {
   TORCH_CHECK(weights.size() == 1 || weights.size() == 2, "decoder_layer: a projection is its panels, or its codes and their scales");
-  if (weights.size() == 1) return panel_linear(x, weights[0]);
-  if (weights[0].scalar_type() == at::kChar) return int8_linear(x, weights[0], weights[1]);
-  return int4_linear(x, weights[0], weights[1]);
+  if (weights.size() == 1) return check_panels("decoder_layer", weights[0], K, dtype);
+  if (weights[0].scalar_type() == at::kChar) return check_int8("decoder_layer", weights[0], weights[1], K);
+  return check_int4("decoder_layer", weights[0], weights[1], K);
 }
 
-// states [rows, kv_heads, dim] into column `column` of store rows [first_row, first_row + rows) ([store rows,
-// kv_heads, columns, dim]): a copy of each head's vector (ATen's strided copy_ took about 20 us a call at 32 rows).
-void write_column(const at::Tensor& store, int64_t first_row, int64_t column, const at::Tensor& states) {
-  TORCH_CHECK(store.scalar_type() == states.scalar_type() && states.size(1) == store.size(1) &&
-                  states.size(2) == store.size(3) && store.stride(3) == 1 && states.stride(2) == 1,
-              "decoder_layer: the store's dtype and head size must be the model's, each head's vector contiguous");
-  const int64_t rows = states.size(0), heads = states.size(1), size = states.element_size();
-  char* to = static_cast<char*>(store.mutable_data_ptr());
-  const char* from = static_cast<const char*>(states.const_data_ptr());
+// xs [M, K] -> ys [M, N] through weights that `check_projection` passed.
+template <typename T>
+void project(const T* xs, int64_t M, int64_t K, at::TensorList weights, T* ys) {
+  const at::Tensor& first = weights[0];
+  if (weights.size() == 1) return panels_times<T, T>(xs, M, K, read<T>(first), nullptr, first.size(0), ys);
+  if (first.scalar_type() == at::kChar)
+    return panels_times<T, int8_t>(xs, M, K, read<int8_t>(first), read<float>(weights[1]), first.size(0), ys);
+  int4_times_rows<T>(xs, M, K, read<uint8_t>(first), read<bf16>(weights[1]), first.size(0), ys);
+}
+
+// The new states of `rows` rows (each row's kv_heads vectors of `dim` side by side, rows `row_stride` apart) into
+// column `column` of store rows [first_row, first_row + rows) ([store rows, kv_heads, columns, dim]).
+template <typename T>
+void write_column(const at::Tensor& store, int64_t first_row, int64_t column, const T* states, int64_t row_stride,
+                  int64_t rows) {
+  const int64_t heads = store.size(1), dim = store.size(3);
+  T* to = static_cast<T*>(store.mutable_data_ptr());
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t h = 0; h < heads; ++h)
-      std::memcpy(to + ((first_row + r) * store.stride(0) + h * store.stride(1) + column * store.stride(2)) * size,
-                  from + (r * states.stride(0) + h * states.stride(1)) * size, states.size(2) * size);
+      std::memcpy(to + (first_row + r) * store.stride(0) + h * store.stride(1) + column * store.stride(2),
+                  states + r * row_stride + h * dim, dim * sizeof(T));
+}
+
+// out = a + b, n elements (a multiple of V), as PyTorch's add gives it (in bfloat16: the float32 sum, rounded).
+template <typename T>
+void add_rows(const T* a, const T* b, int64_t n, T* out) {
+  at::parallel_for(0, n / V, 4096, [&](int64_t first, int64_t last) {
+    for (int64_t i = first * V; i < last * V; i += V) store_any(out + i, add(load_any(a + i), load_any(b + i)));
+  });
 }
 
 at::Tensor decoder_layer(const at::Tensor& hidden, const at::Tensor& input_norm, double input_eps,
@@ -848,24 +908,76 @@ at::Tensor decoder_layer(const at::Tensor& hidden, const at::Tensor& input_norm,
                          const at::Tensor& sin, int64_t heads, double scaling) {
   // hidden [rows, H]; keys, values: the layer's store [store rows, kv_heads, columns, dim], this forward's rows at
   // first_row on; mask [rows, 1, write_at + 1 - start] bool; cos, sin [rows, 1, dim] -> the layer's output [rows, H]
-  TORCH_CHECK(hidden.dim() == 2 && hidden.is_contiguous(), "decoder_layer: hidden must be [rows, H], contiguous");
+  const auto dtype = hidden.scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && hidden.dim() == 2 && hidden.is_contiguous() &&
+                  hidden.size(1) % V == 0,
+              "decoder_layer: hidden must be [rows, H] float32 or bfloat16, contiguous, H a multiple of ", V);
   TORCH_CHECK(keys.dim() == 4 && values.sizes() == keys.sizes(), "decoder_layer: keys and values [rows, kv_heads, columns, dim]");
-  const int64_t rows = hidden.size(0), kv_heads = keys.size(1), dim = keys.size(3);
+  const int64_t rows = hidden.size(0), H = hidden.size(1), kv_heads = keys.size(1), dim = keys.size(3);
   TORCH_CHECK(0 <= first_row && first_row + rows <= keys.size(0) && 0 <= start && start <= write_at &&
                   write_at < keys.size(2), "decoder_layer: rows ", first_row, "+", rows, ", columns ", start, " to ",
               write_at, " are outside the store's ", keys.size(0), " x ", keys.size(2));
-  const at::Tensor qkv_out = project(rms_norm(hidden, input_norm, input_eps), qkv).view({rows, 1, heads + 2 * kv_heads, dim});
-  const at::Tensor turned = rotary(qkv_out, cos, sin, heads + kv_heads);  // [rows, 1, heads + kv_heads, dim]
-  // NOTE: each row's new key and value land in its column write_at, and its query attends to columns
-  // [start, write_at] of its own row: the window models/kv_cache.py's `WindowLayer.update` writes and returns.
-  write_column(keys, first_row, write_at, turned.select(1, 0).narrow(1, heads, kv_heads));
-  write_column(values, first_row, write_at, qkv_out.select(1, 0).narrow(1, heads + kv_heads, kv_heads));
-  const at::Tensor my_keys = keys.narrow(0, first_row, rows), my_values = values.narrow(0, first_row, rows);
-  const int64_t cols = write_at + 1 - start;
-  const at::Tensor attended = attention(turned.narrow(2, 0, heads).transpose(1, 2), my_keys.narrow(2, start, cols),
-                                        my_values.narrow(2, start, cols), mask, scaling);
-  const at::Tensor mid = at::add(hidden, project(attended.view({rows, heads * dim}), o));  // attended [rows, 1, heads, dim]
-  return at::add(mid, project(silu_mul(project(rms_norm(mid, post_norm, post_eps), gate_up)), down));
+  TORCH_CHECK(keys.scalar_type() == dtype && values.scalar_type() == dtype && keys.stride(3) == 1 && values.stride(3) == 1,
+              "decoder_layer: the store's dtype and head size must be the model's, each head's vector contiguous");
+  for (const at::Tensor* norm : {&input_norm, &post_norm})
+    TORCH_CHECK(norm->scalar_type() == dtype && norm->dim() == 1 && norm->size(0) == H && norm->is_contiguous(),
+                "decoder_layer: the norms' weights must be [", H, "] in hidden's dtype");
+  TORCH_CHECK(kv_heads > 0 && heads > 0 && heads % kv_heads == 0 && heads / kv_heads <= MAX_GROUP,
+              "decoder_layer: ", heads, " heads over ", kv_heads, " key-value heads");
+  TORCH_CHECK(dim % (2 * V) == 0 && dim <= MAX_DIM, "decoder_layer: head size ", dim, " is not a multiple of ", 2 * V,
+              " up to ", MAX_DIM);
+  const int64_t cols = write_at + 1 - start, turned_heads = heads + kv_heads, qkv_width = (heads + 2 * kv_heads) * dim;
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 3 && mask.size(0) == rows && mask.size(1) == 1 &&
+                  mask.size(2) == cols && mask.is_contiguous(),
+              "decoder_layer: mask must be [", rows, ", 1, ", cols, "] bool and contiguous");
+  for (const at::Tensor* t : {&cos, &sin})
+    TORCH_CHECK(t->scalar_type() == dtype && t->dim() == 3 && t->size(0) == rows && t->size(1) == 1 && t->size(2) == dim &&
+                    t->is_contiguous(), "decoder_layer: cos and sin must be [", rows, ", 1, ", dim, "] in hidden's dtype");
+  TORCH_CHECK(check_projection(qkv, H, dtype) == qkv_width, "decoder_layer: qkv must give ", qkv_width, " features");
+  TORCH_CHECK(check_projection(o, heads * dim, dtype) == H, "decoder_layer: o must give ", H, " features");
+  const int64_t inner = check_projection(gate_up, H, dtype) / 2;
+  TORCH_CHECK(inner % V == 0, "decoder_layer: gate_up's halves must be a multiple of ", V);
+  TORCH_CHECK(check_projection(down, inner, dtype) == H, "decoder_layer: down must give ", H, " features");
+
+  at::Tensor out = at::empty_like(hidden);
+  // NOTE: one buffer holds every intermediate, [rows, width] each, side by side: normed (H, both norms), qkv
+  // (qkv_width), turned (q and k heads, rotated), attended (heads dim), mid (H: the residual after attention),
+  // gate_up (2 inner) and act (inner).
+  at::Tensor scratch = at::empty({rows * (2 * H + qkv_width + (turned_heads + heads) * dim + 3 * inner)}, hidden.options());
+  with_type(dtype, [&](auto type) {
+    using T = decltype(type);
+    const T* x = read<T>(hidden);
+    T* normed = write<T>(scratch);
+    T* qkv_out = normed + rows * H;              // [rows, heads + 2 kv_heads, dim]
+    T* turned = qkv_out + rows * qkv_width;      // [rows, heads + kv_heads, dim]
+    T* attended = turned + rows * turned_heads * dim;  // [rows, heads, dim]
+    T* mid = attended + rows * heads * dim;      // [rows, H]
+    T* gate_up_out = mid + rows * H;             // [rows, 2 inner]
+    T* act = gate_up_out + rows * 2 * inner;     // [rows, inner]
+    T* y = write<T>(out);
+    norm_rows(x, read<T>(input_norm), rows, H, static_cast<float>(input_eps), normed);
+    project(normed, rows, H, qkv, qkv_out);
+    rotate_rows(qkv_out, read<T>(cos), read<T>(sin), rows, heads + 2 * kv_heads, turned_heads, dim, turned);
+    // NOTE: each row's new key (turned heads [heads, heads + kv_heads)) and value (qkv heads [heads + kv_heads,
+    // heads + 2 kv_heads)) land in its column write_at, and its query attends to columns [start, write_at] of its
+    // own row: the window models/kv_cache.py's `WindowLayer.update` writes and returns.
+    write_column(keys, first_row, write_at, turned + heads * dim, turned_heads * dim, rows);
+    write_column(values, first_row, write_at, qkv_out + turned_heads * dim, qkv_width, rows);
+    const int64_t query_stride = turned_heads * dim;  // the query heads of `turned`, as [rows, heads, 1, dim]
+    attend(Attend<T>{turned, read<T>(keys) + first_row * keys.stride(0) + start * keys.stride(2),
+                     read<T>(values) + first_row * values.stride(0) + start * values.stride(2), read<bool>(mask),
+                     attended, rows, heads, 1, dim, kv_heads, cols, {query_stride, dim, query_stride},
+                     {keys.stride(0), keys.stride(1), keys.stride(2)}, {values.stride(0), values.stride(1), values.stride(2)}},
+           static_cast<float>(scaling));
+    project(attended, rows, heads * dim, o, mid);
+    add_rows(x, mid, rows * H, mid);
+    norm_rows(mid, read<T>(post_norm), rows, H, static_cast<float>(post_eps), normed);
+    project(normed, rows, H, gate_up, gate_up_out);
+    silu_mul_rows(gate_up_out, rows, inner, act);
+    project(act, rows, inner, down, y);
+    add_rows(mid, y, rows * H, y);
+  });
+  return out;
 }
 
 // The index of a row's largest value as torch.argmax gives it: the first one on ties (-0 equals +0), and a NaN
