@@ -15,7 +15,9 @@ import pytest
 from bench.process import free_port
 from tests.container.podman import PODMAN, ULIMITS, bootstrap_base, build_image, ensure_tools, remove, run
 
-pytestmark = pytest.mark.container
+# The image's build (a Debian base, the packages, every native level compiled) took 558 s in one run on a busy
+# 2-core machine, near the suite's 600 s a test: its own steps carry their own timeouts (podman.py).
+pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]
 
 
 @pytest.fixture(scope="module")
