@@ -14,7 +14,7 @@ import torch
 from models import LoadedModel, native
 from models.forward import Forward
 from models.loader import cache_root
-from models.quant_weights import Int4Weight
+from models.quant_weights import GROUP_SIZE, Int4Weight
 from models.runner import ModelRunner
 from server.engine import Engine
 from server.request import Event, FinishReason, SamplingParams
@@ -173,13 +173,13 @@ def int4_of_quantized_inputs(x: torch.Tensor, weight: Int4Weight) -> torch.Tenso
     """What the AVX2 int4 kernel computes, in float64: each group of 32 inputs quantized to 16 bits (d = max |x| /
     32767, x_i = x / d to nearest, ties to even), sum over groups of s d sum(x_i q) + (z - 8 s) sum(x); s and z as
     bfloat16. x [rows, in] -> [rows, out]."""
-    rows, groups = x.shape[0], x.shape[1] // 32
-    g = x.float().reshape(rows, groups, 32)  # [rows, groups, 32]
+    rows, groups = x.shape[0], x.shape[1] // GROUP_SIZE
+    g = x.float().reshape(rows, groups, GROUP_SIZE)  # [rows, groups, 32]
     largest = g.abs().amax(-1)  # [rows, groups]
     inverse = torch.where(largest > 0, 32767 / largest, torch.zeros_like(largest))
     x_i = (g * inverse[..., None]).round()  # float32 products rounded half to even, as the kernel's
     d = (largest / 32767).double()
-    codes = weight.codes.reshape(-1, groups, 32).double()  # [out, groups, 32]
+    codes = weight.codes.reshape(-1, groups, GROUP_SIZE).double()  # [out, groups, 32]
     s = weight.scales.to(torch.bfloat16).double()  # [out, groups]
     z = weight.zeros.to(torch.bfloat16).double()
     dots = torch.einsum("rgk,ogk->rog", x_i.double(), codes)  # [rows, out, groups]
